@@ -1,0 +1,42 @@
+# minillm: `make parity` checks the hand-written model against transformers/peft; `make test` runs the tests.
+# Every target installs first (once: a stamp file records it), so a fresh clone needs nothing else.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# DeepSpeed compiles its C++ ops on first use; keep them next to the venv so later runs reuse them.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: install test parity help
+
+help:
+	@echo "make parity   - check minillm against transformers/peft, print the table"
+	@echo "make test     - install (if needed) and run the test suite"
+	@echo "make install  - create $(VENV) and install everything"
+
+install: $(STAMP)
+
+# torch first: where the interpreter already has one (e.g. a GPU machine), the venv sees it and it is
+# kept; otherwise a machine without CUDA gets the CPU build (torch==2.13.0) instead of a multi-GB CUDA one.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
+	  else python3 -m venv $(VENV); fi; \
+	fi
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PY) -m pip install torch; \
+	else \
+	  $(PY) -m pip install "torch==2.13.0"; \
+	fi
+	$(PY) -m pip install -q -e ".[train,dev]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+parity: $(STAMP)
+	$(PY) -m parity
