@@ -1,0 +1,396 @@
+"""A LLaMA-family decoder (Llama 2/3, Qwen2, Qwen3) written from scratch, equal to transformers' to the bit.
+
+Module and parameter names are transformers' own (`model.layers.0.self_attn.q_proj.weight`, ...), so an HF
+checkpoint loads with a strict key check and no renaming table. Where the numerics are delicate (RMSNorm in
+fp32, RoPE tables in fp32, the softmax in fp32, which SDPA call is made) we do what transformers 5.x does,
+in the same order, so the fp32 logits match exactly rather than "closely"; comments mark those spots.
+
+Shapes: B batch, T new tokens, S = past + T key length, H query heads, K kv heads, D head_dim, C hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minillm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 squares overflow/lose precision), cast back *before* the weight multiply:
+        # that order is what transformers does, and it changes bf16 results.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (rotate_half layout: pairs are (i, i + D/2), not Meta's interleaved pairs)
+# ---------------------------------------------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig, seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (D/2,) in fp32 and the cos/sin scale, per `cfg.rope_scaling` (transformers' formulas)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    rs = cfg.rope_scaling or {"rope_type": "default"}
+    kind = rs["rope_type"]
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if kind == "dynamic":
+        # NTK-aware: the base grows once the sequence outgrows max_position_embeddings. Computed with the
+        # same tensor dtypes as transformers (seq_len is an int tensor, so `base` becomes fp32).
+        max_pos = cfg.max_position_embeddings
+        n = max_pos if seq_len is None else torch.maximum(seq_len, torch.tensor(max_pos, dtype=seq_len.dtype))
+        base = base * ((rs["factor"] * n / max_pos) - (rs["factor"] - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exponents), 1.0
+    inv_freq = 1.0 / (base ** exponents)
+    if kind == "default":
+        return inv_freq, 1.0
+    factor = rs["factor"]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old_len = rs["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / rs["low_freq_factor"], old_len / rs["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long waves: interpolate
+        smooth = (old_len / wavelen - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"])
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(cfg, rs)
+    raise ValueError(f"rope type {kind!r} not implemented")
+
+
+def _yarn_inv_freq(cfg: ModelConfig, rs: dict) -> tuple[torch.Tensor, float]:
+    """YaRN: blend interpolated (low-frequency) and extrapolated (high-frequency) dims with a linear ramp."""
+    dim, base, factor = cfg.head_dim, cfg.rope_theta, rs["factor"]
+    orig = rs["original_max_position_embeddings"]
+    mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all))
+                            if mscale and mscale_all else get_mscale(factor))
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp  # 1 where the dim keeps its original frequency
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        inv_freq, self.attention_scaling = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dynamic = (cfg.rope_scaling or {}).get("rope_type") == "dynamic"
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            seq_len = position_ids.max() + 1
+            if seq_len > self.cfg.max_position_embeddings:  # beyond the trained length: grow the base
+                inv_freq = rope_inv_freq(self.cfg, seq_len.cpu())[0].to(x.device)
+        # The angle table is built in fp32 even under bf16/autocast: position * freq loses whole turns in
+        # bf16 at positions > 256 (transformers PR #29285). Only the final cos/sin are cast down.
+        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache and masks
+# ---------------------------------------------------------------------------------------------
+class KVCache:
+    """Keys/values of every layer, preallocated for `max_len` tokens: decoding writes in place."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # tokens stored (all layers); the model advances it after the last layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, D)
+
+
+def build_mask(attention_mask: torch.Tensor | None, T: int, past: int, dtype: torch.dtype,
+               eager: bool) -> torch.Tensor | None:
+    """The attention mask transformers builds: None when SDPA's own causal flag suffices, else (B, 1, T, S).
+
+    Key s is visible from query t iff s <= past + t and s is not padding. SDPA takes it as bool; the eager
+    path adds 0 / dtype-min (never -inf: a fully padded row would give NaN).
+    """
+    S = past + T
+    pad = None if attention_mask is None else attention_mask[:, :S].bool()  # (B, S)
+    has_pad = pad is not None and not bool(pad.all())
+    if not eager and not has_pad and (T == 1 or T == S):
+        return None  # SDPA: is_causal=True (T > 1) or nothing to mask (T == 1)
+    device = pad.device if pad is not None else None
+    mask = torch.arange(S, device=device)[None, :] <= (torch.arange(T, device=device) + past)[:, None]  # (T, S)
+    mask = mask[None, None]  # (1, 1, T, S)
+    if pad is not None:
+        mask = mask & pad[:, None, None, :]
+    B = 1 if attention_mask is None else attention_mask.shape[0]
+    mask = mask.expand(B, 1, T, S)
+    if eager:
+        zero = torch.zeros((), device=mask.device, dtype=dtype)
+        mask = torch.where(mask, zero, torch.finfo(dtype).min)
+    return mask
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, K, S, D) -> (B, K*n_rep, S, D): query head h reads kv head h // n_rep."""
+    if n_rep == 1:
+        return x
+    B, K, S, D = x.shape
+    return x[:, :, None].expand(B, K, n_rep, S, D).reshape(B, K * n_rep, S, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        C, H, K, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.layer_idx, self.n_heads, self.n_kv, self.head_dim, self.n_rep = layer_idx, H, K, D, cfg.n_rep
+        self.scaling = D ** -0.5
+        self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, K * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, K * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's D features of q and k (not v), before RoPE
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, eager: bool) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (B, H, T, D), (B, K, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        if eager:
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+            att = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # (B, H, T, S)
+            if mask is not None:
+                att = att + mask
+            # softmax in fp32 whatever the activation dtype; cast back before multiplying by v
+            att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
+            y = torch.matmul(att, v)  # (B, H, T, D)
+        else:
+            y = self._sdpa(q, k, v, mask, T)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        return self.o_proj(y)
+
+    def _sdpa(self, q, k, v, mask, T):
+        # The same SDPA call transformers makes, so the same CPU kernel runs and fp32 results match bit for
+        # bit: GQA natively when there is no mask, repeated kv heads otherwise.
+        kw = {}
+        if self.n_rep > 1:
+            if mask is None and self.head_dim <= 256:
+                kw["enable_gqa"] = True
+            else:
+                k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        is_causal = T > 1 and mask is None
+        if is_causal and k.shape[2] > T:
+            k, v = k[:, :, :T], v[:, :, :T]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, is_causal=is_causal, **kw)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, I, bias=b)
+        self.up_proj = nn.Linear(C, I, bias=b)
+        self.down_proj = nn.Linear(I, C, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, cache=None, eager=False):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, eager)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Model(nn.Module):
+    """The trunk, named `model` inside CausalLM as in transformers: embed_tokens, layers, norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # padding_idx as transformers sets it: the pad row receives no gradient.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, cfg.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class CausalLMOutput(dict):
+    """`.loss` / `.logits` as attributes and as keys (the HF Trainer reads `outputs["loss"]`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        if attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
+        self.config = config
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = False
+        self.model = Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """transformers' init: Linear/Embedding ~ N(0, initializer_range), biases 0, norms 1, pad row 0."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+                if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+                logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutput:
+        """Logits (B, T, V) and, with `labels`, transformers' causal-LM loss.
+
+        `**kwargs` is accepted on purpose: the HF Trainer passes `num_items_in_batch` (the token count of the
+        whole accumulated batch) only to models whose forward takes **kwargs, and without it the loss under
+        gradient accumulation differs from transformers'.
+        """
+        B, T = input_ids.shape
+        past = 0 if cache is None else cache.length
+        if position_ids is None:  # as transformers: ignores padding; left-padded callers pass cumsum(mask) - 1
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+        h = self.model.embed_tokens(input_ids)  # (B, T, C)
+        eager = self.attn_implementation == "eager"
+        mask = build_mask(attention_mask, T, past, h.dtype, eager)
+        cos, sin = self.model.rotary_emb(h, position_ids)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                # recompute this layer in backward instead of storing its activations
+                h = checkpoint(layer, h, cos, sin, mask, None, eager, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, eager)
+        if cache is not None:
+            cache.length += T
+        h = self.model.norm(h)
+        logits = self.lm_head(h[:, -logits_to_keep:])  # (B, T, V); logits_to_keep=0 keeps all
+        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    # -- what the HF Trainer calls for `--gradient_checkpointing` -----------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return True
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
+    # -- checkpoints and generation live in their own files; these are the entry points ------------
+    @classmethod
+    def from_pretrained(cls, path, **kwargs: Any) -> "CausalLM":
+        from minillm.checkpoint import load_pretrained
+        return load_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path, **kwargs: Any) -> None:
+        from minillm.checkpoint import save_pretrained
+        save_pretrained(self, path, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs: Any) -> torch.Tensor:
+        from minillm.generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch: int | torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """transformers' ForCausalLMLoss: token t predicts label t+1; the loss is computed in fp32.
+
+    Mean over non-ignored tokens, or, given `num_items_in_batch`, sum / num_items_in_batch, which makes
+    gradient accumulation over micro-batches of unequal token counts exact.
+    """
+    logits = logits.float()
+    shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()  # (B, T)
+    logits = logits.view(-1, logits.shape[-1])
+    shift_labels = shift_labels.view(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="mean")
+    loss = F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
