@@ -8,7 +8,7 @@ how many configs were tried and the worst |Δ| seen over all of them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from hypothesis import HealthCheck, given, settings
@@ -35,23 +35,17 @@ class Row:
         return "PASS" if self.passed else "FAIL"
 
 
-@dataclass
-class _Tracker:
-    deltas: list[float] = field(default_factory=list)
-
-
-def property_check(
-    check: str,
-    reference: str,
-    tol_name: str,
+def property_rows(
+    specs: list[tuple[str, str, str]],
     strategy: st.SearchStrategy,
-    measure: Callable[[Any], float],
+    measure: Callable[[Any], list[float]],
     max_examples: int,
-    seed: int = 0,
-) -> Row:
-    """Run `measure(drawn)` (returns max |Δ|) on `max_examples` hypothesis draws; build the Row."""
-    limit = tol(tol_name)
-    tracker = _Tracker()
+) -> list[Row]:
+    """Several rows from one property: `measure(drawn)` returns one max |Δ| per (check, reference, tol_name)
+    in `specs` (e.g. logits, loss and grads of the same forward/backward). Fails on the first draw where any
+    |Δ| exceeds its tolerance, after hypothesis has shrunk it to a minimal config."""
+    limits = [tol(t) for _, _, t in specs]
+    deltas: list[list[float]] = []
     t0 = time.perf_counter()
 
     @settings(
@@ -64,26 +58,32 @@ def property_check(
     )
     @given(strategy)
     def prop(drawn):
-        delta = float(measure(drawn))
-        tracker.deltas.append(delta)
-        assert delta <= limit, f"|Δ| = {delta:.3g} > {limit:g} for {drawn!r}"
+        got = [float(d) for d in measure(drawn)]
+        deltas.append(got)
+        bad = [f"{c}: |Δ| = {d:.3g} > {lim:g}" for (c, _, _), d, lim in zip(specs, got, limits) if not d <= lim]
+        assert not bad, f"{'; '.join(bad)} for {drawn!r}"
 
-    note = ""
+    note, failed = "", ""
     try:
         prop()
-        passed = True
     except AssertionError as e:  # hypothesis re-raises the shrunk failure
-        passed, note = False, str(e).splitlines()[0][:200]
-    return Row(
-        check=check,
-        reference=reference,
-        configs=len(tracker.deltas),
-        max_delta=max(tracker.deltas, default=float("nan")),
-        tolerance=limit,
-        passed=passed,
-        note=note,
-        seconds=time.perf_counter() - t0,
-    )
+        note = str(e).splitlines()[0][:300]
+        failed = note
+    seconds = time.perf_counter() - t0
+    rows = []
+    for i, ((check, reference, _), limit) in enumerate(zip(specs, limits)):
+        col = [d[i] for d in deltas]
+        worst = max(col, default=float("nan"))
+        ok = bool(col) and all(d <= limit for d in col)
+        rows.append(Row(check, reference, len(col), worst, limit, ok and not (failed and check in failed),
+                        "" if ok else failed, seconds / len(specs)))
+    return rows
+
+
+def property_check(check: str, reference: str, tol_name: str, strategy: st.SearchStrategy,
+                   measure: Callable[[Any], float], max_examples: int) -> Row:
+    """One row: `measure(drawn)` returns max |Δ| for one hypothesis-drawn input."""
+    return property_rows([(check, reference, tol_name)], strategy, lambda d: [measure(d)], max_examples)[0]
 
 
 def fixed_check(check: str, reference: str, tol_name: str, deltas: list[float], note: str = "", t0: float | None = None) -> Row:
