@@ -18,6 +18,7 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "lora_logits": (1e-6, "fp32; LoRA adds one low-rank product per layer, same order as peft"),
     "lora_grads": (1e-6, "fp32 gradients of every lora_A/lora_B"),
     "lora_merged": (1e-6, "fp32 W + B@A*scaling, same order as peft"),
+    "lora_init": (0.0, "same seed, same random draws in the same order as peft: identical A matrices"),
 }
 
 

@@ -1,0 +1,486 @@
+"""LoRA and DoRA by hand, interchangeable with peft 0.21 in both directions.
+
+LoRA freezes a Linear's weight W (out, in) and learns a low-rank update: y = W x + B A dropout(x) * s,
+A (r, in) kaiming-uniform(a=sqrt(5)), B (out, r) zeros, s = alpha / r (alpha / sqrt(r) with rsLoRA).
+DoRA also learns a magnitude vector m (one value per output row) and rescales each row of W + s B A
+to norm m.
+
+What is unusual here:
+- The module tree mirrors peft's, minus the adapter name: a wrapped `q_proj` holds `base_layer`,
+  `lora_A`, `lora_B`, `lora_dropout` (and `lora_magnitude_vector` for DoRA), so a state-dict key
+  `model.layers.0.self_attn.q_proj.lora_A.weight` is peft's saved key without its
+  `base_model.model.` prefix. Saving and loading adapters is a prefix change, no renaming table.
+- `apply_lora` creates the adapters in the same order, consuming the random generator exactly as
+  peft does, so the same seed gives the same A matrices as `peft.get_peft_model`.
+- `modules_to_save` (e.g. lm_head, embed_tokens) are trained in place. peft keeps a frozen copy of
+  the original module next to the trained one (`original_module` / `modules_to_save.default`);
+  minillm does not, so peft's "all params" count is larger by those modules' size. A parameter that
+  is tied to another module (tied embeddings) is cloned first, so training lm_head does not move
+  embed_tokens: the same as peft, whose trained copy is untied as well.
+- bias="none" only (peft's default); other peft options (rank_pattern, layers_to_transform, ...)
+  are refused with an error when found in a saved adapter rather than silently ignored.
+
+Imports only torch, safetensors and the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM -> LoraModel -> the base model
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, qwen2 and qwen3
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    # list: a module whose full name equals an entry or ends with "." + entry (peft's rule);
+    # str: re.fullmatch against the full module name; "all-linear": every nn.Linear but the output layer.
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    bias: str = "none"
+    modules_to_save: list[str] | None = None  # trained in full and saved with the adapter (name suffix match)
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias != "none":
+            raise ValueError(f"LoraConfig.bias={self.bias!r}: minillm supports only bias='none' (peft's default)")
+        if self.target_modules is None:
+            self.target_modules = list(DEFAULT_TARGETS)
+        elif isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("LoraConfig.target_modules is an empty list: nothing to adapt")
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update (and DoRA magnitude), peft's `lora.Linear`."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        if r <= 0:
+            raise ValueError(f"r must be positive, got {r}")
+        self.base_layer = base_layer
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        # Adapters live in fp32 next to a bf16/fp16 base (peft's autocast_adapter_dtype), on its device.
+        w = base_layer.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        # Same construction order as peft: both nn.Linear constructors draw their default init from the
+        # random generator, then A is drawn again and B zeroed. Keeping the draws identical means the same
+        # seed gives peft's A.
+        self.lora_A = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(device=w.device, dtype=dtype)
+        self.lora_B.to(device=w.device, dtype=dtype)
+        self.merged = False  # True while B A s (or DoRA's rescaling) is folded into base_layer.weight
+        self._dora_norm: torch.Tensor | None = None  # DoRA: row norms used by merge(), needed by unmerge()
+        if use_dora:
+            with torch.no_grad():
+                lora_weight = self.lora_B.weight @ self.lora_A.weight
+                norm = self._weight_norm(w.to(dtype), lora_weight, self.scaling)
+            self.lora_magnitude_vector = nn.Parameter(norm)  # (out,), = ||W|| row-wise at init (B = 0)
+        base_layer.weight.requires_grad_(False)
+        if base_layer.bias is not None:
+            base_layer.bias.requires_grad_(False)
+
+    @staticmethod
+    def _weight_norm(weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float) -> torch.Tensor:
+        # L2 norm of each output row of W + s * B A (peft's DoraLinearLayer.get_weight_norm)
+        return torch.linalg.norm(weight + scaling * lora_weight, dim=1).to(weight.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """B A s, shape (out, in): what merge() adds to the base weight for plain LoRA."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        result_dtype = result.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        if not self.use_dora:
+            result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        else:
+            result = result + self._dora_delta(x, result)
+        return result.to(result_dtype)
+
+    def _dora_delta(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # peft's DoraLinearLayer.forward, op for op. B A is formed as B(A(I)).T (peft avoids a weight
+        # matmul for FSDP); the row norm is detached (DoRA paper, section 4.3: no gradient through it).
+        eye = torch.eye(self.in_features, device=x.device, dtype=x.dtype)
+        lora_weight = self.lora_B(self.lora_A(eye)).T.to(x.dtype)  # (out, in)
+        weight = self.base_layer.weight.to(x.dtype)
+        norm = self._weight_norm(weight, lora_weight.detach(), self.scaling).detach()
+        mag_norm_scale = (self.lora_magnitude_vector / norm).view(1, -1)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base_result = result  # W x + b, reused: subtract the bias below
+            bias = self.base_layer.bias
+            if bias is not None:
+                base_result = base_result - bias
+        else:
+            # with dropout active the low-rank path and the rescaled base both see dropout(x)
+            x = self.lora_dropout(x)
+            base_result = F.linear(x, weight)
+        lora_result = self.lora_B(self.lora_A(x))
+        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into base_layer.weight. Idempotent: merging a merged layer does nothing."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        if not self.use_dora:
+            weight.data += delta.to(weight.dtype)
+        else:
+            # row norm of the *unmerged* W + ΔW, kept for unmerge (it cannot be recomputed from the merged W)
+            norm = self._weight_norm(weight.data, delta, 1.0).detach()
+            self._dora_norm = norm
+            factor = (self.lora_magnitude_vector / norm).view(-1, 1)
+            weight.data = (factor * (weight.data + delta)).to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of base_layer.weight. Idempotent."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        if not self.use_dora:
+            weight.data -= delta.to(weight.dtype)
+        else:
+            factor = (self.lora_magnitude_vector / self._dora_norm).view(-1, 1)
+            weight.data = (weight.data / factor - delta).to(weight.dtype)
+            self._dora_norm = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
+                f"use_dora={self.use_dora}, merged={self.merged}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Matching target modules (peft's check_target_module_exists, minus the options minillm does not support)
+
+
+def _matches_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool:
+    # peft excludes these from LoRA targeting with this exact pattern
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save)
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    # "all-linear" leaves out the output layer: whatever get_output_embeddings() returns, and lm_head
+    out = getattr(model, "get_output_embeddings", None)
+    out = out() if callable(out) else None
+    names = {n for n, m in model.named_modules() if out is not None and m is out}
+    return names | {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
+
+
+def _is_target(name: str, target_modules: list[str] | str) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return name in target_modules or any(name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules `config` adapts, in `named_modules()` order (peft's order)."""
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        skip = _output_layer_names(model)
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
+    else:
+        names = [n for n, _ in model.named_modules() if n and _is_target(n, targets)]
+    names = [n for n in names if not _matches_modules_to_save(n, config.modules_to_save)]
+    if not names:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"LoRA target_modules={targets!r} matched no module of {type(model).__name__} "
+            f"(modules_to_save={config.modules_to_save!r} are excluded). Linear modules that exist: "
+            f"{linears[:6]}{' ...' if len(linears) > 6 else ''}")
+    return names
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, child = name.rpartition(".")
+    return parent, child
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying, merging, counting
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) over model.parameters(), shared tensors counted once (as peft does)."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}")
+
+
+def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn.Module:
+    """Wrap the matched nn.Linear modules of `model` in LoRALinear, in place; freeze everything else.
+
+    `modules_to_save` stay trainable in full. Returns `model` (with `model.lora_config` set) and prints
+    peft's `trainable params: X || all params: Y || trainable%: Z` line when `verbose`.
+    """
+    if lora_layers(model):
+        raise ValueError(f"{type(model).__name__} already has LoRA layers; apply_lora once per model")
+    names = find_targets(model, config)
+    modules = dict(model.named_modules())
+    for name in names:
+        if not isinstance(modules[name], nn.Linear):
+            raise ValueError(f"LoRA target {name!r} is a {type(modules[name]).__name__}; minillm adapts nn.Linear "
+                             f"only (target_modules={config.target_modules!r})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:  # named_modules() order, as peft: the same random draws for the same seed
+        parent, child = _split(name)
+        base = modules[name]
+        setattr(modules[parent] if parent else model, child,
+                LoRALinear(base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora))
+    _make_modules_to_save_trainable(model, config.modules_to_save)
+    model.lora_config = config
+    if verbose:
+        print(trainable_summary(model))
+    return model
+
+
+def _make_modules_to_save_trainable(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
+    if not modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n and any(n.endswith(m) for m in modules_to_save)]
+    if not names:
+        raise ValueError(f"modules_to_save={modules_to_save!r} matched no module of {type(model).__name__}")
+    modules = dict(model.named_modules())
+    untied = False
+    for name in names:
+        module = modules[name]
+        for pname, p in list(module.named_parameters(recurse=False)):
+            # a weight shared with another module (tied embeddings) gets its own copy, as peft's does
+            shared = any(q is p for mname, m in modules.items() if mname != name and not mname.startswith(name + ".")
+                         for q in m.parameters(recurse=False))
+            if shared:
+                setattr(module, pname, nn.Parameter(p.detach().clone()))
+                untied = True
+        for p in module.parameters():
+            p.requires_grad_(True)
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        # the checkpoint must now store lm_head.weight itself, or save_pretrained would drop the trained copy
+        config.tie_word_embeddings = False
+    return names
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain nn.Linear back: the result is the original model class.
+
+    requires_grad is left as LoRA set it (as peft does); `modules_to_save` keep their trained weights.
+    """
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        parent, child = _split(name)
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def enable_input_require_grads(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make the input embeddings' output require grad (peft's enable_input_require_grads).
+
+    With re-entrant activation checkpointing, a checkpointed block whose inputs do not require grad
+    is not differentiated at all, so with a frozen embedding the LoRA weights inside would get no
+    gradient. Returns the hook handle (call .remove() to undo).
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        raise ValueError(f"{type(model).__name__} has no input embedding to hook")
+    return emb.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving and loading in peft's format
+
+
+# Saved-config keys whose value minillm cannot honour unless it is the default (peft's name: default).
+_PEFT_DEFAULTS_REQUIRED: dict[str, Any] = {
+    "fan_in_fan_out": False, "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None, "layer_replication": None,
+    "trainable_token_indices": None, "target_parameters": None, "use_qalora": False, "use_bdlora": None,
+    "alora_invocation_tokens": None, "arrow_config": None, "velora_config": None, "monteclora_config": None,
+    "kasa_config": None, "megatron_config": None,
+}
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    config: LoraConfig | None = getattr(model, "lora_config", None)
+    layers = lora_layers(model)
+    if not layers or config is None:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers: call apply_lora first")
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        if layer.use_dora:
+            state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    if config.modules_to_save:
+        modules = dict(model.named_modules())
+        for name in (n for n in modules if n and any(n.endswith(m) for m in config.modules_to_save)):
+            for pname, p in modules[name].named_parameters():
+                state[f"{PEFT_PREFIX}{name}.{pname}"] = p  # peft saves them under the module's own name
+    return state
+
+
+def save_adapter(model: nn.Module, save_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors as peft's save_pretrained does.
+
+    `peft.PeftModel.from_pretrained(transformers_model, save_dir)` loads the result.
+    """
+    config: LoraConfig = getattr(model, "lora_config", None)
+    state = _adapter_state(model)
+    layers = lora_layers(model)
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("save_adapter on a merged model: call unmerge_lora first (the saved A/B would be fine, "
+                         "but a merged base would then get the update twice when loaded)")
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = sorted(layers)  # peft saves "all-linear" expanded to the full module names
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": config.r, "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout, "target_modules": targets, "bias": config.bias,
+        "use_rslora": config.use_rslora, "use_dora": config.use_dora, "modules_to_save": config.modules_to_save,
+        "init_lora_weights": True, **_PEFT_DEFAULTS_REQUIRED,
+    }
+    os.makedirs(save_dir, exist_ok=True)
+    with open(os.path.join(save_dir, ADAPTER_CONFIG_NAME), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+              os.path.join(save_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def read_adapter_config(save_dir: str | os.PathLike) -> LoraConfig:
+    """The LoraConfig of a peft-format adapter directory; refuses options minillm does not implement."""
+    path = os.path.join(save_dir, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no adapter config (expected peft's {ADAPTER_CONFIG_NAME})")
+    with open(path) as f:
+        d = json.load(f)
+    if d.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type={d.get('peft_type')!r}, minillm loads LORA adapters only")
+    for key, default in _PEFT_DEFAULTS_REQUIRED.items():
+        if d.get(key, default) not in (default, None, {}, False):
+            raise ValueError(f"{path}: {key}={d[key]!r} is not supported by minillm.lora (only {default!r})")
+    init = d.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):  # the others (pissa, olora, ...) change the base weights
+        raise ValueError(f"{path}: init_lora_weights={init!r} is not supported by minillm.lora")
+    try:
+        return LoraConfig(r=d["r"], lora_alpha=d["lora_alpha"], lora_dropout=d.get("lora_dropout", 0.0),
+                          target_modules=d["target_modules"], use_rslora=d.get("use_rslora", False),
+                          bias=d.get("bias", "none"), modules_to_save=d.get("modules_to_save"),
+                          use_dora=bool(d.get("use_dora", False)))
+    except KeyError as e:
+        raise ValueError(f"{path}: missing key {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_adapter(model: nn.Module, save_dir: str | os.PathLike, verbose: bool = False) -> nn.Module:
+    """Load a peft-format adapter (saved by peft or by save_adapter) into `model`, in place.
+
+    Applies LoRA per the saved config if the model has none yet. Every tensor in the file must find
+    its place and every adapter weight of the model must be in the file, with the same shape.
+    """
+    config = read_adapter_config(save_dir)
+    wpath = os.path.join(save_dir, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(wpath):
+        raise FileNotFoundError(f"{wpath}: no adapter weights")
+    saved = load_file(wpath)
+    if not lora_layers(model):
+        # A target module the model lacks must be an error here, before apply_lora adapts what it can find.
+        names = {n for n, _ in model.named_modules()}
+        for key in saved:
+            module = key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
+            if ".lora_" in key and module not in names:
+                raise ValueError(f"{wpath}: key {key!r} is for module {module!r}, which "
+                                 f"{type(model).__name__} does not have")
+        apply_lora(model, config, verbose=verbose)
+    else:
+        have: LoraConfig = model.lora_config
+        for f in ("r", "lora_alpha", "use_rslora", "use_dora"):
+            if getattr(have, f) != getattr(config, f):
+                raise ValueError(f"{save_dir}: adapter has {f}={getattr(config, f)!r} but the model's LoRA has "
+                                 f"{f}={getattr(have, f)!r}")
+    expected = _adapter_state(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{wpath}: adapter keys do not match the model: {len(missing)} missing "
+                         f"{missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            value = saved[key]
+            if value.shape != param.shape:
+                raise ValueError(f"{wpath}: {key} has shape {tuple(value.shape)}, the model expects "
+                                 f"{tuple(param.shape)} (r={config.r})")
+            param.copy_(value.to(param.dtype))
+    return model

@@ -1,0 +1,326 @@
+"""minillm.lora vs peft: same base weights, same A/B, same outputs, gradients and merged weights.
+
+The minillm side is `minillm.CausalLM` + `minillm.lora.apply_lora`; the reference is the transformers
+model of the same architecture holding the same state dict (`load_state_dict(strict=True)`) +
+`peft.get_peft_model`. Adapter weights are randomised on the peft side (B = 0 would hide most bugs)
+and copied over by name: peft's `X.lora_A.default.weight` is minillm's `X.lora_A.weight`.
+
+Rows: property checks over hypothesis-drawn cases (model shape and type, r, alpha, targets, rsLoRA,
+DoRA, modules_to_save, dropout > 0 in eval mode), fixed named variants, and file interop both ways
+(adapter trained with one library, saved, loaded by the other; merge -> save_pretrained -> plain
+transformers load).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from minillm import lora as ml
+from parity.harness import Row, fixed_check, property_check
+from parity.tolerances import tol
+
+REFERENCE = "peft LoRA on transformers"
+TARGET_SETS = {
+    "qv": None,  # LoraConfig default: ["q_proj", "v_proj"]
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp-suffix": ["mlp.gate_proj", "up_proj", "down_proj"],  # dotted suffix and plain names
+    "regex": r".*\.layers\.0\.self_attn\.(q|k)_proj",
+    "all-linear": "all-linear",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    model_type: str = "llama"
+    hidden: int = 32
+    heads: int = 4
+    kv_heads: int = 2
+    layers: int = 2
+    inter: int = 40
+    vocab: int = 64
+    tie: bool = False
+    r: int = 4
+    alpha: int = 8
+    targets: str = "qv"
+    modules_to_save: tuple[str, ...] = ()
+    rslora: bool = False
+    dora: bool = False
+    dropout: float = 0.0
+
+
+def _lora_config(case: Case) -> ml.LoraConfig:
+    return ml.LoraConfig(r=case.r, lora_alpha=case.alpha, lora_dropout=case.dropout,
+                         target_modules=TARGET_SETS[case.targets], use_rslora=case.rslora,
+                         modules_to_save=list(case.modules_to_save) or None, use_dora=case.dora)
+
+
+def _peft_config(case: Case):
+    import peft
+    c = _lora_config(case)
+    return peft.LoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, target_modules=c.target_modules,
+                           use_rslora=c.use_rslora, modules_to_save=c.modules_to_save, use_dora=c.use_dora,
+                           task_type="CAUSAL_LM")
+
+
+def base_models(case: Case, seed: int = 0):
+    """(minillm.CausalLM, transformers model) with identical weights, fp32, eager attention."""
+    import transformers
+    from minillm.config import ModelConfig
+    from minillm.model import CausalLM
+
+    cfg = ModelConfig(model_type=case.model_type, vocab_size=case.vocab, hidden_size=case.hidden,
+                      intermediate_size=case.inter, num_hidden_layers=case.layers, num_attention_heads=case.heads,
+                      num_key_value_heads=case.kv_heads, tie_word_embeddings=case.tie)
+    torch.manual_seed(seed)
+    ours = CausalLM(cfg, attn_implementation="eager")
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+    ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ours, ref
+
+
+def peft_to_minillm_name(name: str) -> str | None:
+    """peft's parameter name -> minillm's; None for peft's frozen copies (base_layer, original_module)."""
+    name = name.removeprefix("base_model.model.")
+    if ".original_module." in name:
+        return None
+    name = name.replace(".modules_to_save.default.", ".")
+    name = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+    return name.replace(".default.", ".")
+
+
+def lora_pair(case: Case, seed: int = 0):
+    """(ours, peft model), adapters applied, peft's adapter weights randomised and copied into ours."""
+    import peft
+    ours, ref = base_models(case, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(ref, _peft_config(case))
+    ml.apply_lora(ours, _lora_config(case), verbose=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            mine[peft_to_minillm_name(n)].copy_(p)
+    return ours, pm
+
+
+def _inputs(case: Case, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 2)
+    return torch.randint(0, case.vocab, (2, 7), generator=g)
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def measure_all(case: Case, seed: int = 0) -> dict[str, float]:
+    """max |Δ| of logits, of every trainable parameter's gradient, and of the merged weights."""
+    ours, pm = lora_pair(case, seed)
+    ours.eval(), pm.eval()  # eval: dropout > 0 must then be inactive on both sides
+    x = _inputs(case, seed)
+    out_o, out_r = ours(x, labels=x), pm(input_ids=x, labels=x)
+    logits = _max_abs(out_o.logits, out_r.logits)
+    out_o.loss.backward()
+    out_r.loss.backward()
+    ref_grads = {peft_to_minillm_name(n): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    if set(ref_grads) != set(our_grads) or any(g is None for g in [*ref_grads.values(), *our_grads.values()]):
+        grads = float("inf")  # not the same trainable parameters: fail loudly
+    else:
+        grads = max(_max_abs(our_grads[n], ref_grads[n]) for n in our_grads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_ref = pm.merge_and_unload().state_dict()
+    merged_ours = ml.merge_and_unload(ours).state_dict()
+    if set(merged_ref) != set(merged_ours):
+        merged = float("inf")
+    else:
+        merged = max(_max_abs(merged_ours[k], merged_ref[k]) for k in merged_ours)
+    return {"logits": logits, "grads": grads, "merged": merged}
+
+
+# one computation per drawn case serves the three rows (hypothesis draws the same cases for each: derandomized)
+_cache: dict[Case, dict[str, float]] = {}
+
+
+def _measured(case: Case, key: str) -> float:
+    if case not in _cache:
+        _cache[case] = measure_all(case)
+    return _cache[case][key]
+
+
+@st.composite
+def cases(draw) -> Case:
+    heads = draw(st.sampled_from([2, 4]))
+    head_dim = draw(st.sampled_from([8, 12, 16]))
+    targets = draw(st.sampled_from(sorted(TARGET_SETS)))
+    mts = draw(st.sampled_from([(), ("lm_head",), ("embed_tokens",), ("lm_head", "embed_tokens")]))
+    return Case(
+        model_type=draw(st.sampled_from(["llama", "qwen2", "qwen3"])),
+        hidden=heads * head_dim, heads=heads, kv_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
+        layers=draw(st.integers(1, 2)), inter=draw(st.sampled_from([24, 40, 64])), vocab=draw(st.sampled_from([64, 97])),
+        tie=draw(st.booleans()), r=draw(st.integers(1, 8)), alpha=draw(st.sampled_from([1, 4, 8, 16, 32])),
+        targets=targets,
+        modules_to_save=mts, rslora=draw(st.booleans()), dora=draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.0, 0.1])),
+    )
+
+
+NAMED = {
+    "q/v (default)": Case(),
+    "rslora r=8": Case(r=8, alpha=16, rslora=True),
+    "dora attn": Case(targets="attn", dora=True),
+    "all-linear + lm_head, embed_tokens": Case(targets="all-linear", modules_to_save=("lm_head", "embed_tokens")),
+    "dora all-linear + lm_head, qwen2": Case(model_type="qwen2", targets="all-linear", dora=True,
+                                             modules_to_save=("lm_head",)),
+    "regex, qwen3, dropout 0.1 (eval)": Case(model_type="qwen3", targets="regex", dropout=0.1),
+    "mlp suffixes, tied, dora+rslora": Case(targets="mlp-suffix", tie=True, dora=True, rslora=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# interop through files
+
+
+def _train(model, case: Case, steps: int = 3, seed: int = 0) -> None:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(seed + 3)
+    for _ in range(steps):
+        x = torch.randint(0, case.vocab, (2, 9), generator=g)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def minillm_to_peft(case: Case, seed: int = 0) -> float:
+    """Adapter trained with minillm, saved by save_adapter, loaded by peft on the HF model: logits |Δ|."""
+    import peft
+    ours, ref = base_models(case, seed)
+    ml.apply_lora(ours, _lora_config(case), verbose=False)
+    _train(ours, case, seed=seed)
+    x = _inputs(case, seed)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml.save_adapter(ours, d)
+        pm = peft.PeftModel.from_pretrained(ref, d).eval()
+        with torch.no_grad():
+            return _max_abs(ours(x).logits, pm(input_ids=x).logits)
+
+
+def peft_to_minillm(case: Case, seed: int = 0) -> float:
+    """Adapter trained with peft, saved by save_pretrained, loaded by minillm's load_adapter: logits |Δ|."""
+    import peft
+    ours, ref = base_models(case, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(ref, _peft_config(case))
+        _train(pm, case, seed=seed)
+    x = _inputs(case, seed)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(d)
+        ml.load_adapter(ours, d)
+        ours.eval()
+        with torch.no_grad():
+            return _max_abs(ours(x).logits, pm(input_ids=x).logits)
+
+
+def merged_to_transformers(case: Case, seed: int = 0) -> float:
+    """minillm adapter trained, merge_and_unload, save_pretrained, plain transformers load: logits |Δ| vs unmerged."""
+    import transformers
+    ours, _ = base_models(case, seed)
+    ml.apply_lora(ours, _lora_config(case), verbose=False)
+    _train(ours, case, seed=seed)
+    x = _inputs(case, seed)
+    with torch.no_grad():
+        unmerged = ours(x).logits
+    merged = ml.merge_and_unload(ours)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+        with torch.no_grad():
+            return _max_abs(unmerged, hf(x).logits)
+
+
+INTEROP = {
+    "q/v": Case(),
+    "dora all-linear + lm_head": Case(targets="all-linear", dora=True, modules_to_save=("lm_head",)),
+    "rslora regex qwen3, tied + lm_head": Case(model_type="qwen3", targets="regex", rslora=True, tie=True,
+                                               modules_to_save=("lm_head",), dropout=0.1),
+}
+
+
+def init_same_seed(case: Case, seed: int = 0) -> float:
+    """Same seed before peft.get_peft_model and apply_lora: the random A matrices must be identical."""
+    import peft
+    ours, ref = base_models(case, seed)
+    torch.manual_seed(seed + 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(ref, _peft_config(case))
+    torch.manual_seed(seed + 10)
+    ml.apply_lora(ours, _lora_config(case), verbose=False)
+    theirs = {peft_to_minillm_name(n): p for n, p in pm.named_parameters() if p.requires_grad}
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    if set(theirs) != set(mine):
+        return float("inf")
+    return max(_max_abs(mine[n], theirs[n]) for n in mine)
+
+
+def _fixed(check: str, tol_name: str, fn, named: dict[str, Case], reference: str = REFERENCE) -> Row:
+    t0 = time.perf_counter()
+    deltas = {label: fn(case) for label, case in named.items()}
+    worst = max(deltas, key=deltas.get)
+    return fixed_check(check, reference, tol_name, list(deltas.values()), t0=t0,
+                       note="" if deltas[worst] <= tol(tol_name) else f"worst: {worst}")
+
+
+def rows(budget: float = 1.0):
+    n = max(2, round(8 * budget))
+    _cache.clear()
+    # the three drawn-case rows share one computation per case (cached): split its time evenly
+    drawn = [property_check(f"lora {what}", REFERENCE, tol_name, cases(), lambda c, k=key: _measured(c, k), n)
+             for what, key, tol_name in (("logits (drawn cases)", "logits", "lora_logits"),
+                                         ("grads of A, B, m, saved modules", "grads", "lora_grads"),
+                                         ("merged weights (drawn cases)", "merged", "lora_merged"))]
+    total = sum(r.seconds for r in drawn)
+    for row in drawn:
+        row.seconds = total / 3
+        yield row
+    named = NAMED if budget >= 1 else dict(list(NAMED.items())[2:5])
+    results = {}
+    t0 = time.perf_counter()
+    for label, case in named.items():
+        results[label] = measure_all(case)
+    secs = (time.perf_counter() - t0) / 3
+    for key, tol_name in (("logits", "lora_logits"), ("grads", "lora_grads"), ("merged", "lora_merged")):
+        row = fixed_check(f"lora {key}: {len(named)} named variants", REFERENCE, tol_name,
+                          [r[key] for r in results.values()])
+        row.seconds = secs
+        yield row
+    yield _fixed("lora init: same seed -> same A as peft", "lora_init", init_same_seed,
+                 {"all-linear dora": NAMED["dora all-linear + lm_head, qwen2"], "q/v": Case()})
+    interop = INTEROP if budget >= 1 else dict(list(INTEROP.items())[1:2])
+    yield _fixed("adapter minillm -> peft (trained, saved)", "lora_logits", minillm_to_peft, interop,
+                 "peft.PeftModel.from_pretrained")
+    yield _fixed("adapter peft -> minillm (trained, saved)", "lora_logits", peft_to_minillm, interop,
+                 "peft save_pretrained")
+    yield _fixed("merge -> save_pretrained -> transformers", "lora_merged", merged_to_transformers, interop,
+                 "unmerged adapter vs transformers load")
