@@ -1,0 +1,271 @@
+"""SFT loss masking: render a conversation in ChatML, tokenize it, and label only the assistant replies.
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{q}<|im_end|>\\n<|im_start|>assistant\\n{a}<|im_end|>\\n
+                                                                                         ^^^^^^^^^^^^^^
+    labels: -100 everywhere except each assistant reply and its closing <|im_end|> (marked above): the
+    model learns the answers and when to stop, never the system prompt, the questions or the headers.
+
+The text is exactly what Qwen2's chat template renders (BelleGroup's `human` becomes the ChatML role
+`user`; pass `user_role="human"` for the course's rendering), and the labels are exactly
+`apply_chat_template(..., return_assistant_tokens_mask=True)` under a ChatML template with
+`{% generation %}` around `reply + <|im_end|>` (parity/data.py checks both, on two tokenizers).
+
+How it is computed: the text between two special tokens, `"{role}\\n{content}"`, is one tokenizer
+segment (HF tokenizers split added special tokens out before pre-tokenizing), so every turn is
+tokenized on its own, all turns of a batch in ONE batched tokenizer call, and the sample is
+assembled from `[<|im_start|>] + segment + [<|im_end|>] + ids("\\n")` with list operations. The
+reply's tokens are found by position, from the token offsets (a token is labelled when its
+characters overlap the reply, as transformers does), never by token id, so the masking stays right
+when pad == eos or when a reply contains the same tokens as a question.
+
+How this differs from the course's chapter-6 `preprocess`:
+- The course pads with `pad_token_id` and uses the pad id as its ignore label: when pad == eos the
+  loss silently skips every real `<|im_end|>`/eos too, and with a pad id != -100 transformers'
+  loss does not ignore the padding at all. Here labels use -100 and padding is the collator's job
+  (`SFTCollator`), which pads labels with -100 by position.
+- The course leaves `<|im_start|>`, `<|im_end|>` and `\\n` of the system and user turns unmasked
+  (and `<|im_start|>` of assistant turns), so the model is trained to predict the user's turn
+  markers; here no system/user token is ever labelled.
+- The course renders `human` as the role name (`<|im_start|>human`), which is not the ChatML text
+  Qwen's template produces; here it is `user` unless `user_role="human"`.
+- The course tokenizes role, newline and content separately; here `"{role}\\n{content}"` is one
+  segment, so the ids equal the chat template's tokenization of the whole text.
+- The course truncates silently; a sample whose labels are all -100 after truncation (or that has
+  no assistant turn) trains nothing, so here it is dropped and counted in `MaskStats`.
+- A leading non-user turn (after an optional system turn) is dropped, as the course does, and
+  counted; a leading system turn replaces the default system prompt, as Qwen's template does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+ROLES = {"human": "user", "user": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+_ADD_TOKENS_HINT = (
+    "add them as special tokens, e.g. with transformers: "
+    "tokenizer.add_special_tokens({'extra_special_tokens': ['<|im_start|>', '<|im_end|>']}, "
+    "replace_extra_special_tokens=False), then model.resize_token_embeddings(len(tokenizer)); "
+    "with a tokenizers.Tokenizer: tok.add_special_tokens(['<|im_start|>', '<|im_end|>'])"
+)
+
+
+@dataclass
+class MaskStats:
+    """What the masker did with the conversations it saw (nothing is dropped silently)."""
+
+    conversations: int = 0
+    kept: int = 0
+    truncated: int = 0  # kept, but cut at max_len
+    dropped_no_labels: int = 0  # every label -100: no assistant turn, or truncation cut all replies
+    leading_turns_dropped: int = 0  # a first non-user turn (after the system turn), dropped as the course does
+    empty: int = 0  # no turn at all (counted in dropped_no_labels too)
+
+    def __str__(self) -> str:
+        return (f"{self.conversations} conversations: {self.kept} kept ({self.truncated} truncated), "
+                f"{self.dropped_no_labels} dropped with no label left, "
+                f"{self.leading_turns_dropped} leading non-user turns dropped")
+
+
+def _turns(conversation: Any, index: int) -> list[tuple[str, str]]:
+    """BelleGroup (`from`/`value`) or OpenAI (`role`/`content`) turns -> [(role, content)], roles normalised."""
+    if isinstance(conversation, Mapping):
+        for key in ("conversations", "messages"):
+            if key in conversation:
+                conversation = conversation[key]
+                break
+        else:
+            raise KeyError(f"conversation {index}: expected a 'conversations' or 'messages' key, got {sorted(conversation)}")
+    out = []
+    for j, turn in enumerate(conversation):
+        if "from" in turn:
+            role, content = turn["from"], turn.get("value")
+        elif "role" in turn:
+            role, content = turn["role"], turn.get("content")
+        else:
+            raise KeyError(f"conversation {index}, turn {j}: expected 'from'/'value' or 'role'/'content', got {sorted(turn)}")
+        if role not in ROLES:
+            raise ValueError(f"conversation {index}, turn {j}: unknown role {role!r} (known: {sorted(ROLES)})")
+        if not isinstance(content, str):
+            raise TypeError(f"conversation {index}, turn {j}: content must be a string, got {type(content).__name__}")
+        out.append((ROLES[role], content))
+    return out
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """One batched call: ids and character offsets of every text, no special tokens added."""
+    if hasattr(tokenizer, "encode_batch"):  # a raw tokenizers.Tokenizer
+        encs = tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+    try:
+        out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:  # slow (Python) HF tokenizers have no offsets
+        raise TypeError(f"the masker needs token offsets: use a fast tokenizer (use_fast=True). {e}") from None
+    return out["input_ids"], out["offset_mapping"]
+
+
+def _special_id(tokenizer: Any, token: str, encoded: list[int]) -> int:
+    if len(encoded) != 1:
+        raise ValueError(f"the tokenizer has no special token {token!r} (it encodes to {len(encoded)} ids {encoded}): "
+                         + _ADD_TOKENS_HINT)
+    return encoded[0]
+
+
+def mask_batch(
+    conversations: Sequence[Any],
+    tokenizer: Any,
+    max_len: int,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    user_role: str = "user",
+    stats: MaskStats | None = None,
+) -> dict[str, list[list[int]]]:
+    """Mask a batch of conversations; returns the kept samples (unpadded) as columns.
+
+    For `datasets.map(batched=True, remove_columns=...)`: the output may have fewer rows than the
+    input (dropped samples are counted in `stats`). Every kept sample equals `mask_conversation`'s.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    stats = stats if stats is not None else MaskStats()
+    rendered: list[list[tuple[str, int]]] = []  # per conversation: (role, index of its segment in `texts`)
+    texts: list[str] = []
+    for i, conv in enumerate(conversations):
+        turns = _turns(conv, i)
+        stats.conversations += 1
+        system = system_prompt
+        if turns and turns[0][0] == "system":
+            system, turns = turns[0][1], turns[1:]
+        if turns and turns[0][0] != "user":
+            turns = turns[1:]  # as the course: a conversation starts with the user
+            stats.leading_turns_dropped += 1
+        if not turns:
+            stats.empty += 1
+        if system is not None:
+            turns = [("system", system), *turns]
+        segs = []
+        for role, content in turns:
+            segs.append((role, len(texts), len(role if role != "user" else user_role) + 1))
+            texts.append(f"{user_role if role == 'user' else role}\n{content}")
+        rendered.append(segs)
+
+    # the newline and the two ChatML tokens ride along in the same call
+    ids, offsets = _encode(tokenizer, [*texts, "\n", IM_START, IM_END])
+    nl = list(ids[-3])
+    im_start = _special_id(tokenizer, IM_START, ids[-2])
+    im_end = _special_id(tokenizer, IM_END, ids[-1])
+    nl_ignore = [IGNORE_INDEX] * len(nl)
+
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+    for segs in rendered:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        first_label = None
+        for role, k, header_len in segs:
+            seg_ids = list(ids[k])
+            input_ids += [im_start, *seg_ids, im_end, *nl]
+            if role == "assistant":
+                # first token overlapping the reply (the header "assistant\n" is header_len chars);
+                # a few header tokens at most, so this scan is O(1) per turn
+                offs, start = offsets[k], 0
+                while start < len(seg_ids) and offs[start][1] <= header_len:
+                    start += 1
+                if first_label is None:
+                    first_label = len(labels) + 1 + start
+                labels += [IGNORE_INDEX] * (1 + start) + seg_ids[start:] + [im_end] + nl_ignore
+            else:
+                labels += [IGNORE_INDEX] * (len(seg_ids) + 2) + nl_ignore
+        if first_label is None or first_label >= max_len:
+            stats.dropped_no_labels += 1
+            continue
+        if len(input_ids) > max_len:
+            stats.truncated += 1
+            input_ids, labels = input_ids[:max_len], labels[:max_len]
+        stats.kept += 1
+        out["input_ids"].append(input_ids)
+        out["labels"].append(labels)
+        out["attention_mask"].append([1] * len(input_ids))
+    return out
+
+
+def mask_conversation(
+    conversation: Any,
+    tokenizer: Any,
+    max_len: int,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    user_role: str = "user",
+    stats: MaskStats | None = None,
+) -> dict[str, list[int]] | None:
+    """One conversation -> {"input_ids", "labels", "attention_mask"} (unpadded, <= max_len tokens).
+
+    Returns None when the sample would train nothing (no assistant token within max_len); pass
+    `stats` to count it. `system_prompt=None` renders no default system turn.
+    """
+    out = mask_batch([conversation], tokenizer, max_len, system_prompt, user_role, stats)
+    return {k: v[0] for k, v in out.items()} if out["input_ids"] else None
+
+
+@dataclass
+class SFTMasker:
+    """`mask_batch` bound to its settings, for `ds.map(masker, batched=True, remove_columns=ds.column_names)`.
+
+    `stats` accumulates over calls (single process; with num_proc > 1 compare dataset lengths instead).
+    """
+
+    tokenizer: Any
+    max_len: int
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    user_role: str = "user"
+    column: str = "conversations"
+    stats: MaskStats = field(default_factory=MaskStats)
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, list[list[int]]]:
+        if self.column not in batch:
+            raise KeyError(f"the batch has no {self.column!r} column (columns: {sorted(batch)})")
+        return mask_batch(batch[self.column], self.tokenizer, self.max_len, self.system_prompt, self.user_role, self.stats)
+
+
+@dataclass
+class SFTCollator:
+    """Pad a list of masked samples into tensors: input_ids with `pad_token_id`, labels with -100,
+    attention_mask with 0, on the right (training) or the left.
+
+    Padding is by position, so pad_token_id may equal eos: the real eos/<|im_end|> keep their labels.
+    (With left padding, transformers' models still number positions from 0 at the first pad; pass
+    position_ids = cumsum(attention_mask) - 1 yourself if that matters.)
+    """
+
+    pad_token_id: int
+    padding_side: Literal["right", "left"] = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("empty batch")
+        width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(features)
+        input_ids = np.full((n, width), self.pad_token_id, dtype=np.int64)
+        labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
+        attention_mask = np.zeros((n, width), dtype=np.int64)
+        for i, f in enumerate(features):
+            length = len(f["input_ids"])
+            if len(f["labels"]) != length:
+                raise ValueError(f"sample {i}: {length} input_ids but {len(f['labels'])} labels")
+            cols = slice(0, length) if self.padding_side == "right" else slice(width - length, width)
+            input_ids[i, cols] = f["input_ids"]
+            labels[i, cols] = f["labels"]
+            attention_mask[i, cols] = f.get("attention_mask", 1)
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "attention_mask": torch.from_numpy(attention_mask)}
