@@ -277,6 +277,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn
         if not isinstance(modules[name], nn.Linear):
             raise ValueError(f"LoRA target {name!r} is a {type(modules[name]).__name__}; minillm adapts nn.Linear "
                              f"only (target_modules={config.target_modules!r})")
+    if config.modules_to_save and not _modules_to_save(model, config.modules_to_save):
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:  # named_modules() order, as peft: the same random draws for the same seed
@@ -291,12 +293,13 @@ def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn
     return model
 
 
+def _modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
+    # peft's rule for modules_to_save: the full name ends with the entry (no dot required)
+    return [n for n, _ in model.named_modules() if n and modules_to_save and any(n.endswith(m) for m in modules_to_save)]
+
+
 def _make_modules_to_save_trainable(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
-    if not modules_to_save:
-        return []
-    names = [n for n, _ in model.named_modules() if n and any(n.endswith(m) for m in modules_to_save)]
-    if not names:
-        raise ValueError(f"modules_to_save={modules_to_save!r} matched no module of {type(model).__name__}")
+    names = _modules_to_save(model, modules_to_save)
     modules = dict(model.named_modules())
     untied = False
     for name in names:
@@ -384,7 +387,7 @@ def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
             state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     if config.modules_to_save:
         modules = dict(model.named_modules())
-        for name in (n for n in modules if n and any(n.endswith(m) for m in config.modules_to_save)):
+        for name in _modules_to_save(model, config.modules_to_save):
             for pname, p in modules[name].named_parameters():
                 state[f"{PEFT_PREFIX}{name}.{pname}"] = p  # peft saves them under the module's own name
     return state

@@ -22,7 +22,7 @@ import torch
 from hypothesis import strategies as st
 
 from minillm import lora as ml
-from parity.harness import Row, fixed_check, property_check
+from parity.harness import Row, fixed_check, property_rows
 from parity.tolerances import tol
 
 REFERENCE = "peft LoRA on transformers"
@@ -150,16 +150,6 @@ def measure_all(case: Case, seed: int = 0) -> dict[str, float]:
     else:
         merged = max(_max_abs(merged_ours[k], merged_ref[k]) for k in merged_ours)
     return {"logits": logits, "grads": grads, "merged": merged}
-
-
-# one computation per drawn case serves the three rows (hypothesis draws the same cases for each: derandomized)
-_cache: dict[Case, dict[str, float]] = {}
-
-
-def _measured(case: Case, key: str) -> float:
-    if case not in _cache:
-        _cache[case] = measure_all(case)
-    return _cache[case][key]
 
 
 @st.composite
@@ -294,16 +284,10 @@ def _fixed(check: str, tol_name: str, fn, named: dict[str, Case], reference: str
 
 def rows(budget: float = 1.0):
     n = max(2, round(8 * budget))
-    _cache.clear()
-    # the three drawn-case rows share one computation per case (cached): split its time evenly
-    drawn = [property_check(f"lora {what}", REFERENCE, tol_name, cases(), lambda c, k=key: _measured(c, k), n)
-             for what, key, tol_name in (("logits (drawn cases)", "logits", "lora_logits"),
-                                         ("grads of A, B, m, saved modules", "grads", "lora_grads"),
-                                         ("merged weights (drawn cases)", "merged", "lora_merged"))]
-    total = sum(r.seconds for r in drawn)
-    for row in drawn:
-        row.seconds = total / 3
-        yield row
+    specs = [("lora logits (drawn cases)", REFERENCE, "lora_logits"),
+             ("lora grads of A, B, m, saved modules", REFERENCE, "lora_grads"),
+             ("lora merged weights (drawn cases)", REFERENCE, "lora_merged")]
+    yield from property_rows(specs, cases(), lambda c: list(measure_all(c).values()), n)
     named = NAMED if budget >= 1 else dict(list(NAMED.items())[2:5])
     results = {}
     t0 = time.perf_counter()
