@@ -10,13 +10,17 @@ The text is exactly what Qwen2's chat template renders (BelleGroup's `human` bec
 `apply_chat_template(..., return_assistant_tokens_mask=True)` under a ChatML template with
 `{% generation %}` around `reply + <|im_end|>` (parity/data.py checks both, on two tokenizers).
 
-How it is computed: the text between two special tokens, `"{role}\\n{content}"`, is one tokenizer
-segment (HF tokenizers split added special tokens out before pre-tokenizing), so every turn is
-tokenized on its own, all turns of a batch in ONE batched tokenizer call, and the sample is
-assembled from `[<|im_start|>] + segment + [<|im_end|>] + ids("\\n")` with list operations. The
-reply's tokens are found by position, from the token offsets (a token is labelled when its
-characters overlap the reply, as transformers does), never by token id, so the masking stays right
-when pad == eos or when a reply contains the same tokens as a question.
+How it is computed: HF tokenizers split added special tokens out before pre-tokenizing, so the text
+between two of them, `"{role}\\n{content}"`, is tokenized independently of the rest. Every turn is
+therefore tokenized on its own, as `<|im_start|>{role}\\n{content}<|im_end|>` (the same context as in
+the full text, which matters for SentencePiece-style "▁" prefixes), all turns of a batch in ONE
+batched tokenizer call, and the sample is assembled from the turns and the ids of the "\\n" between
+turns with list operations. The reply's tokens are found by position, from the token offsets (a
+token is labelled when its characters overlap the reply, as transformers does), never by token id,
+so the masking stays right when pad == eos or when a reply contains the same tokens as a question.
+(With a tokenizer whose pre-tokenizer can merge the header's "\\n" with a reply that starts with
+whitespace, e.g. GPT-2's regex on "\\n  x", that one boundary token is labelled, as in transformers;
+the bundled tokenizer always splits "\\n" off, so its labels decode to exactly the reply.)
 
 How this differs from the course's chapter-6 `preprocess`:
 - The course pads with `pad_token_id` and uses the pad id as its ignore label: when pad == eos the
@@ -151,15 +155,23 @@ def mask_batch(
             turns = [("system", system), *turns]
         segs = []
         for role, content in turns:
-            segs.append((role, len(texts), len(role if role != "user" else user_role) + 1))
-            texts.append(f"{user_role if role == 'user' else role}\n{content}")
+            name = user_role if role == "user" else role
+            segs.append((role, len(texts), len(IM_START) + len(name) + 1))  # chars before the content
+            texts.append(f"{IM_START}{name}\n{content}{IM_END}")
         rendered.append(segs)
 
-    # the newline and the two ChatML tokens ride along in the same call
-    ids, offsets = _encode(tokenizer, [*texts, "\n", IM_START, IM_END])
-    nl = list(ids[-3])
+    # Every segment is tokenized between its own <|im_start|> and <|im_end|>, as in the full text:
+    # tokenizers that treat the start of a text specially (SentencePiece's "▁" prefix, added tokens
+    # with lstrip/rstrip) then give the same ids as the chat template. The separator "\n" and the
+    # two ChatML tokens ride along in the same call.
+    ids, offsets = _encode(tokenizer, [*texts, f"{IM_END}\n{IM_START}", IM_START, IM_END])
     im_start = _special_id(tokenizer, IM_START, ids[-2])
     im_end = _special_id(tokenizer, IM_END, ids[-1])
+    for k, text in enumerate([*texts, f"{IM_END}\n{IM_START}"]):
+        if len(ids[k]) < 2 or ids[k][0] not in (im_start, im_end) or ids[k][-1] not in (im_start, im_end):
+            raise ValueError(f"the tokenizer does not keep ChatML tokens intact around {text!r} (got ids {ids[k]}); "
+                             + _ADD_TOKENS_HINT)
+    nl = list(ids[len(texts)][1:-1])
     nl_ignore = [IGNORE_INDEX] * len(nl)
 
     out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
@@ -168,13 +180,13 @@ def mask_batch(
         labels: list[int] = []
         first_label = None
         for role, k, header_len in segs:
-            seg_ids = list(ids[k])
+            seg_ids = ids[k][1:-1]
             input_ids += [im_start, *seg_ids, im_end, *nl]
             if role == "assistant":
-                # first token overlapping the reply (the header "assistant\n" is header_len chars);
+                # first token overlapping the reply (it starts header_len chars into the text);
                 # a few header tokens at most, so this scan is O(1) per turn
                 offs, start = offsets[k], 0
-                while start < len(seg_ids) and offs[start][1] <= header_len:
+                while start < len(seg_ids) and offs[start + 1][1] <= header_len:
                     start += 1
                 if first_label is None:
                     first_label = len(labels) + 1 + start
