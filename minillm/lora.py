@@ -20,6 +20,11 @@ What is unusual here:
 - bias="none" only (peft's default); other peft options (rank_pattern, layers_to_transform, ...)
   are refused with an error when found in a saved adapter rather than silently ignored.
 
+Training: a LoRA'd model trains under the HF Trainer as is (only adapter parameters require grad;
+`Trainer.save_model` writes the whole state dict, base_layer and lora_* keys; `save_adapter` writes the
+small peft-format adapter). With re-entrant activation checkpointing call `enable_input_require_grads`
+(minillm.CausalLM checkpoints with use_reentrant=False and does not need it).
+
 Imports only torch, safetensors and the standard library.
 """
 
@@ -295,7 +300,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn
 
 def _modules_to_save(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:
     # peft's rule for modules_to_save: the full name ends with the entry (no dot required)
-    return [n for n, _ in model.named_modules() if n and modules_to_save and any(n.endswith(m) for m in modules_to_save)]
+    if not modules_to_save:
+        return []
+    return [n for n, _ in model.named_modules() if n and any(n.endswith(m) for m in modules_to_save)]
 
 
 def _make_modules_to_save_trainable(model: nn.Module, modules_to_save: list[str] | None) -> list[str]:

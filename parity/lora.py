@@ -161,7 +161,8 @@ def cases(draw) -> Case:
     return Case(
         model_type=draw(st.sampled_from(["llama", "qwen2", "qwen3"])),
         hidden=heads * head_dim, heads=heads, kv_heads=draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
-        layers=draw(st.integers(1, 2)), inter=draw(st.sampled_from([24, 40, 64])), vocab=draw(st.sampled_from([64, 97])),
+        layers=draw(st.integers(1, 2)), inter=draw(st.sampled_from([24, 40, 64])),
+        vocab=draw(st.sampled_from([64, 97])),
         tie=draw(st.booleans()), r=draw(st.integers(1, 8)), alpha=draw(st.sampled_from([1, 4, 8, 16, 32])),
         targets=targets,
         modules_to_save=mts, rslora=draw(st.booleans()), dora=draw(st.booleans()),
