@@ -1,0 +1,143 @@
+"""The chunker: properties on random documents and block sizes, parity with run_clm, datasets.map use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.chunk import IGNORE_INDEX, Chunker, group_texts
+from parity.data import chunk_rows, run_clm_group_texts
+
+SETTINGS = settings(max_examples=60, deadline=None, database=None)
+
+
+@st.composite
+def corpora(draw, max_docs: int = 30, max_len: int = 50) -> dict:
+    """Documents of random token ids (some empty), a block size, an eos id, and a split into batches."""
+    docs = draw(st.lists(st.lists(st.integers(0, 999), max_size=max_len), min_size=1, max_size=max_docs))
+    cuts = sorted(draw(st.lists(st.integers(0, len(docs)), max_size=5)))
+    bounds = [0, *cuts, len(docs)]
+    return {"docs": docs, "block_size": draw(st.integers(1, 70)), "eos": draw(st.sampled_from([None, 1000])),
+            "batches": [(a, b) for a, b in zip(bounds, bounds[1:])]}
+
+
+def batch_of(docs: list[list[int]]) -> dict:
+    return {"input_ids": docs, "attention_mask": [[1] * len(d) for d in docs], "special": [[0] * len(d) for d in docs]}
+
+
+def expected_stream(docs: list[list[int]], eos: int | None) -> list[int]:
+    return [t for d in docs for t in (d + ([eos] if eos is not None else []))]
+
+
+def check_blocks(out: dict, block_size: int) -> None:
+    assert set(out) == {"input_ids", "attention_mask", "special", "labels"}
+    for k, v in out.items():
+        assert v.ndim == 2 and v.shape[1] == block_size, (k, v.shape)  # every block exactly block_size
+        assert v.shape[0] == out["input_ids"].shape[0]
+    np.testing.assert_array_equal(out["labels"], out["input_ids"])
+
+
+@SETTINGS
+@given(corpora())
+def test_group_texts_blocks_are_the_stream_minus_the_tail(c):
+    out = group_texts(batch_of(c["docs"]), c["block_size"], eos_token_id=c["eos"])
+    check_blocks(out, c["block_size"])
+    stream = expected_stream(c["docs"], c["eos"])
+    keep = len(stream) // c["block_size"] * c["block_size"]
+    # concatenated blocks == concatenated documents (with separators), in order, minus only the tail
+    assert out["input_ids"].reshape(-1).tolist() == stream[:keep]
+    mask = [m for d in c["docs"] for m in [1] * len(d) + ([1] if c["eos"] is not None else [])]
+    assert out["attention_mask"].reshape(-1).tolist() == mask[:keep]
+    assert not out["special"].any()
+
+
+@SETTINGS
+@given(corpora())
+def test_streaming_in_k_batches_equals_one_batch(c):
+    docs, bs, eos = c["docs"], c["block_size"], c["eos"]
+    one = group_texts(batch_of(docs), bs, eos_token_id=eos)
+    chunker = Chunker(bs, eos_token_id=eos)
+    parts = list(chunker.blocks(batch_of(docs[a:b]) for a, b in c["batches"]))
+    for p in parts:
+        check_blocks(p, bs)
+    got = np.concatenate([p["input_ids"] for p in parts]) if parts else np.zeros((0, bs), np.int64)
+    np.testing.assert_array_equal(got, one["input_ids"])
+    stream = expected_stream(docs, eos)
+    assert chunker.tokens_in == len(stream)
+    assert chunker.tokens_dropped == len(stream) % bs  # only the final tail is lost
+
+
+@SETTINGS
+@given(corpora())
+def test_pad_tail_keeps_every_token(c):
+    docs, bs, eos = c["docs"], c["block_size"], c["eos"]
+    chunker = Chunker(bs, eos_token_id=eos, tail="pad", pad_token_id=7)
+    parts = list(chunker.blocks(batch_of(docs[a:b]) for a, b in c["batches"]))
+    stream = expected_stream(docs, eos)
+    if not stream:
+        assert parts == []
+        return
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert out["input_ids"].shape[1] == bs and out["labels"].shape == out["input_ids"].shape
+    n_pad = out["input_ids"].size - len(stream)
+    assert 0 <= n_pad < bs
+    flat = {k: v.reshape(-1) for k, v in out.items()}
+    assert flat["input_ids"][: len(stream)].tolist() == stream
+    assert (flat["input_ids"][len(stream):] == 7).all()
+    assert (flat["labels"][len(stream):] == IGNORE_INDEX).all()  # padding is never a target
+    assert (flat["attention_mask"][len(stream):] == 0).all()
+    np.testing.assert_array_equal(flat["labels"][: len(stream)], flat["input_ids"][: len(stream)])
+
+
+def test_chunker_parity_rows_pass():
+    for row in chunk_rows(budget=0.25):
+        assert row.passed, f"{row.check}: {row.note}"
+
+
+def test_course_drops_every_batch_tail_but_chunker_does_not():
+    """The known run_clm/course loss: with map batches, each batch's remainder is dropped."""
+    docs = [[i] * 7 for i in range(10)]  # 70 tokens, batches of 3 docs = 21 tokens
+    batches = [batch_of(docs[i : i + 3]) for i in range(0, 10, 3)]
+    per_batch = sum(len(run_clm_group_texts(b, 8)["input_ids"]) for b in batches)
+    streamed = sum(len(p["input_ids"]) for p in Chunker(8).blocks(batches))
+    assert per_batch == 2 + 2 + 2 + 0 and streamed == 70 // 8
+
+
+def test_inputs_as_numpy_and_arrow_match_lists():
+    pa = pytest.importorskip("pyarrow")
+    docs = [[1, 2, 3], [], [4, 5, 6, 7, 8], [9]]
+    want = group_texts({"input_ids": docs}, 3, eos_token_id=0)
+    as_np = group_texts({"input_ids": [np.array(d, dtype=np.int32) for d in docs]}, 3, eos_token_id=0)
+    as_arrow = group_texts({"input_ids": pa.array(docs, type=pa.list_(pa.int32()))}, 3, eos_token_id=0)
+    for got in (as_np, as_arrow):
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    assert want["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4], [5, 6, 7], [8, 0, 9]]
+
+
+def test_datasets_map_drop_in_and_streaming_flush():
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 100, rng.integers(0, 30)).tolist() for _ in range(25)]
+    ds = datasets.Dataset.from_dict(batch_of(docs))
+    one = group_texts(batch_of(docs), 16, eos_token_id=100)
+    chunker = Chunker(16, eos_token_id=100, tail="pad", total_rows=len(ds))
+    streamed = ds.map(chunker, batched=True, batch_size=4, with_indices=True, remove_columns=ds.column_names,
+                      load_from_cache_file=False)
+    ids = np.array(streamed["input_ids"])
+    np.testing.assert_array_equal(ids[: len(one["input_ids"])], one["input_ids"])
+    assert len(ids) == len(one["input_ids"]) + 1 and streamed[-1]["labels"][-1] == IGNORE_INDEX  # the padded tail
+    per_batch = ds.map(lambda b: group_texts(b, 16), batched=True, batch_size=4, remove_columns=ds.column_names,
+                       load_from_cache_file=False)
+    assert all(len(x) == 16 for x in per_batch["input_ids"]) and per_batch.column_names == [
+        "input_ids", "attention_mask", "special", "labels"]
+
+
+def test_bad_input_is_named():
+    with pytest.raises(TypeError, match="'text'.*tokenize first"):
+        group_texts({"input_ids": [[1]], "text": ["hello"]}, 2)
+    with pytest.raises(ValueError, match="'attention_mask' has documents of other lengths"):
+        group_texts({"input_ids": [[1, 2]], "attention_mask": [[1]]}, 2)
+    with pytest.raises(ValueError, match="block_size"):
+        Chunker(0)
