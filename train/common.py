@@ -1,0 +1,385 @@
+"""What train/pretrain.py and train/finetune.py share: arguments, setup, model building, saving, teardown.
+
+The scripts follow the course's chapter-6 pretrain.py/finetune.py (HfArgumentParser over three
+dataclasses, the HF Trainer, DeepSpeed via `--deepspeed`, `get_last_checkpoint` resume, Python
+logging). What is unusual here, and why:
+- `--impl minillm|hf` picks the model: minillm's hand-written CausalLM or transformers' model of the
+  same architecture. The hf model is built *from the minillm one* (same seed -> minillm init -> strict
+  copy of the state dict), so both start from identical weights and their loss curves compare step by step.
+- On a machine without CUDA `use_cpu` defaults to True. Without it a 2-rank DeepSpeed run on CPU
+  trains silently wrong: the Trainer thinks world_size=1 and does not split the data (see
+  shared/notes/deepspeed-cpu.md). On a GPU machine it stays False.
+- `Trainer` below is the HF Trainer taught to save a minillm model the way it saves its own:
+  config.json + model.safetensors (or a peft-format adapter), so every checkpoint-N and the final
+  output load in transformers/peft as well as in minillm.
+- `teardown()` ends the process group explicitly: gloo's threads torn down at interpreter exit
+  occasionally crash a finished run ("terminate called without an active exception").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import transformers
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
+from transformers.trainer_utils import get_last_checkpoint
+
+from minillm import corpus
+from minillm.config import PRESETS, ModelConfig
+from minillm.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
+from minillm.model import CausalLM
+
+logger = logging.getLogger("minillm.train")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --report_to value -> the module it needs (transformers' integrations import these lazily).
+_REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "swanlab": ("swanlab",), "wandb": ("wandb",),
+              "mlflow": ("mlflow",), "trackio": ("trackio",), "comet_ml": ("comet_ml",)}
+
+
+# ---- arguments -------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelArguments:
+    impl: Literal["minillm", "hf"] = field(
+        default="minillm", metadata={"help": "minillm: the hand-written CausalLM; hf: transformers' model"})
+    config_name: str | None = field(
+        default=None, metadata={"help": f"config.json (or its directory) or a minillm preset {sorted(PRESETS)}; "
+                                        "default 'tiny'. Ignored with --model_name_or_path"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "HF-format checkpoint directory to continue from (none: random init)"})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "tokenizer directory (tokenizer.json); default: the bundled tokenizer, "
+                                        "or the model's own when --model_name_or_path has one"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "dtype of the weights; mixed precision is --bf16/--fp16 instead"})
+
+
+@dataclass
+class DataTrainingArguments:
+    train_files: list[str] | None = field(default=None, metadata={"help": "jsonl file(s); default: bundled sample"})
+    validation_files: list[str] | None = field(default=None, metadata={"help": "jsonl file(s) for evaluation"})
+    block_size: int | None = field(
+        default=None, metadata={"help": "pretrain: tokens per training sequence (default min(512, model max))"})
+    max_len: int = field(default=512, metadata={"help": "SFT: conversations are truncated to this many tokens"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "keep only the first N training samples"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
+    streaming: bool = field(
+        default=False, metadata={"help": "read and chunk the data lazily (needs --max_steps); no cache"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "preprocessed-data cache (default $MINILLM_CACHE or ~/.cache/minillm)"})
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch"})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "module names (e.g. q_proj v_proj) or all-linear; default q_proj v_proj"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    # transformers 5 dropped this flag; the course's resume logic (and run_clm's) uses it.
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "train into a non-empty output_dir that holds no checkpoint"})
+
+
+def fail(msg: str) -> None:
+    """Stop with a one-line error (no traceback): for bad arguments and missing files."""
+    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+def parse_args(dataclasses: tuple, default_output_dir: str, argv: list[str] | None = None) -> tuple:
+    parser = HfArgumentParser(dataclasses)
+    # Defaults that make `python train/pretrain.py` with no arguments do something sensible on any machine.
+    parser.set_defaults(output_dir=default_output_dir, use_cpu=not torch.cuda.is_available(),
+                        logging_steps=1, save_strategy="no", report_to="none")
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):  # the course's `pretrain.py args.json` form
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
+               default_train: str) -> None:
+    """Fill the bundled defaults and refuse missing files / missing packages before any work is done."""
+    if not data_args.train_files:
+        data_args.train_files = [default_train]
+    for flag in ("train_files", "validation_files"):
+        for f in getattr(data_args, flag) or []:
+            if not os.path.isfile(f):
+                fail(f"--{flag}: no such file: {f}")
+    for flag in ("model_name_or_path", "tokenizer_name"):
+        path = getattr(model_args, flag)
+        if path and not os.path.isdir(path):
+            fail(f"--{flag}: no such directory: {path} (minillm never downloads from the Hub)")
+    name = model_args.config_name
+    if name and name not in PRESETS and not os.path.exists(name):
+        fail(f"--config_name: {name!r} is neither a config.json path nor a preset {sorted(PRESETS)}")
+    if data_args.streaming and training_args.max_steps <= 0:
+        fail("--streaming needs --max_steps (a stream has no length to derive the number of steps from)")
+    for r in training_args.report_to or []:
+        if r in _REPORTERS and not any(importlib.util.find_spec(m) for m in _REPORTERS[r]):
+            fail(f"--report_to {r}: the {_REPORTERS[r][0]} package is not installed "
+                 f"(pip install {_REPORTERS[r][0]}, or use --report_to none)")
+
+
+# ---- setup: logging, resume ------------------------------------------------------------------------------
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """The course's logging setup: one format for our logger, transformers' and datasets'."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.warning(f"Process rank: {training_args.process_index}/{training_args.world_size}, device: "
+                   f"{training_args.device}, distributed training: {training_args.parallel_mode.value}, "
+                   f"bf16: {training_args.bf16}, fp16: {training_args.fp16}")
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+
+def find_resume_checkpoint(training_args: TrainingArguments) -> str | None:
+    """The course's get_last_checkpoint logic: resume from the last checkpoint-N in output_dir.
+
+    A non-empty output_dir without checkpoints is refused (it would be overwritten) unless
+    --overwrite_output_dir. An explicit --resume_from_checkpoint wins.
+    """
+    out = training_args.output_dir
+    last = None
+    if os.path.isdir(out) and not training_args.overwrite_output_dir:
+        last = get_last_checkpoint(out)
+        if last is None and len(os.listdir(out)) > 0:
+            fail(f"output directory {out} is not empty and holds no checkpoint-N to resume from; "
+                 "use --overwrite_output_dir to train into it anyway, or another --output_dir")
+        if last is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Checkpoint found: resuming from {last}. Use --overwrite_output_dir to start afresh.")
+    return training_args.resume_from_checkpoint or last
+
+
+# ---- tokenizer, model --------------------------------------------------------------------------------------
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerFast:
+    path = model_args.tokenizer_name
+    if path is None and model_args.model_name_or_path and \
+            os.path.isfile(os.path.join(model_args.model_name_or_path, "tokenizer.json")):
+        path = model_args.model_name_or_path
+    path = path or str(corpus.TOKENIZER_DIR)
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(path)
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        fail(f"--tokenizer_name: {path} has no tokenizer.json")
+    return PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
+
+
+def model_config(model_args: ModelArguments, tokenizer) -> ModelConfig:
+    name = model_args.config_name or "tiny"
+    cfg = ModelConfig.preset(name) if name in PRESETS else ModelConfig.from_hf(name)
+    # The config carries the tokenizer's special ids, so generation knows where to stop.
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        # pad becomes the embedding's padding_idx (zero row, no gradient): never do that to EOS
+        ids["pad_token_id"] = tokenizer.pad_token_id
+    cfg = ModelConfig.from_hf({**cfg.to_hf(), **{k: v for k, v in ids.items() if v is not None}})
+    if len(tokenizer) > cfg.vocab_size:
+        fail(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}")
+    return cfg
+
+
+def hf_model_from(model: CausalLM) -> torch.nn.Module:
+    """transformers' model of the same architecture holding exactly the weights of `model`."""
+    d = model.config.to_hf()
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+    hf.load_state_dict(model.state_dict(), strict=True)  # same names: a strict copy, no renaming
+    return hf
+
+
+def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Module:
+    """A random-init (seeded) or pretrained model of either implementation, in model_args.dtype."""
+    dtype = _DTYPES[model_args.dtype]
+    path = model_args.model_name_or_path
+    if path:
+        if model_args.impl == "minillm":
+            model = CausalLM.from_pretrained(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        logger.info(f"Loaded {model_args.impl} model from {path}")
+    else:
+        torch.manual_seed(seed)
+        model = CausalLM(model_config(model_args, tokenizer))
+        if model_args.impl == "hf":
+            model = hf_model_from(model)
+        logger.info(f"New {model_args.impl} model from config {model_args.config_name or 'tiny'} (seed {seed})")
+    n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+    logger.info(f"Model size: {n_params / 2**20:.2f}M parameters")
+    return model.to(dtype)
+
+
+def add_lora(model: torch.nn.Module, model_args: ModelArguments, lora_args: LoraArguments, seed: int):
+    """Wrap `model` with LoRA: minillm.lora for minillm, peft (the course's way) for hf.
+
+    Both are seeded the same just before; minillm.lora creates its adapters in peft's order with peft's
+    random draws, so the initial A matrices are equal (B starts at zero in both).
+    """
+    targets = lora_args.lora_target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"  # peft's keyword is a plain string, not a list entry
+    torch.manual_seed(seed)
+    if model_args.impl == "minillm":
+        cfg = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+                         target_modules=targets)
+        return apply_lora(model, cfg, verbose=True)
+    import peft
+
+    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha,
+                          lora_dropout=lora_args.lora_dropout, target_modules=targets)
+    model = peft.get_peft_model(model, cfg)
+    model.print_trainable_parameters()
+    return model
+
+
+# ---- the Trainer, saving minillm models in HF format ---------------------------------------------------------
+
+class Trainer(transformers.Trainer):
+    """transformers.Trainer that saves (and, for LoRA, reloads) a minillm CausalLM in HF/peft format.
+
+    For a model that is not a PreTrainedModel the stock Trainer writes only model.safetensors (and fails
+    on tied weights); here checkpoints and the final model get config.json + model.safetensors, or a
+    peft-format adapter for LoRA, like transformers' own models.
+    """
+
+    def __init__(self, *args: Any, base_model_path: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.base_model_path = base_model_path  # recorded in a saved adapter's config
+        if isinstance(self.model, CausalLM) and getattr(self.model, "loss_type", None) != "ForCausalLM":
+            # The Trainer counts num_items_in_batch over labels[..., 1:] (the shifted targets) only for
+            # models that declare loss_type "ForCausalLM"; otherwise it counts one token per row too many
+            # and the loss is off by (T-1)/T. minillm's loss is ForCausalLMLoss, so count as for HF models.
+            self._loss_shifts_labels = True
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, CausalLM):
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info(f"Saving minillm model to {output_dir}")
+        if state_dict is None or not zero3(self):
+            # ZeRO-0/1/2 and plain runs: every rank holds the full weights in the module itself
+            state_dict = model.state_dict()
+        if lora_layers(model):  # ZeRO-3 + minillm LoRA is refused up front (check_zero3_lora)
+            save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path)
+        else:
+            config = model.config.to_hf()
+            tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+            if model.config.tie_word_embeddings:
+                tensors.pop("lm_head.weight", None)  # stored once, as transformers does
+            config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+            Path(output_dir, "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        # The stock version calls `num_parameters(exclude_embeddings=True)`, a PreTrainedModel method.
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, CausalLM):
+            return super().floating_point_ops(inputs)
+        n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+        return 6 * inputs["input_ids"].numel() * n
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.accelerator.unwrap_model(model or self.model)
+        if isinstance(target, CausalLM) and lora_layers(target):  # stock Trainer only knows peft adapters
+            load_adapter(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def zero3(trainer: transformers.Trainer) -> bool:
+    return bool(trainer.is_deepspeed_enabled and
+                trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def check_zero3_lora(training_args: TrainingArguments, model_args: ModelArguments, use_lora: bool) -> None:
+    cfg = training_args.deepspeed
+    if not (use_lora and model_args.impl == "minillm" and cfg):
+        return
+    stage = (json.load(open(cfg)) if isinstance(cfg, str) else cfg).get("zero_optimization", {}).get("stage")
+    if stage == 3:
+        fail("--use_lora with --impl minillm under ZeRO-3 is not supported: use ds_configs/zero2.json "
+             "(a LoRA run keeps the frozen base whole on every rank anyway) or --impl hf")
+
+
+def save_final(trainer: Trainer, tokenizer, output_dir: str) -> None:
+    """The final model in HF format (or the adapter in peft format) with the tokenizer files alongside."""
+    trainer.save_model(output_dir)
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(output_dir)
+        logger.info(f"Saved the final model and tokenizer to {output_dir}")
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory: CUDA allocations on a GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- preprocessed-data cache ----------------------------------------------------------------------------------
+
+def cache_path(data_args: DataTrainingArguments, kind: str, files: list[str], tokenizer, **params: Any) -> Path:
+    """Where preprocessed data lives, keyed by the files' identity (path, size, mtime), the tokenizer and params.
+
+    A changed file, tokenizer or parameter gives a new key, so a stale cache is never read.
+    """
+    root = Path(data_args.cache_dir or os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm")
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps(params, sort_keys=True).encode())
+    return root / f"{kind}-{h.hexdigest()[:16]}.pt"
+
+
+def cached(path: Path, build, training_args: TrainingArguments, desc: str):
+    """Load `path` or build it (main process first; the others then read the file it wrote)."""
+    with training_args.main_process_first(desc=desc):
+        if path.exists():
+            logger.info(f"{desc}: using cache {path}")
+            return torch.load(path)
+        data = build()
+        if training_args.process_index == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(data, tmp)
+            os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+            logger.info(f"{desc}: cached to {path}")
+        return data
