@@ -115,11 +115,19 @@ def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[lis
     return out["input_ids"], out["offset_mapping"]
 
 
-def _special_id(tokenizer: Any, token: str, encoded: list[int]) -> int:
-    if len(encoded) != 1:
-        raise ValueError(f"the tokenizer has no special token {token!r} (it encodes to {len(encoded)} ids {encoded}): "
-                         + _ADD_TOKENS_HINT)
-    return encoded[0]
+def _vocab_id(tokenizer: Any, token: str) -> int | None:
+    if hasattr(tokenizer, "token_to_id"):  # a raw tokenizers.Tokenizer
+        return tokenizer.token_to_id(token)
+    i = tokenizer.convert_tokens_to_ids(token)
+    return None if i is None or i == getattr(tokenizer, "unk_token_id", None) else i
+
+
+def _special_ids(tokenizer: Any, encoded: dict[str, list[int]]) -> tuple[int, int]:
+    """The ids of <|im_start|>, <|im_end|>: each must be one vocabulary entry that encodes as itself."""
+    missing = [f"{t!r} (encodes to {ids})" for t, ids in encoded.items() if ids != [_vocab_id(tokenizer, t)]]
+    if missing:
+        raise ValueError(f"the tokenizer has no special token {', '.join(missing)}: " + _ADD_TOKENS_HINT)
+    return encoded[IM_START][0], encoded[IM_END][0]
 
 
 def mask_batch(
@@ -165,8 +173,7 @@ def mask_batch(
     # with lstrip/rstrip) then give the same ids as the chat template. The separator "\n" and the
     # two ChatML tokens ride along in the same call.
     ids, offsets = _encode(tokenizer, [*texts, f"{IM_END}\n{IM_START}", IM_START, IM_END])
-    im_start = _special_id(tokenizer, IM_START, ids[-2])
-    im_end = _special_id(tokenizer, IM_END, ids[-1])
+    im_start, im_end = _special_ids(tokenizer, {IM_START: list(ids[-2]), IM_END: list(ids[-1])})
     for k, text in enumerate([*texts, f"{IM_END}\n{IM_START}"]):
         if len(ids[k]) < 2 or ids[k][0] not in (im_start, im_end) or ids[k][-1] not in (im_start, im_end):
             raise ValueError(f"the tokenizer does not keep ChatML tokens intact around {text!r} (got ids {ids[k]}); "
