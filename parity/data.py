@@ -308,18 +308,33 @@ def _best(fn, repeat: int = 3) -> float:
 
 
 def bench(block_size: int = 512, map_batch: int = 1000, max_len: int = 512, repeat: int = 3) -> dict[str, float]:
-    """Tokens/s of the chunkers and conversations/s of the maskers, best of `repeat`, single process."""
+    """Throughput on the bundled samples, best of `repeat`, one process: chunkers in tokens/s (the
+    function alone on Python lists, and end to end through `datasets.map`, where the Arrow <-> Python
+    conversions dominate), maskers in conversations/s (the course's loop vs `mask_batch`)."""
+    import datasets
+
+    datasets.disable_progress_bars()
     tok = tokenizer("bundled")
     docs = tok(list(iter_pretrain_texts(SAMPLE_PRETRAIN)))
     columns = {"input_ids": docs["input_ids"], "attention_mask": docs["attention_mask"]}
     n_tokens = sum(map(len, columns["input_ids"]))
     batches = [{k: v[i : i + map_batch] for k, v in columns.items()} for i in range(0, len(columns["input_ids"]), map_batch)]
     out: dict[str, float] = {"tokens": n_tokens}
-    out["chunk_run_clm_tok_s"] = n_tokens / _best(lambda: [run_clm_group_texts(b, block_size) for b in batches], repeat)
-    out["chunk_course_tok_s"] = n_tokens / _best(lambda: [course_group_texts(b, block_size) for b in batches], repeat)
-    out["chunk_minillm_tok_s"] = n_tokens / _best(lambda: [group_texts(b, block_size, tok.eos_token_id) for b in batches], repeat)
-    out["chunk_minillm_streaming_tok_s"] = n_tokens / _best(
-        lambda: list(Chunker(block_size, tok.eos_token_id).blocks(batches)), repeat)
+    tok_s = lambda fn: n_tokens / _best(fn, repeat)
+    out["chunk_fn_run_clm_tok_s"] = tok_s(lambda: [run_clm_group_texts(b, block_size) for b in batches])
+    out["chunk_fn_course_tok_s"] = tok_s(lambda: [course_group_texts(b, block_size) for b in batches])
+    out["chunk_fn_minillm_tok_s"] = tok_s(lambda: [group_texts(b, block_size, tok.eos_token_id) for b in batches])
+    out["chunk_fn_minillm_streaming_tok_s"] = tok_s(lambda: list(Chunker(block_size, tok.eos_token_id).blocks(batches)))
+
+    ds = datasets.Dataset.from_dict(columns)
+    kw = dict(batched=True, batch_size=map_batch, load_from_cache_file=False)
+    out["chunk_map_run_clm_tok_s"] = tok_s(lambda: ds.map(run_clm_group_texts, fn_kwargs={"block_size": block_size}, **kw))
+    out["chunk_map_minillm_tok_s"] = tok_s(lambda: ds.map(
+        group_texts, fn_kwargs={"block_size": block_size, "eos_token_id": tok.eos_token_id}, **kw))
+    out["chunk_map_minillm_arrow_tok_s"] = tok_s(lambda: ds.with_format("arrow").map(
+        group_texts, fn_kwargs={"block_size": block_size, "eos_token_id": tok.eos_token_id}, **kw))
+    out["chunk_map_minillm_arrow_streaming_tok_s"] = tok_s(lambda: ds.with_format("arrow").map(
+        Chunker(block_size, tok.eos_token_id, total_rows=len(ds)), with_indices=True, **kw))
 
     convs = list(iter_sft_conversations(SAMPLE_SFT))
     out["conversations"] = len(convs)
@@ -334,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bench", action="store_true", help="(the only mode) print throughput as JSON")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
-    print(json.dumps(bench(repeat=args.repeat), indent=2))
+    print(json.dumps({k: round(v) for k, v in bench(repeat=args.repeat).items()}, indent=2))
 
 
 if __name__ == "__main__":
