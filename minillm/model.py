@@ -215,7 +215,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         if eager:
-            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+            # contiguous k/v as transformers' cache hands them over: matmul rounding depends on memory layout
+            k, v = repeat_kv(k.contiguous(), self.n_rep), repeat_kv(v.contiguous(), self.n_rep)
             att = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # (B, H, T, S)
             if mask is not None:
                 att = att + mask
@@ -359,8 +360,11 @@ class CausalLM(nn.Module):
     def supports_gradient_checkpointing(self) -> bool:
         return True
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count (the Trainer calls this with exclude_embeddings=True for its FLOP estimate)."""
+        skip = {id(self.model.embed_tokens.weight), id(self.lm_head.weight)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
 
     # -- checkpoints and generation live in their own files; these are the entry points ------------
     @classmethod
