@@ -1,0 +1,225 @@
+"""The model against transformers (a bounded number of drawn configs), checkpoints, errors, generation."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from minillm import CausalLM, ModelConfig
+from parity import model as pm
+from parity.checkpoint import compare
+
+BUDGET = 0.2  # x the standard `python -m parity` draws: ~8 sdpa configs, 3 eager, 3 generations
+
+
+@pytest.fixture(scope="module")
+def parity_rows():
+    return list(pm.rows(BUDGET))
+
+
+@pytest.mark.parametrize("check", [
+    "logits fp32 (sdpa)", "loss fp32 (sdpa)", "grads of every parameter (sdpa)", "logits fp32 (eager)",
+    "loss fp32 (eager)", "grads of every parameter (eager)", "greedy generate, 32 tokens (mismatches)",
+    "save -> transformers load (logits)", "transformers save (sharded) -> load", "logits bf16 (tiny configs, CPU)"])
+def test_parity_row(parity_rows, check):
+    row = next(r for r in parity_rows if r.check == check)
+    assert row.configs >= 1
+    assert row.passed, row.note
+
+
+def test_parity_detects_a_wrong_model():
+    """The check is not vacuous: one perturbed weight is caught."""
+    case = {"cfg": ModelConfig.preset("tiny", vocab_size=64), "B": 2, "T": 6, "padding": "left", "seed": 1}
+    ours = pm.random_model(case["cfg"], 1)
+    ref = pm.hf_copy(ours)
+    with torch.no_grad():
+        ref.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    ids, mask, pos, _ = pm.batch(case)
+    d = (ours(ids, attention_mask=mask, position_ids=pos).logits - ref(ids, attention_mask=mask, position_ids=pos).logits)
+    assert d[mask.bool()].abs().max() > 1e-6
+
+
+# ---- config ------------------------------------------------------------------------------------
+def test_from_hf_legacy_and_v5_rope_agree():
+    base = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": 64}
+    legacy = ModelConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    v5 = ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0}})
+    assert legacy == v5 and legacy.rope_theta == 5e5 and legacy.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.mark.parametrize("model_type,cls", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+                                            ("qwen3", "Qwen3ForCausalLM")])
+def test_to_hf_loads_as_the_right_architecture(model_type, cls):
+    cfg = ModelConfig.preset("tiny", model_type=model_type, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg.to_hf()))
+    assert type(hf).__name__ == cls
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_family_switches():
+    q2 = ModelConfig.preset("tiny", model_type="qwen2")
+    q3 = ModelConfig.preset("tiny", model_type="qwen3")
+    assert (q2.qkv_bias, q2.o_bias, q2.qk_norm) == (True, False, False)
+    assert (q3.qkv_bias, q3.qk_norm) == (False, True)
+    m = CausalLM(q3)
+    assert "model.layers.0.self_attn.q_norm.weight" in m.state_dict()
+    assert sum(p.numel() for p in m.parameters()) == q3.num_params()
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope type 'longrope' is not supported"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"num_key_value_heads": 3}, "multiple of"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_config_errors_are_clear(tmp_path, bad, match):
+    d = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 1, "num_attention_heads": 4, **bad}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=match) as e:
+        ModelConfig.from_hf(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+def test_missing_required_key_and_unknown_preset():
+    with pytest.raises(ValueError, match="'hidden_size' is missing"):
+        ModelConfig.from_hf({"model_type": "llama", "vocab_size": 10, "num_hidden_layers": 1,
+                             "num_attention_heads": 1, "intermediate_size": 4})
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        ModelConfig.preset("huge")
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_round_trip(tmp_path, tied):
+    cfg = ModelConfig.preset("tiny", vocab_size=64, tie_word_embeddings=tied)
+    m = pm.random_model(cfg, 0)
+    m.save_pretrained(tmp_path)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) == (not tied)  # tied: stored once, as transformers does
+    back = CausalLM.from_pretrained(tmp_path)
+    for (k, a), (k2, b) in zip(m.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert (back.lm_head.weight is back.model.embed_tokens.weight) == tied
+
+
+def test_strict_load_lists_every_problem(tmp_path):
+    m = CausalLM(ModelConfig.preset("tiny", vocab_size=64))
+    m.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state.pop("model.norm.weight")
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        CausalLM.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "3 problems" in msg
+    assert "missing: model.norm.weight" in msg
+    assert "unexpected: model.extra.weight" in msg
+    assert "shape mismatch: model.layers.0.mlp.up_proj.weight" in msg
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    CausalLM(ModelConfig.preset("tiny", vocab_size=64)).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="never loaded"):
+        CausalLM.from_pretrained(tmp_path)
+
+
+def test_parity_checkpoint_cli_on_a_saved_model(tmp_path):
+    cfg = ModelConfig.preset("tiny", model_type="qwen2", vocab_size=96, tie_word_embeddings=True, pad_token_id=0)
+    pm.random_model(cfg, 3).save_pretrained(tmp_path)
+    rows = compare(str(tmp_path), new_tokens=8, seq_len=10)
+    assert all(r.passed for r in rows), [(r.check, r.max_delta) for r in rows]
+
+
+# ---- forward details -----------------------------------------------------------------------------
+def test_num_items_in_batch_matches_transformers():
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    m = pm.random_model(cfg, 0)
+    hf = pm.hf_copy(m)
+    ids = torch.randint(0, 64, (2, 8))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    a = m(ids, labels=labels, num_items_in_batch=torch.tensor(37)).loss
+    b = hf(ids, labels=labels, num_items_in_batch=torch.tensor(37)).loss
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, m(ids, labels=labels).loss)  # sum/37 differs from the mean
+
+
+def test_gradient_checkpointing_same_loss_and_grads():
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    ids = torch.randint(0, 64, (2, 10))
+    grads = []
+    for ckpt in (False, True):
+        m = pm.random_model(cfg, 0).train()
+        if ckpt:
+            m.gradient_checkpointing_enable()
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_init_follows_config():
+    cfg = ModelConfig.preset("small", initializer_range=0.05, pad_token_id=3, attention_bias=True)
+    m = CausalLM(cfg)
+    w = m.model.layers[0].mlp.up_proj.weight
+    assert abs(w.std().item() - 0.05) < 0.005
+    assert torch.all(m.model.layers[0].input_layernorm.weight == 1)
+    assert torch.all(m.model.layers[0].self_attn.q_proj.bias == 0)
+    assert torch.all(m.model.embed_tokens.weight[3] == 0)
+
+
+def test_output_is_a_dict_for_the_trainer():
+    m = CausalLM(ModelConfig.preset("tiny", vocab_size=64))
+    out = m(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
+    assert out["loss"] is out.loss and out["logits"] is out.logits
+
+
+# ---- generation ----------------------------------------------------------------------------------
+def _gen_model():
+    return pm.random_model(ModelConfig.preset("tiny", vocab_size=64, pad_token_id=0), 5).eval()
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows():
+    m = _gen_model()
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    free = m.generate(ids, max_new_tokens=12, eos_token_id=[])
+    assert free.shape == (2, 17) and torch.equal(free[:, :5], ids)
+    eos = int(free[0, 8])  # row 0's 4th new token
+    out = m.generate(ids, max_new_tokens=12, eos_token_id=eos)
+    assert out[0, 8] == eos and torch.all(out[0, 9:] == 0)  # finished row padded with pad_token_id
+    assert torch.equal(out[1, :9], free[1, :9])
+    single = m.generate(ids[:1], max_new_tokens=12, eos_token_id=eos)
+    assert single.shape == (1, 9)  # every row finished: generation stops
+
+
+def test_left_padding_does_not_change_generation():
+    m = _gen_model()
+    ids = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    alone = m.generate(ids, max_new_tokens=10, eos_token_id=[])
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+    other = torch.randint(1, 64, (1, 9))
+    out = m.generate(torch.cat([padded, other]), attention_mask=torch.cat([mask, torch.ones(1, 9, dtype=torch.long)]),
+                     max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(out[0, 3:], alone[0])
+
+
+def test_sampling_with_top_k_1_or_tiny_top_p_is_greedy():
+    m = _gen_model()
+    ids = torch.randint(1, 64, (2, 4))
+    greedy = m.generate(ids, max_new_tokens=8, eos_token_id=[])
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(m.generate(ids, max_new_tokens=8, eos_token_id=[], do_sample=True, top_k=1, generator=g), greedy)
+    assert torch.equal(m.generate(ids, max_new_tokens=8, eos_token_id=[], do_sample=True, top_p=1e-6, generator=g), greedy)
+    hot = m.generate(ids, max_new_tokens=8, eos_token_id=[], do_sample=True, temperature=5.0, generator=g)
+    assert hot.shape == greedy.shape and not torch.equal(hot, greedy)
