@@ -23,13 +23,14 @@ whitespace, e.g. GPT-2's regex on "\\n  x", that one boundary token is labelled,
 the bundled tokenizer always splits "\\n" off, so its labels decode to exactly the reply.)
 
 How this differs from the course's chapter-6 `preprocess`:
-- The course pads with `pad_token_id` and uses the pad id as its ignore label: when pad == eos the
-  loss silently skips every real `<|im_end|>`/eos too, and with a pad id != -100 transformers'
-  loss does not ignore the padding at all. Here labels use -100 and padding is the collator's job
-  (`SFTCollator`), which pads labels with -100 by position.
+- The course uses `pad_token_id` as its ignore label (`IGNORE_TOKEN_ID = tokenizer.pad_token_id`).
+  transformers' loss ignores only -100, so every "masked" position (system prompt, questions,
+  padding) is in fact trained to predict the pad token; and its `attention_mask = input_ids !=
+  pad_token_id` also hides every real eos when pad == eos. Here ignored labels are -100, and
+  padding (labels -100, attention_mask 0) is done by position in `SFTCollator`.
 - The course leaves `<|im_start|>`, `<|im_end|>` and `\\n` of the system and user turns unmasked
-  (and `<|im_start|>` of assistant turns), so the model is trained to predict the user's turn
-  markers; here no system/user token is ever labelled.
+  (and `<|im_start|>` and the final `\\n` of assistant turns), so the model is trained to predict
+  the user's turn markers; here no system/user token is ever labelled.
 - The course renders `human` as the role name (`<|im_start|>human`), which is not the ChatML text
   Qwen's template produces; here it is `user` unless `user_role="human"`.
 - The course tokenizes role, newline and content separately; here `"{role}\\n{content}"` is one
