@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minillm.config import ModelConfig
+from minillm.loss import causal_lm_loss, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -291,12 +292,16 @@ class CausalLMOutput(dict):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, attn_implementation: str = "sdpa"):
+    def __init__(self, config: ModelConfig, attn_implementation: str = "sdpa", fused_loss: bool = True):
+        """fused_loss: when training (labels given, grad enabled), compute the loss with the fused linear +
+        cross-entropy of minillm/loss.py — faster and far smaller, but `logits` is then None and rounding
+        differs by a few ulps. False gives transformers' exact path everywhere."""
         super().__init__()
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
         self.config = config
         self.attn_implementation = attn_implementation
+        self.fused_loss = fused_loss
         self.gradient_checkpointing = False
         self.model = Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -345,6 +350,11 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.length += T
         h = self.model.norm(h)
+        if (labels is not None and self.fused_loss and torch.is_grad_enabled() and logits_to_keep == 0
+                and type(self.lm_head) is nn.Linear):
+            # training: the loss straight from h, the (B, T, V) logits are never materialised
+            return CausalLMOutput(loss=linear_cross_entropy(h, self.lm_head.weight, labels, num_items_in_batch),
+                                  logits=None)
         logits = self.lm_head(h[:, -logits_to_keep:])  # (B, T, V); logits_to_keep=0 keeps all
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(loss=loss, logits=logits)
@@ -380,21 +390,3 @@ class CausalLM(nn.Module):
         from minillm.generate import generate
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
-                   num_items_in_batch: int | torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
-    """transformers' ForCausalLMLoss: token t predicts label t+1; the loss is computed in fp32.
-
-    Mean over non-ignored tokens, or, given `num_items_in_batch`, sum / num_items_in_batch, which makes
-    gradient accumulation over micro-batches of unequal token counts exact.
-    """
-    logits = logits.float()
-    shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()  # (B, T)
-    logits = logits.view(-1, logits.shape[-1])
-    shift_labels = shift_labels.view(-1).to(logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="mean")
-    loss = F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch

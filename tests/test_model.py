@@ -20,7 +20,8 @@ def parity_rows():
 
 @pytest.mark.parametrize("check", [
     "logits fp32 (sdpa)", "loss fp32 (sdpa)", "grads of every parameter (sdpa)", "logits fp32 (eager)",
-    "loss fp32 (eager)", "grads of every parameter (eager)", "greedy generate, 32 tokens (mismatches)",
+    "loss fp32 (eager)", "grads of every parameter (eager)", "loss fp32 (fused linear+CE, training)",
+    "grads of every parameter (fused CE)", "greedy generate, 32 tokens (mismatches)",
     "save -> transformers load (logits)", "transformers save (sharded) -> load", "logits bf16 (tiny configs, CPU)"])
 def test_parity_row(parity_rows, check):
     row = next(r for r in parity_rows if r.check == check)
@@ -158,7 +159,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
     ids = torch.randint(0, 64, (2, 10))
     grads = []
     for ckpt in (False, True):
-        m = pm.random_model(cfg, 0).train()
+        m = pm.random_model(cfg, 0, fused_loss=True).train()
         if ckpt:
             m.gradient_checkpointing_enable()
         loss = m(ids, labels=ids).loss
@@ -180,8 +181,12 @@ def test_init_follows_config():
 
 def test_output_is_a_dict_for_the_trainer():
     m = CausalLM(ModelConfig.preset("tiny", vocab_size=64))
-    out = m(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long))
-    assert out["loss"] is out.loss and out["logits"] is out.logits
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    out = m(ids, labels=ids)
+    assert out["loss"] is out.loss and out.logits is None  # training: fused loss, no logits materialised
+    with torch.no_grad():
+        out = m(ids, labels=ids)
+    assert out.logits.shape == (1, 4, 64) and torch.allclose(out.loss, m(ids, labels=ids).loss, atol=1e-6)
 
 
 # ---- generation ----------------------------------------------------------------------------------
