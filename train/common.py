@@ -23,7 +23,9 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +35,6 @@ import torch.distributed as dist
 import transformers
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
-from transformers.trainer_utils import get_last_checkpoint
 
 from minillm import corpus
 from minillm.config import PRESETS, ModelConfig
@@ -42,6 +43,7 @@ from minillm.model import CausalLM
 
 logger = logging.getLogger("minillm.train")
 
+_CHECKPOINT = re.compile(r"checkpoint-[0-9]+")  # the Trainer's checkpoint directory names
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --report_to value -> the module it needs (transformers' integrations import these lazily).
 _REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "swanlab": ("swanlab",), "wandb": ("wandb",),
@@ -132,10 +134,31 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
         fail(f"--config_name: {name!r} is neither a config.json path nor a preset {sorted(PRESETS)}")
     if data_args.streaming and training_args.max_steps <= 0:
         fail("--streaming needs --max_steps (a stream has no length to derive the number of steps from)")
+    if training_args.deepspeed:
+        check_stale_op_lock()
     for r in training_args.report_to or []:
         if r in _REPORTERS and not any(importlib.util.find_spec(m) for m in _REPORTERS[r]):
             fail(f"--report_to {r}: the {_REPORTERS[r][0]} package is not installed "
                  f"(pip install {_REPORTERS[r][0]}, or use --report_to none)")
+
+
+def check_stale_op_lock(max_age_s: float = 600) -> None:
+    """Refuse to start when a DeepSpeed op's build lock is stale: the run would hang forever.
+
+    Every process's first DeepSpeed op load (the CPU build loads deepspeed_shm_comm) takes
+    `<TORCH_EXTENSIONS_DIR>/<op>/lock` while ninja checks the compiled op (~1 s; a real compile takes
+    1-3 min). A process killed in that window leaves the file behind, and every later run waits on it
+    silently.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time()
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        age = now - lock.stat().st_mtime
+        if age > max_age_s:
+            fail(f"{lock} is {age / 60:.0f} min old: a stale build lock left by a killed process, and DeepSpeed "
+                 f"would wait on it forever. Delete it (rm {lock}) if no compile is running.")
 
 
 # ---- setup: logging, resume ------------------------------------------------------------------------------
@@ -161,18 +184,28 @@ def find_resume_checkpoint(training_args: TrainingArguments) -> str | None:
     """The course's get_last_checkpoint logic: resume from the last checkpoint-N in output_dir.
 
     A non-empty output_dir without checkpoints is refused (it would be overwritten) unless
-    --overwrite_output_dir. An explicit --resume_from_checkpoint wins.
+    --overwrite_output_dir. An explicit --resume_from_checkpoint wins. Unlike get_last_checkpoint, a
+    checkpoint without trainer_state.json (the Trainer writes it last) is skipped: a run killed while
+    saving leaves such a half-written directory, and resuming from it would crash.
     """
     out = training_args.output_dir
-    last = None
-    if os.path.isdir(out) and not training_args.overwrite_output_dir:
-        last = get_last_checkpoint(out)
-        if last is None and len(os.listdir(out)) > 0:
-            fail(f"output directory {out} is not empty and holds no checkpoint-N to resume from; "
-                 "use --overwrite_output_dir to train into it anyway, or another --output_dir")
-        if last is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Checkpoint found: resuming from {last}. Use --overwrite_output_dir to start afresh.")
-    return training_args.resume_from_checkpoint or last
+    if training_args.resume_from_checkpoint or not os.path.isdir(out) or training_args.overwrite_output_dir:
+        return training_args.resume_from_checkpoint
+    ckpts = sorted((d for d in os.listdir(out) if _CHECKPOINT.fullmatch(d) and os.path.isdir(os.path.join(out, d))),
+                   key=lambda d: int(d.split("-")[1]), reverse=True)
+    for d in ckpts:
+        try:
+            json.loads(Path(out, d, "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning(f"Skipping {os.path.join(out, d)}: incomplete (the run was killed while saving it)")
+            continue
+        logger.info(f"Checkpoint found: resuming from {os.path.join(out, d)}. "
+                    "Use --overwrite_output_dir to start afresh.")
+        return os.path.join(out, d)
+    if os.listdir(out) and not ckpts:
+        fail(f"output directory {out} is not empty and holds no checkpoint-N to resume from; "
+             "use --overwrite_output_dir to train into it anyway, or another --output_dir")
+    return None
 
 
 # ---- tokenizer, model --------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     shared = ["--deepspeed", args.deepspeed, "--seed", "42", "--logging_steps", "1", "--report_to", "none",
-              "--save_strategy", "no", "--include_num_input_tokens_seen", "all", "--disable_tqdm", "true",
+              "--save_strategy", "no", "--include_num_input_tokens_seen", "true", "--disable_tqdm", "true",
               "--per_device_train_batch_size", str(args.batch), "--dataloader_num_workers", "0"]
     pre_args = [*shared, "--config_name", args.config_name, "--block_size", str(args.block_size),
                 "--max_steps", str(args.steps), "--learning_rate", "1e-3", "--warmup_steps", "5",

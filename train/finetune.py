@@ -23,7 +23,7 @@ from transformers import set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
-    DataTrainingArguments, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
+    DataTrainingArguments, fail, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
     cache_path, cached, check_args, check_zero3_lora, find_resume_checkpoint, load_tokenizer, logger, parse_args,
     peak_memory_mb, save_final, setup_logging, teardown,
 )
@@ -36,7 +36,10 @@ BATCH_CONVERSATIONS = 1000
 
 def iter_conversations(files: list[str]):
     for path in files:
-        yield from corpus.iter_sft_conversations(path)  # a malformed line raises ValueError("file:line: ...")
+        try:
+            yield from corpus.iter_sft_conversations(path)
+        except ValueError as e:  # a malformed line: "file:line: what is wrong"
+            fail(str(e))
 
 
 def build_samples(files: list[str], tokenizer, max_len: int) -> dict[str, torch.Tensor]:

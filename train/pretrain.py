@@ -25,7 +25,7 @@ from transformers import default_data_collator, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
-    DataTrainingArguments, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, cached, check_args,
+    DataTrainingArguments, fail, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, cached, check_args,
     find_resume_checkpoint, load_tokenizer, logger, parse_args, peak_memory_mb, save_final, setup_logging, teardown,
 )
 
@@ -42,7 +42,10 @@ def _tokenize(args: tuple) -> list[list[int]]:
 
 def iter_texts(files: list[str]):
     for path in files:
-        yield from corpus.iter_pretrain_texts(path)  # a malformed line raises ValueError("file:line: ...")
+        try:
+            yield from corpus.iter_pretrain_texts(path)
+        except ValueError as e:  # a malformed line: "file:line: what is wrong"
+            fail(str(e))
 
 
 def doc_batches(files: list[str], tokenizer, workers: int | None):

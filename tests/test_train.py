@@ -1,0 +1,199 @@
+"""Training scripts end to end: 2-rank DeepSpeed ZeRO-2 on CPU, both impls, resume after SIGKILL, bad input.
+
+The multi-rank runs are real `torchrun --nproc_per_node 2` launches (torchrun starts ~5 s faster than
+the deepspeed launcher; the engine and ZeRO-2 collectives are the same). Each costs ~25 s of start-up
+(imports, gloo, DeepSpeed) for well under a second of training, so one run serves several assertions:
+the uninterrupted minillm pretrain run is both the loss-agreement run and the resume reference.
+Bad-argument checks run in-process (one import of transformers instead of one per case).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "train"
+LOSS_TOL = 1e-5  # fp32, same weights and batches; observed differences are ~1e-7 (float summation order)
+PRETRAIN = ["--config_name", "tiny", "--block_size", "32", "--per_device_train_batch_size", "2",
+            "--max_steps", "24", "--learning_rate", "3e-3", "--logging_steps", "1", "--seed", "7",
+            "--save_strategy", "steps", "--save_steps", "4", "--disable_tqdm", "true", "--report_to", "none",
+            "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+
+
+def _env(cache: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MINILLM_CACHE": str(cache),
+           "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    return env
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _cmd(script: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
+            str(TRAIN / script), *args]
+
+
+def _run(script: str, args: list[str], cache: Path, log: Path) -> None:
+    with open(log, "w") as f:
+        rc = subprocess.call(_cmd(script, args), stdout=f, stderr=subprocess.STDOUT, env=_env(cache), cwd=ROOT)
+    assert rc == 0, f"{script} failed (exit {rc}):\n" + "".join(log.read_text().splitlines(True)[-40:])
+
+
+def _losses(out: Path) -> dict[int, float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def _assert_same_curve(a: dict[int, float], b: dict[int, float]) -> float:
+    assert a.keys() == b.keys() and len(a) > 0
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= LOSS_TOL, f"loss curves differ by {worst:.3g}: {a} vs {b}"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2-rank ZeRO-2 pretrain with each impl (minillm's also writes checkpoints every 4 steps)."""
+    tmp = tmp_path_factory.mktemp("train")
+    cache = tmp / "cache"
+    for impl in ("minillm", "hf"):
+        _run("pretrain.py", ["--impl", impl, "--output_dir", str(tmp / f"pre-{impl}"), *PRETRAIN], cache,
+             tmp / f"pre-{impl}.log")
+    return tmp
+
+
+def test_pretrain_two_ranks_both_impls_agree(runs):
+    a, b = _losses(runs / "pre-minillm"), _losses(runs / "pre-hf")
+    assert len(a) == 24
+    _assert_same_curve(a, b)
+    assert a[24] < a[1] - 0.5, f"the loss did not go down: {a[1]} -> {a[24]}"
+    # 2 ranks x batch 2 = 4 blocks per step: the data was split between the ranks, not duplicated
+    state = json.loads((runs / "pre-minillm" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 2 and state["log_history"][-1]["step"] == 24
+    log = (runs / "pre-minillm.log").read_text()
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in log
+
+
+def test_outputs_load_across_impls(runs):
+    """minillm's output loads in transformers and hf's in minillm, with the same logits as their own."""
+    from transformers import AutoModelForCausalLM
+
+    from minillm.model import CausalLM
+
+    x = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    for d in ("pre-minillm", "pre-hf"):
+        out = runs / d
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+        ours = CausalLM.from_pretrained(out).eval()
+        theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            diff = (ours(x).logits - theirs(input_ids=x).logits).abs().max().item()
+        assert diff < 1e-5, f"{d}: minillm vs transformers logits differ by {diff}"
+    wa = load_file(runs / "pre-minillm" / "model.safetensors")
+    wb = load_file(runs / "pre-hf" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # 24 AdamW steps from equal weights
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(runs):
+    """Kill all ranks (SIGKILL) once a checkpoint exists, rerun the same command: same final loss and weights."""
+    out, cache = runs / "killed", runs / "cache"
+    cmd = _cmd("pretrain.py", ["--impl", "minillm", "--output_dir", str(out), *PRETRAIN])
+    with open(runs / "killed-1.log", "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(cache), cwd=ROOT,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while not (out / "checkpoint-4" / "trainer_state.json").exists():
+            assert proc.poll() is None, "the run ended before writing checkpoint-4:\n" + (runs / "killed-1.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint-4 after 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+        proc.wait()
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed: nothing tested"
+    done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert done and done[-1] < 24
+    _run("pretrain.py", ["--impl", "minillm", "--output_dir", str(out), *PRETRAIN], cache, runs / "killed-2.log")
+    assert "resuming from" in (runs / "killed-2.log").read_text()
+    ref, got = _losses(runs / "pre-minillm"), _losses(out)
+    assert abs(ref[24] - got[24]) < 1e-6, f"final loss {got[24]} after resume vs {ref[24]} uninterrupted"
+    wa, wb = load_file(runs / "pre-minillm" / "model.safetensors"), load_file(out / "model.safetensors")
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-6, f"final weights differ by {worst} after resume"
+
+
+def test_finetune_lora_two_ranks_both_impls_agree(runs):
+    base = runs / "pre-minillm"
+    args = ["--model_name_or_path", str(base), "--use_lora", "--lora_target_modules", "all-linear",
+            "--max_len", "64", "--per_device_train_batch_size", "2", "--max_steps", "6", "--learning_rate", "5e-3",
+            "--logging_steps", "1", "--seed", "7", "--disable_tqdm", "true", "--report_to", "none",
+            "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+    for impl in ("minillm", "hf"):
+        _run("finetune.py", ["--impl", impl, "--output_dir", str(runs / f"sft-{impl}"), *args], runs / "cache",
+             runs / f"sft-{impl}.log")
+    _assert_same_curve(_losses(runs / "sft-minillm"), _losses(runs / "sft-hf"))
+    for impl in ("minillm", "hf"):  # peft-format adapters, with the tokenizer alongside
+        files = set(os.listdir(runs / f"sft-{impl}"))
+        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    a = load_file(runs / "sft-minillm" / "adapter_model.safetensors")
+    b = load_file(runs / "sft-hf" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+# ---- bad input: clear errors, in-process -----------------------------------------------------------------
+
+def _main(script: str, argv: list[str], monkeypatch) -> None:
+    import importlib
+
+    monkeypatch.syspath_prepend(str(TRAIN))
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    importlib.import_module(script.removesuffix(".py")).main()
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
+def test_unknown_impl_is_refused(script, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _main(script, ["--impl", "jax"], monkeypatch)
+    err = capsys.readouterr().err
+    assert "--impl" in err and "jax" in err and "minillm" in err
+
+
+def test_missing_file_is_named(tmp_path, monkeypatch):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(SystemExit, match=re.escape(f"--train_files: no such file: {missing}")):
+        _main("pretrain.py", ["--train_files", str(missing), "--output_dir", str(tmp_path / "o")], monkeypatch)
+
+
+@pytest.mark.parametrize("script,good", [("pretrain.py", {"text": "hello world"}),
+                                         ("finetune.py", {"conversations": [{"from": "human", "value": "hi"},
+                                                                            {"from": "assistant", "value": "yo"}]})])
+def test_malformed_jsonl_line_is_named(script, good, tmp_path, monkeypatch):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=re.escape(f"{data}:3: malformed JSON")):
+        _main(script, ["--train_files", str(data), "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
+                       "--cache_dir", str(tmp_path / "cache")], monkeypatch)
+
+
+def test_non_empty_output_dir_without_checkpoint_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not empty and holds no checkpoint"):
+        _main("pretrain.py", ["--output_dir", str(tmp_path / "o")], monkeypatch)
