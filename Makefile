@@ -40,3 +40,17 @@ test: $(STAMP)
 
 parity: $(STAMP)
 	$(PY) -m parity
+
+# The course end to end on the bundled data (pretrain both impls under ZeRO-2 on 2 ranks, LoRA SFT, chat).
+.PHONY: demo compare
+demo: $(STAMP)
+	$(PY) train/demo.py --out out/demo
+
+# --impl minillm vs --impl hf under ZeRO-2 on 2 ranks: per-step loss table, max |Δ|, plot in out/compare.
+compare: $(STAMP)
+	$(PY) train/compare.py --out out/compare
+
+# Side-by-side benchmarks (minillm vs transformers/peft/datasets/the course): table + bench.json.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m parity.bench
