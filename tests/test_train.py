@@ -9,6 +9,7 @@ Bad-argument checks run in-process (one import of transformers instead of one pe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -117,15 +119,23 @@ def test_resume_after_sigkill_matches_uninterrupted_run(runs):
     out, cache = runs / "killed", runs / "cache"
     cmd = _cmd("pretrain.py", ["--impl", "minillm", "--output_dir", str(out), *PRETRAIN])
     with open(runs / "killed-1.log", "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(cache), cwd=ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(cache), cwd=ROOT)
         deadline = time.time() + 240
         while not (out / "checkpoint-4" / "trainer_state.json").exists():
             assert proc.poll() is None, "the run ended before writing checkpoint-4:\n" + (runs / "killed-1.log").read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint-4 after 240 s"
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+        # torchrun starts each rank in its own session: kill the launcher and every rank, by pid
+        victims = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
+        for pid in victims[1:]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).wait(timeout=30)
     assert not (out / "model.safetensors").exists(), "the run finished before it was killed: nothing tested"
     done = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert done and done[-1] < 24
@@ -197,3 +207,16 @@ def test_non_empty_output_dir_without_checkpoint_is_refused(tmp_path, monkeypatc
     (tmp_path / "o" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="not empty and holds no checkpoint"):
         _main("pretrain.py", ["--output_dir", str(tmp_path / "o")], monkeypatch)
+
+
+@pytest.mark.parametrize("impl", ["minillm", "hf"])
+def test_gradient_checkpointing_gives_the_same_losses(impl, tmp_path, monkeypatch):
+    """--gradient_checkpointing (the Trainer calls the model's enable method) changes memory, not the numbers."""
+    curves = []
+    for gc in ([], ["--gradient_checkpointing"]):
+        out = tmp_path / f"gc{len(gc)}"
+        _main("pretrain.py", ["--impl", impl, "--output_dir", str(out), "--max_steps", "3", "--block_size", "32",
+                              "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--seed", "3",
+                              "--disable_tqdm", "true", "--cache_dir", str(tmp_path / "cache"), *gc], monkeypatch)
+        curves.append(_losses(out))
+    _assert_same_curve(*curves)

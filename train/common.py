@@ -332,14 +332,6 @@ class Trainer(transformers.Trainer):
             save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    def floating_point_ops(self, inputs: dict) -> int:
-        # The stock version calls `num_parameters(exclude_embeddings=True)`, a PreTrainedModel method.
-        model = self.accelerator.unwrap_model(self.model)
-        if not isinstance(model, CausalLM):
-            return super().floating_point_ops(inputs)
-        n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-        return 6 * inputs["input_ids"].numel() * n
-
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
         if isinstance(target, CausalLM) and lora_layers(target):  # stock Trainer only knows peft adapters

@@ -8,7 +8,7 @@ SFT on top of the minillm pretrain output (the same base directory for both impl
 Writes to --out: compare.md (the table), compare.json (every number), compare.png (curves and |Δ|),
 and each run's output directory and log. Exits 1 if a curve pair differs by more than TARGET.
 
-    python train/compare.py --out output/compare [--steps 60] [--nproc 2] [--launcher torchrun|deepspeed]
+    python train/compare.py --out out/compare [--steps 60] [--nproc 2] [--launcher torchrun|deepspeed]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def plot(stages: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="output/compare")
+    ap.add_argument("--out", default="out/compare")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run (>= 50 for the target)")
     ap.add_argument("--sft_steps", type=int, default=50)
     ap.add_argument("--nproc", type=int, default=2, help="ranks (CPU processes or GPUs)")

@@ -1,8 +1,8 @@
 """Supervised fine-tuning (full or LoRA), as the course's chapter-6 finetune.py, with --impl minillm|hf.
 
-    deepspeed --num_gpus 2 train/finetune.py --impl minillm --model_name_or_path output/pretrain \
+    deepspeed --num_gpus 2 train/finetune.py --impl minillm --model_name_or_path out/pretrain \
         --train_files minillm/data/sft.jsonl --max_len 256 --use_lora --lora_r 8 \
-        --deepspeed ds_configs/zero2.json --output_dir output/sft
+        --deepspeed ds_configs/zero2.json --output_dir out/sft
     python train/finetune.py      # no arguments: bundled SFT data on a random tiny model
 
 Data: BelleGroup-style conversations rendered in ChatML, only the assistant replies (and their
@@ -94,7 +94,7 @@ def dataset(files, tokenizer, data_args, training_args, limit=None, desc="train"
 
 def main() -> None:
     model_args, data_args, lora_args, training_args = parse_args(
-        (ModelArguments, DataTrainingArguments, LoraArguments, TrainingArguments), default_output_dir="output/sft")
+        (ModelArguments, DataTrainingArguments, LoraArguments, TrainingArguments), default_output_dir="out/sft")
     check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_SFT))
     check_zero3_lora(training_args, model_args, lora_args.use_lora)
     setup_logging(training_args)

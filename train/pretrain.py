@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus 2 train/pretrain.py --impl minillm --config_name tiny \
         --train_files minillm/data/pretrain.jsonl --block_size 128 --per_device_train_batch_size 8 \
-        --deepspeed ds_configs/zero2.json --output_dir output/pretrain
+        --deepspeed ds_configs/zero2.json --output_dir out/pretrain
     torchrun --nproc_per_node 2 train/pretrain.py ...      # same run, torch's launcher
     python train/pretrain.py                                 # no arguments: bundled data, tiny model
 
@@ -119,7 +119,7 @@ def dataset(files, tokenizer, block_size, data_args, training_args, limit=None, 
 
 def main() -> None:
     model_args, data_args, training_args = parse_args(
-        (ModelArguments, DataTrainingArguments, TrainingArguments), default_output_dir="output/pretrain")
+        (ModelArguments, DataTrainingArguments, TrainingArguments), default_output_dir="out/pretrain")
     check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_PRETRAIN))
     setup_logging(training_args)
     checkpoint = find_resume_checkpoint(training_args)
