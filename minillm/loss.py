@@ -51,14 +51,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, tc = h[s:s + chunk_rows], target[s:s + chunk_rows]
             valid = tc != IGNORE_INDEX
             tc = tc.clamp(min=0)[:, None]
-            logits = (hc @ weight.t()).float()  # (n, V): the only logits buffer, reused for the gradient
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += ((lse - logits.gather(1, tc).squeeze(1)) * valid).sum()
+            z = (hc @ weight.t()).float()  # (n, V): the only logits buffer; it becomes the gradient in place
+            zmax = z.amax(dim=-1, keepdim=True)  # (n, 1)
+            z_target = z.gather(1, tc) - zmax  # (n, 1), before z is overwritten
+            z.sub_(zmax).exp_()  # one exp pass serves the loss and the gradient
+            sumexp = z.sum(dim=-1, keepdim=True)  # (n, 1)
+            total += ((sumexp.log() - z_target).squeeze(1) * valid).sum()  # logsumexp - z[target]
             if want_dh or want_dw:
-                # d(sum of row losses)/d logits = softmax - onehot(target), zero on ignored rows; in place
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad.scatter_add_(1, tc, -torch.ones_like(tc, dtype=grad.dtype))
-                grad.mul_(valid[:, None])
+                # d(sum of row losses)/d logits = softmax - onehot(target), zero on ignored rows
+                grad = z.mul_(valid[:, None] / sumexp)
+                grad.scatter_add_(1, tc, -valid[:, None].to(grad.dtype))
                 grad = grad.to(h.dtype)
                 if want_dh:
                     torch.mm(grad, weight, out=dh[s:s + chunk_rows])
