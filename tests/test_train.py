@@ -10,6 +10,7 @@ Bad-argument checks run in-process (one import of transformers instead of one pe
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -217,6 +218,24 @@ def test_gradient_checkpointing_gives_the_same_losses(impl, tmp_path, monkeypatc
         out = tmp_path / f"gc{len(gc)}"
         _main("pretrain.py", ["--impl", impl, "--output_dir", str(out), "--max_steps", "3", "--block_size", "32",
                               "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--seed", "3",
-                              "--disable_tqdm", "true", "--cache_dir", str(tmp_path / "cache"), *gc], monkeypatch)
+                              "--disable_tqdm", "true", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache"),
+                              *gc], monkeypatch)
         curves.append(_losses(out))
     _assert_same_curve(*curves)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("swanlab") is not None, reason="swanlab is installed here")
+def test_report_to_missing_package_is_named(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="--report_to swanlab: the swanlab package is not installed"):
+        _main("pretrain.py", ["--report_to", "swanlab", "--output_dir", str(tmp_path / "o")], monkeypatch)
+
+
+def test_streaming_pretrain_runs(tmp_path, monkeypatch):
+    """--streaming reads and chunks lazily (no cache) and needs --max_steps."""
+    with pytest.raises(SystemExit, match="--streaming needs --max_steps"):
+        _main("pretrain.py", ["--streaming", "--output_dir", str(tmp_path / "a")], monkeypatch)
+    _main("pretrain.py", ["--streaming", "--max_steps", "2", "--block_size", "32", "--per_device_train_batch_size", "2",
+                          "--output_dir", str(tmp_path / "b"), "--cache_dir", str(tmp_path / "cache"),
+                          "--disable_tqdm", "true", "--logging_steps", "1"], monkeypatch)
+    assert len(_losses(tmp_path / "b")) == 2 and (tmp_path / "b" / "model.safetensors").exists()
+    assert not (tmp_path / "cache").exists()

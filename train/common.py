@@ -12,6 +12,11 @@ logging). What is unusual here, and why:
 - `Trainer` below is the HF Trainer taught to save a minillm model the way it saves its own:
   config.json + model.safetensors (or a peft-format adapter), so every checkpoint-N and the final
   output load in transformers/peft as well as in minillm.
+- It also makes the Trainer count `num_items_in_batch` over the shifted labels for a minillm model,
+  as it does for transformers' causal LMs (it decides by `model.loss_type`); otherwise minillm's
+  loss would be scaled by (T-1)/T and the curves would not compare.
+- A stale DeepSpeed op build lock (left by a process killed while loading the op) makes every later
+  run hang silently; `check_args` refuses to start and names the file instead.
 - `teardown()` ends the process group explicitly: gloo's threads torn down at interpreter exit
   occasionally crash a finished run ("terminate called without an active exception").
 """
@@ -108,8 +113,7 @@ def fail(msg: str) -> None:
 def parse_args(dataclasses: tuple, default_output_dir: str, argv: list[str] | None = None) -> tuple:
     parser = HfArgumentParser(dataclasses)
     # Defaults that make `python train/pretrain.py` with no arguments do something sensible on any machine.
-    parser.set_defaults(output_dir=default_output_dir, use_cpu=not torch.cuda.is_available(),
-                        logging_steps=1, save_strategy="no", report_to="none")
+    parser.set_defaults(output_dir=default_output_dir, use_cpu=not torch.cuda.is_available(), logging_steps=10)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):  # the course's `pretrain.py args.json` form
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--pretrain_steps", type=int, default=200)
-    ap.add_argument("--sft_steps", type=int, default=150)
+    ap.add_argument("--sft_steps", type=int, default=300)
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
