@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from safetensors.torch import save_file
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
 
 from minillm import corpus
@@ -244,7 +245,10 @@ def model_config(model_args: ModelArguments, tokenizer) -> ModelConfig:
 def hf_model_from(model: CausalLM) -> torch.nn.Module:
     """transformers' model of the same architecture holding exactly the weights of `model`."""
     d = model.config.to_hf()
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    # The class itself, not from_config: under a ZeRO-3 config from_config builds inside deepspeed.zero.Init,
+    # which partitions the weights before we can copy ours in (the engine partitions them later anyway).
+    hf = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     hf.load_state_dict(model.state_dict(), strict=True)  # same names: a strict copy, no renaming
     return hf
 
