@@ -292,6 +292,10 @@ class CausalLMOutput(dict):
 
 
 class CausalLM(nn.Module):
+    # The HF Trainer reads this to count `num_items_in_batch` over the *shifted* labels, as for its own causal
+    # LMs; without it the count includes each row's first label and the loss comes out (T-1)/T too small.
+    loss_type = "ForCausalLM"
+
     def __init__(self, config: ModelConfig, attn_implementation: str = "sdpa", fused_loss: bool = True):
         """fused_loss: when training (labels given, grad enabled), compute the loss with the fused linear +
         cross-entropy of minillm/loss.py — faster and far smaller, but `logits` is then None and rounding
@@ -303,6 +307,7 @@ class CausalLM(nn.Module):
         self.attn_implementation = attn_implementation
         self.fused_loss = fused_loss
         self.gradient_checkpointing = False
+        self._ckpt_every, self._ckpt_kwargs = 1, {"use_reentrant": False}
         self.model = Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -341,10 +346,10 @@ class CausalLM(nn.Module):
         eager = self.attn_implementation == "eager"
         mask = build_mask(attention_mask, T, past, h.dtype, eager)
         cos, sin = self.model.rotary_emb(h, position_ids)
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and i % self._ckpt_every == 0:
                 # recompute this layer in backward instead of storing its activations
-                h = checkpoint(layer, h, cos, sin, mask, None, eager, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, None, eager, **self._ckpt_kwargs)
             else:
                 h = layer(h, cos, sin, mask, cache, eager)
         if cache is not None:
@@ -359,12 +364,24 @@ class CausalLM(nn.Module):
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    # -- what the HF Trainer calls for `--gradient_checkpointing` -----------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    # -- what the HF Trainer calls for `--gradient_checkpointing` / `--activation_checkpointing` ----------
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute every `every_n_layers`-th layer in backward; kwargs go to torch.utils.checkpoint."""
+        if offload:
+            raise NotImplementedError("activation offload is not implemented in minillm; use offload=False")
         self.gradient_checkpointing = True
+        self._ckpt_every = every_n_layers
+        self._ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
 
-    def gradient_checkpointing_disable(self) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     @property
     def supports_gradient_checkpointing(self) -> bool:

@@ -161,12 +161,18 @@ def test_gradient_checkpointing_same_loss_and_grads():
     for ckpt in (False, True):
         m = pm.random_model(cfg, 0, fused_loss=True).train()
         if ckpt:
-            m.gradient_checkpointing_enable()
+            m.activation_checkpointing_enable(every_n_layers=1)  # what the Trainer calls
         loss = m(ids, labels=ids).loss
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_trainer_counts_shifted_labels():
+    """The Trainer computes num_items_in_batch over labels[..., 1:] only for models declaring this."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    assert LOSS_MAPPING[CausalLM.loss_type] is ForCausalLMLoss
 
 
 def test_init_follows_config():

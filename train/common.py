@@ -12,9 +12,6 @@ logging). What is unusual here, and why:
 - `Trainer` below is the HF Trainer taught to save a minillm model the way it saves its own:
   config.json + model.safetensors (or a peft-format adapter), so every checkpoint-N and the final
   output load in transformers/peft as well as in minillm.
-- It also makes the Trainer count `num_items_in_batch` over the shifted labels for a minillm model,
-  as it does for transformers' causal LMs (it decides by `model.loss_type`); otherwise minillm's
-  loss would be scaled by (T-1)/T and the curves would not compare.
 - A stale DeepSpeed op build lock (left by a process killed while loading the op) makes every later
   run hang silently; `check_args` refuses to start and names the file instead.
 - `teardown()` ends the process group explicitly: gloo's threads torn down at interpreter exit
@@ -310,11 +307,6 @@ class Trainer(transformers.Trainer):
     def __init__(self, *args: Any, base_model_path: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.base_model_path = base_model_path  # recorded in a saved adapter's config
-        if isinstance(self.model, CausalLM) and getattr(self.model, "loss_type", None) != "ForCausalLM":
-            # The Trainer counts num_items_in_batch over labels[..., 1:] (the shifted targets) only for
-            # models that declare loss_type "ForCausalLM"; otherwise it counts one token per row too many
-            # and the loss is off by (T-1)/T. minillm's loss is ForCausalLMLoss, so count as for HF models.
-            self._loss_shifts_labels = True
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
