@@ -296,16 +296,18 @@ class CausalLM(nn.Module):
     # LMs; without it the count includes each row's first label and the loss comes out (T-1)/T too small.
     loss_type = "ForCausalLM"
 
-    def __init__(self, config: ModelConfig, attn_implementation: str = "sdpa", fused_loss: bool = True):
-        """fused_loss: when training (labels given, grad enabled), compute the loss with the fused linear +
-        cross-entropy of minillm/loss.py — faster and far smaller, but `logits` is then None and rounding
-        differs by a few ulps. False gives transformers' exact path everywhere."""
+    def __init__(self, config: ModelConfig, attn_implementation: str = "sdpa", fused: bool = True):
+        """fused: the training fast path, taken only in train mode with gradients on and labels given: the loss
+        by the fused linear + cross-entropy of minillm/loss.py, which never materialises the logits (`logits`
+        is then None). Faster and much smaller; rounding differs by about an ulp (`python -m parity` says how
+        much). Inference (eval mode or no_grad) always takes the exact path, op for op transformers';
+        fused=False makes training exact too."""
         super().__init__()
         if attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
         self.config = config
         self.attn_implementation = attn_implementation
-        self.fused_loss = fused_loss
+        self.fused = fused
         self.gradient_checkpointing = False
         self._ckpt_every, self._ckpt_kwargs = 1, {"use_reentrant": False}
         self.model = Model(config)
@@ -344,6 +346,7 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         h = self.model.embed_tokens(input_ids)  # (B, T, C)
         eager = self.attn_implementation == "eager"
+        fuse = self.fused and self.training and torch.is_grad_enabled()
         mask = build_mask(attention_mask, T, past, h.dtype, eager)
         cos, sin = self.model.rotary_emb(h, position_ids)
         for i, layer in enumerate(self.model.layers):
@@ -355,8 +358,7 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.length += T
         h = self.model.norm(h)
-        if (labels is not None and self.fused_loss and torch.is_grad_enabled() and logits_to_keep == 0
-                and type(self.lm_head) is nn.Linear):
+        if labels is not None and fuse and logits_to_keep == 0 and type(self.lm_head) is nn.Linear:
             # training: the loss straight from h, the (B, T, V) logits are never materialised
             return CausalLMOutput(loss=linear_cross_entropy(h, self.lm_head.weight, labels, num_items_in_batch),
                                   logits=None)

@@ -78,7 +78,7 @@ def base_models(case: Case, seed: int = 0):
                       intermediate_size=case.inter, num_hidden_layers=case.layers, num_attention_heads=case.heads,
                       num_key_value_heads=case.kv_heads, tie_word_embeddings=case.tie)
     torch.manual_seed(seed)
-    ours = CausalLM(cfg, attn_implementation="eager", fused_loss=False)  # exact path: logits compared
+    ours = CausalLM(cfg, attn_implementation="eager", fused=False)  # exact path: logits compared
     hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
     ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
     ref.load_state_dict(ours.state_dict(), strict=True)

@@ -61,10 +61,10 @@ def cases(draw) -> dict:
             "seed": draw(st.integers(0, 2**16))}
 
 
-def random_model(cfg: ModelConfig, seed: int, attn: str = "sdpa", fused_loss: bool = False) -> CausalLM:
-    """fused_loss=False: the exact path (logits materialised, transformers' loss op for op)."""
+def random_model(cfg: ModelConfig, seed: int, attn: str = "sdpa", fused: bool = False) -> CausalLM:
+    """fused=False: the exact path (logits materialised, transformers' loss op for op)."""
     torch.manual_seed(seed)
-    model = CausalLM(cfg, attn_implementation=attn, fused_loss=fused_loss)
+    model = CausalLM(cfg, attn_implementation=attn, fused=fused)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -105,16 +105,16 @@ def batch(case: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor |
     return ids, mask, positions, ids.masked_fill(mask == 0, -100)
 
 
-def forward_backward_deltas(case: dict, attn: str = "sdpa", fused_loss: bool = False) -> list[float]:
-    """max |Δ| of logits (non-padded positions; skipped with the fused loss, which has none), loss, and
+def forward_backward_deltas(case: dict, attn: str = "sdpa", fused: bool = False) -> list[float]:
+    """max |Δ| of logits (non-padded positions; skipped on the fused path, which has none), loss, and
     every parameter's gradient."""
-    ours = random_model(case["cfg"], case["seed"], attn, fused_loss)
+    ours = random_model(case["cfg"], case["seed"], attn, fused)
     ref = hf_copy(ours, attn)
     ids, mask, pos, labels = batch(case)
     a = ours(ids, attention_mask=mask, position_ids=pos, labels=labels)
     b = ref(ids, attention_mask=mask, position_ids=pos, labels=labels)
     keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    d_logits = 0.0 if fused_loss else (a.logits - b.logits)[keep].abs().max().item()
+    d_logits = 0.0 if fused else (a.logits - b.logits)[keep].abs().max().item()
     d_loss = (a.loss - b.loss).abs().item()
     a.loss.backward()
     b.loss.backward()
@@ -191,9 +191,9 @@ def rows(budget: float = 1.0) -> Iterator[Row]:
          ("grads of every parameter (eager)", ref, "grads")],
         cases(), lambda c: forward_backward_deltas(c, "eager"), n(15))
     yield from property_rows(
-        [("loss fp32 (fused linear+CE, training)", ref, "fused_loss"),
-         ("grads of every parameter (fused CE)", ref, "fused_grads")],
-        cases(), lambda c: forward_backward_deltas(c, fused_loss=True)[1:], n(15))
+        [("loss fp32 (fused training path)", ref, "fused_loss"),
+         ("grads of every parameter (fused path)", ref, "fused_grads")],
+        cases(), lambda c: forward_backward_deltas(c, fused=True)[1:], n(15))
     yield from property_rows([("greedy generate, 32 tokens (mismatches)", ref + " generate", "generate")],
                              generation_cases(), lambda c: [generation_delta(c)], n(15))
     yield from property_rows(

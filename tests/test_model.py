@@ -20,8 +20,8 @@ def parity_rows():
 
 @pytest.mark.parametrize("check", [
     "logits fp32 (sdpa)", "loss fp32 (sdpa)", "grads of every parameter (sdpa)", "logits fp32 (eager)",
-    "loss fp32 (eager)", "grads of every parameter (eager)", "loss fp32 (fused linear+CE, training)",
-    "grads of every parameter (fused CE)", "greedy generate, 32 tokens (mismatches)",
+    "loss fp32 (eager)", "grads of every parameter (eager)", "loss fp32 (fused training path)",
+    "grads of every parameter (fused path)", "greedy generate, 32 tokens (mismatches)",
     "save -> transformers load (logits)", "transformers save (sharded) -> load", "logits bf16 (tiny configs, CPU)"])
 def test_parity_row(parity_rows, check):
     row = next(r for r in parity_rows if r.check == check)
@@ -159,7 +159,7 @@ def test_gradient_checkpointing_same_loss_and_grads():
     ids = torch.randint(0, 64, (2, 10))
     grads = []
     for ckpt in (False, True):
-        m = pm.random_model(cfg, 0, fused_loss=True).train()
+        m = pm.random_model(cfg, 0, fused=True).train()
         if ckpt:
             m.activation_checkpointing_enable(every_n_layers=1)  # what the Trainer calls
         loss = m(ids, labels=ids).loss
