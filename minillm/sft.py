@@ -106,6 +106,9 @@ def _turns(conversation: Any, index: int) -> list[tuple[str, str]]:
 
 def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
     """One batched call: ids and character offsets of every text, no special tokens added."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the tokenizers.Tokenizer inside an HF fast one
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        tokenizer = backend  # same ids and offsets, without ~half the time spent wrapping them per text
     if hasattr(tokenizer, "encode_batch"):  # a raw tokenizers.Tokenizer
         encs = tokenizer.encode_batch(texts, add_special_tokens=False)
         return [e.ids for e in encs], [e.offsets for e in encs]
