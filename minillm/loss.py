@@ -45,7 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # h (N, C), weight (V, C), target (N,) with IGNORE_INDEX for rows without a label
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(h) if want_dh else None
-        dw = torch.zeros_like(weight) if want_dw else None
+        # the first chunk writes dw, later ones add to it (no memset of a (V, C) buffer); zeros if no rows
+        dw = (torch.empty_like if h.shape[0] else torch.zeros_like)(weight) if want_dw else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk_rows):
             hc, tc = h[s:s + chunk_rows], target[s:s + chunk_rows]
@@ -65,7 +66,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_dh:
                     torch.mm(grad, weight, out=dh[s:s + chunk_rows])
                 if want_dw:
-                    dw.addmm_(grad.t(), hc)
+                    if s == 0:
+                        torch.mm(grad.t(), hc, out=dw)
+                    else:
+                        dw.addmm_(grad.t(), hc)
         # Kept on ctx, not save_for_backward: backward scales them in place (no second (V, C) buffer), so
         # this graph can be backpropagated once only — which is all training does.
         ctx.dh, ctx.dw = dh, dw
