@@ -400,10 +400,15 @@ def _alternate(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) ->
     results: dict[str, Any] = {}
     for i in range(warmup + reps):
         for n in (names if i % 2 == 0 else names[::-1]):
+            results.pop(n, None)
+            gc.collect()
+            gc.disable()  # as timeit does: a cyclic-GC pass over the other side's inputs is not this side's cost
             t0 = time.perf_counter()
             results[n] = fns[n]()
+            dt = time.perf_counter() - t0
+            gc.enable()
             if i >= warmup:
-                times[n].append(time.perf_counter() - t0)
+                times[n].append(dt)
     return {n: (statistics.median(times[n]), results[n]) for n in names}
 
 
