@@ -363,6 +363,29 @@ def save_final(trainer: Trainer, tokenizer, output_dir: str) -> None:
         logger.info(f"Saved the final model and tokenizer to {output_dir}")
 
 
+def train_and_save(trainer: Trainer, checkpoint: str | None, tokenizer, train_samples: int | None,
+                   eval_extra=None) -> None:
+    """The course's ending of both scripts: train (resuming if asked), save the final model with the tokenizer,
+    log and save the metrics and state, evaluate when there is a validation set, tear down.
+    eval_extra(metrics) may add derived eval metrics (pretraining adds perplexity)."""
+    logger.info("Starting training" + (f", resuming from {checkpoint}" if checkpoint else ""))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    save_final(trainer, tokenizer, trainer.args.output_dir)
+    metrics = {**result.metrics, "peak_memory_mb": peak_memory_mb()}
+    if train_samples is not None:
+        metrics["train_samples"] = train_samples
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        if eval_extra is not None:
+            eval_extra(metrics)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    teardown()
+
+
 def peak_memory_mb() -> float:
     """This process's peak memory: CUDA allocations on a GPU, resident set size on CPU."""
     if torch.cuda.is_available():

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next 
 from common import (  # noqa: E402
     DataTrainingArguments, fail, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
     cache_path, cached, check_args, check_zero3_lora, find_resume_checkpoint, load_tokenizer, logger, parse_args,
-    peak_memory_mb, save_final, setup_logging, teardown,
+    setup_logging, train_and_save,
 )
 
 from minillm import corpus  # noqa: E402
@@ -116,21 +116,7 @@ def main() -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=SFTCollator(pad_token_id=pad), base_model_path=model_args.model_name_or_path)
-    logger.info("Starting training" + (f", resuming from {checkpoint}" if checkpoint else ""))
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, tokenizer, training_args.output_dir)
-    metrics = {**result.metrics, "peak_memory_mb": peak_memory_mb()}
-    if not data_args.streaming:
-        metrics["train_samples"] = len(train_dataset)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    teardown()
-
+    train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset))
 
 if __name__ == "__main__":
     main()

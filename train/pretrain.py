@@ -26,7 +26,7 @@ from transformers import default_data_collator, set_seed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
     DataTrainingArguments, fail, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, cached, check_args,
-    find_resume_checkpoint, load_tokenizer, logger, parse_args, peak_memory_mb, save_final, setup_logging, teardown,
+    find_resume_checkpoint, load_tokenizer, logger, parse_args, setup_logging, train_and_save,
 )
 
 from minillm import corpus  # noqa: E402
@@ -144,22 +144,8 @@ def main() -> None:
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=default_data_collator)
-    logger.info("Starting training" + (f", resuming from {checkpoint}" if checkpoint else ""))
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, tokenizer, training_args.output_dir)
-    metrics = {**result.metrics, "peak_memory_mb": peak_memory_mb()}
-    if not data_args.streaming:
-        metrics["train_samples"] = len(train_dataset)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
-    if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-    teardown()
-
+    train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset),
+                   eval_extra=lambda m: m.update(perplexity=math.exp(min(m["eval_loss"], 50))))
 
 if __name__ == "__main__":
     main()
