@@ -10,7 +10,6 @@ RoPE scaling is one dict in transformers' v5 shape: {"rope_type": ..., "factor":
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,15 +17,6 @@ from typing import Any
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# Keys of a config.json that change nothing in the forward pass we compute (or describe training/IO).
-_IGNORED_KEYS = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "pretraining_tp",
-    "attention_dropout", "sliding_window", "max_window_layers", "layer_types", "model_type", "_name_or_path",
-    "output_attentions", "output_hidden_states", "return_dict", "tie_word_embeddings", "rope_theta",
-    "rope_scaling", "rope_parameters", "head_dim", "num_key_value_heads", "id2label", "label2id",
-    "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "add_cross_attention",
-    "tokenizer_class", "task_specific_params", "bos_token_id", "eos_token_id", "pad_token_id",
-}
 
 
 @dataclass
@@ -119,8 +109,6 @@ class ModelConfig:
             raise ValueError(f"{where}: model_type {mt!r} is not supported; minillm reads {MODEL_TYPES}")
         if d.get("use_sliding_window"):
             raise ValueError(f"{where}: use_sliding_window=true is not supported by minillm")
-        if d.get("pretraining_tp", 1) not in (1, None):
-            pass  # tensor-parallel slicing of the original Llama 2 code: numerically the same forward
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             if key not in d:
                 raise ValueError(f"{where}: required key {key!r} is missing")
@@ -190,7 +178,7 @@ PRESETS: dict[str, ModelConfig] = {
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     "small": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
-    # The course's model size (chapter 6: hidden 2048 ... here kept as a shape only; no weights ship).
+    # Published architectures, as shapes only (no weights ship): for estimates, or to train one from scratch.
     "llama2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                              num_attention_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096),
     "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
