@@ -142,6 +142,14 @@ class ModelConfig:
         return d
 
 
+    # what the Trainer's reporting integrations (tensorboard, swanlab, wandb) call on `model.config`
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_hf()
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n"
+
+
 def _rope_from_hf(d: dict, where: str) -> dict[str, Any]:
     """v5 `rope_parameters` or legacy top-level `rope_theta` + `rope_scaling` -> (rope_theta, rope_scaling)."""
     params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})

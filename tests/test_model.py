@@ -59,6 +59,14 @@ def test_to_hf_loads_as_the_right_architecture(model_type, cls):
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
+def test_config_serialises_for_the_trainer_integrations():
+    """tensorboard/swanlab/wandb callbacks call model.config.to_json_string() / to_dict()."""
+    cfg = ModelConfig.preset("tiny", model_type="qwen3", rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+    assert ModelConfig.from_hf(json.loads(cfg.to_json_string())) == cfg
+    assert cfg.to_dict()["model_type"] == "qwen3"
+
+
 def test_family_switches():
     q2 = ModelConfig.preset("tiny", model_type="qwen2")
     q3 = ModelConfig.preset("tiny", model_type="qwen3")
