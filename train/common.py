@@ -108,6 +108,15 @@ def fail(msg: str) -> None:
     raise SystemExit(f"{Path(sys.argv[0]).name}: error: {msg}")
 
 
+def read_or_fail(reader, files: list[str]):
+    """Records of every file from a minillm.corpus reader; a malformed line stops the run with its file:line."""
+    for path in files:
+        try:
+            yield from reader(path)
+        except ValueError as e:  # "file:line: what is wrong"
+            fail(str(e))
+
+
 def parse_args(dataclasses: tuple, default_output_dir: str, argv: list[str] | None = None) -> tuple:
     parser = HfArgumentParser(dataclasses)
     # Defaults that make `python train/pretrain.py` with no arguments do something sensible on any machine.

@@ -23,8 +23,8 @@ from transformers import set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
-    DataTrainingArguments, fail, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
-    cache_path, cached, check_args, check_zero3_lora, find_resume_checkpoint, load_tokenizer, logger, parse_args,
+    DataTrainingArguments, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
+    cache_path, cached, check_args, check_zero3_lora, find_resume_checkpoint, load_tokenizer, logger, parse_args, read_or_fail,
     setup_logging, train_and_save,
 )
 
@@ -34,19 +34,11 @@ from minillm.sft import MaskStats, SFTCollator, mask_batch  # noqa: E402
 BATCH_CONVERSATIONS = 1000
 
 
-def iter_conversations(files: list[str]):
-    for path in files:
-        try:
-            yield from corpus.iter_sft_conversations(path)
-        except ValueError as e:  # a malformed line: "file:line: what is wrong"
-            fail(str(e))
-
-
 def build_samples(files: list[str], tokenizer, max_len: int) -> dict[str, torch.Tensor]:
     """Masked samples, stored flat (one int32 tensor per column plus row offsets) for a compact cache."""
     stats = MaskStats()
     ids, labels = [], []
-    for batch in corpus.batched(iter_conversations(files), BATCH_CONVERSATIONS):
+    for batch in corpus.batched(read_or_fail(corpus.iter_sft_conversations, files), BATCH_CONVERSATIONS):
         out = mask_batch(batch, tokenizer, max_len, stats=stats)
         ids += out["input_ids"]
         labels += out["labels"]
@@ -77,7 +69,7 @@ class StreamingSFT(torch.utils.data.IterableDataset):
         self.files, self.tokenizer, self.max_len = files, tokenizer, max_len
 
     def __iter__(self):
-        for batch in corpus.batched(iter_conversations(self.files), BATCH_CONVERSATIONS):
+        for batch in corpus.batched(read_or_fail(corpus.iter_sft_conversations, self.files), BATCH_CONVERSATIONS):
             out = mask_batch(batch, self.tokenizer, self.max_len)
             for ids, labels in zip(out["input_ids"], out["labels"]):
                 yield {"input_ids": ids, "labels": labels}

@@ -25,8 +25,8 @@ from transformers import default_data_collator, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
-    DataTrainingArguments, fail, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, cached, check_args,
-    find_resume_checkpoint, load_tokenizer, logger, parse_args, setup_logging, train_and_save,
+    DataTrainingArguments, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, cached, check_args,
+    find_resume_checkpoint, load_tokenizer, logger, parse_args, read_or_fail, setup_logging, train_and_save,
 )
 
 from minillm import corpus  # noqa: E402
@@ -40,19 +40,11 @@ def _tokenize(args: tuple) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def iter_texts(files: list[str]):
-    for path in files:
-        try:
-            yield from corpus.iter_pretrain_texts(path)
-        except ValueError as e:  # a malformed line: "file:line: what is wrong"
-            fail(str(e))
-
-
 def doc_batches(files: list[str], tokenizer, workers: int | None):
     """Token-id lists of the documents, BATCH_DOCS at a time (in parallel with --preprocessing_num_workers)."""
     def text_batches():
         batch = []
-        for text in iter_texts(files):
+        for text in read_or_fail(corpus.iter_pretrain_texts, files):
             batch.append(text)
             if len(batch) == BATCH_DOCS:
                 yield batch
