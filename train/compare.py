@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -47,8 +48,15 @@ def launch(script: str, nproc: int, launcher: str, args: list[str], log: Path) -
     env.setdefault("HF_HUB_OFFLINE", "1")
     print("$ " + " ".join(cmd[2:] if launcher != "deepspeed" else cmd), flush=True)
     t0 = time.perf_counter()
+    total = args[args.index("--max_steps") + 1] if "--max_steps" in args else "?"
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        while proc.poll() is None:  # a progress line every few seconds, read from the Trainer's log lines
+            time.sleep(5)
+            losses = re.findall(r"'loss': '?([0-9.]+)", log.read_text(errors="replace"))
+            print(f"  {script}: step {len(losses)}/{total}" + (f", loss {losses[-1]}" if losses else ", starting")
+                  + f" ({time.perf_counter() - t0:.0f} s, log: {log.name})", flush=True)
+        rc = proc.returncode
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = "".join(open(log).readlines()[-30:])
