@@ -276,7 +276,7 @@ def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Mo
             model = hf_model_from(model)
         logger.info(f"New {model_args.impl} model from config {model_args.config_name or 'tiny'} (seed {seed})")
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-    logger.info(f"Model size: {n_params / 2**20:.2f}M parameters")
+    logger.info(f"Model size: {n_params / 1e6:.2f}M parameters")
     return model.to(dtype)
 
 
