@@ -239,3 +239,13 @@ def test_streaming_pretrain_runs(tmp_path, monkeypatch):
                           "--disable_tqdm", "true", "--logging_steps", "1"], monkeypatch)
     assert len(_losses(tmp_path / "b")) == 2 and (tmp_path / "b" / "model.safetensors").exists()
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_report_to_tensorboard_with_minillm_writes_events(tmp_path, monkeypatch):
+    """The tensorboard callback reads model.config.to_json_string(): a minillm model must provide it."""
+    _main("pretrain.py", ["--report_to", "tensorboard", "--max_steps", "2", "--block_size", "32",
+                          "--per_device_train_batch_size", "2", "--max_train_samples", "50", "--logging_steps", "1",
+                          "--output_dir", str(tmp_path / "o"), "--cache_dir", str(tmp_path / "cache"),
+                          "--disable_tqdm", "true"], monkeypatch)
+    assert list((tmp_path / "o").rglob("events.out.tfevents*"))  # transformers 5 writes them under output_dir/runs
