@@ -63,21 +63,19 @@ def property_rows(
         bad = [f"{c}: |Δ| = {d:.3g} > {lim:g}" for (c, _, _), d, lim in zip(specs, got, limits) if not d <= lim]
         assert not bad, f"{'; '.join(bad)} for {drawn!r}"
 
-    note, failed = "", ""
+    note = ""
     try:
         prop()
     except AssertionError as e:  # hypothesis re-raises the shrunk failure
         note = str(e).splitlines()[0][:300]
-        failed = note
     seconds = time.perf_counter() - t0
-    rows = []
-    for i, ((check, reference, _), limit) in enumerate(zip(specs, limits)):
-        col = [d[i] for d in deltas]
-        worst = max(col, default=float("nan"))
-        ok = bool(col) and all(d <= limit for d in col)
-        rows.append(Row(check, reference, len(col), worst, limit, ok and not (failed and check in failed),
-                        "" if ok else failed, seconds / len(specs)))
-    return rows
+    columns = [[d[i] for d in deltas] for i in range(len(specs))]
+    within = [bool(col) and all(d <= lim for d in col) for col, lim in zip(columns, limits)]
+    if note and all(within):
+        within = [False] * len(specs)  # the measurement itself failed (an assert inside measure): every row fails
+    return [Row(check, reference, len(col), max(col, default=float("nan")), limit, ok, "" if ok else note,
+                seconds / len(specs))
+            for (check, reference, _), col, limit, ok in zip(specs, columns, limits, within)]
 
 
 def property_check(check: str, reference: str, tol_name: str, strategy: st.SearchStrategy,

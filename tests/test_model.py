@@ -242,3 +242,19 @@ def test_sampling_with_top_k_1_or_tiny_top_p_is_greedy():
     assert torch.equal(m.generate(ids, max_new_tokens=8, eos_token_id=[], do_sample=True, top_p=1e-6, generator=g), greedy)
     hot = m.generate(ids, max_new_tokens=8, eos_token_id=[], do_sample=True, temperature=5.0, generator=g)
     assert hot.shape == greedy.shape and not torch.equal(hot, greedy)
+
+
+def test_harness_fails_rows_when_the_measurement_itself_fails():
+    """An assert inside a measure (e.g. a gradient missing on one side) must not leave the rows green."""
+    from hypothesis import strategies as st
+
+    from parity.harness import property_rows
+
+    def measure(x):
+        assert x < 3, "gradient missing on one side"
+        return [0.0, 0.0]
+
+    rows = property_rows([("a", "ref", "logits"), ("b", "ref", "loss")], st.integers(0, 10), measure, 20)
+    assert not any(r.passed for r in rows) and "gradient missing" in rows[0].note
+    ok = property_rows([("a", "ref", "logits")], st.integers(0, 10), lambda x: [0.0], 5)
+    assert ok[0].passed and ok[0].configs == 5
