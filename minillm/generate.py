@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from minillm.model import KVCache
+from minillm.sft import chatml_prompt
 
 
 def _warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -97,13 +98,8 @@ def _load(model_dir: str, adapter: str | None):
     return model.eval(), Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
 
 
-def chatml(messages: list[dict[str, str]]) -> str:
-    """The ChatML prompt Qwen's template renders, ending with the assistant header to be completed."""
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
-
-
 def reply(model, tok, messages: list[dict[str, str]], max_new_tokens: int, **sampling) -> str:
-    ids = torch.tensor([tok.encode(chatml(messages), add_special_tokens=False).ids])
+    ids = torch.tensor([tok.encode(chatml_prompt(messages), add_special_tokens=False).ids])
     im_end = tok.token_to_id("<|im_end|>")
     eos = [i for i in (im_end, model.config.eos_token_id) if isinstance(i, int)]
     out = generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos, **sampling)

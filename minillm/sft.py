@@ -79,6 +79,16 @@ class MaskStats:
                 f"{self.leading_turns_dropped} leading non-user turns dropped")
 
 
+def chatml_turn(role: str, content: str) -> str:
+    """One ChatML turn, without the newline that follows it: `<|im_start|>{role}\n{content}<|im_end|>`."""
+    return f"{IM_START}{role}\n{content}{IM_END}"
+
+
+def chatml_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """OpenAI-style messages rendered as Qwen's template does, ending with the assistant header to complete."""
+    return "".join(chatml_turn(m["role"], m["content"]) + "\n" for m in messages) + f"{IM_START}assistant\n"
+
+
 def _turns(conversation: Any, index: int) -> list[tuple[str, str]]:
     """BelleGroup (`from`/`value`) or OpenAI (`role`/`content`) turns -> [(role, content)], roles normalised."""
     if isinstance(conversation, Mapping):
@@ -169,7 +179,7 @@ def mask_batch(
         for role, content in turns:
             name = user_role if role == "user" else role
             segs.append((role, len(texts), len(IM_START) + len(name) + 1))  # chars before the content
-            texts.append(f"{IM_START}{name}\n{content}{IM_END}")
+            texts.append(chatml_turn(name, content))
         rendered.append(segs)
 
     # Every segment is tokenized between its own <|im_start|> and <|im_end|>, as in the full text:

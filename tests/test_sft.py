@@ -165,3 +165,16 @@ def test_datasets_map_with_masker():
     out = ds.map(masker, batched=True, batch_size=3, remove_columns=ds.column_names, load_from_cache_file=False)
     assert len(out) == 6 and masker.stats.dropped_no_labels == 1
     assert out[0] == mask_conversation(convs[0], bundled(), 64)
+
+
+def test_chat_prompt_equals_the_bundled_chat_template():
+    """What `python -m minillm.generate` feeds the model is the chat template's own rendering."""
+    from transformers import AutoTokenizer
+
+    from minillm.corpus import TOKENIZER_DIR
+    from minillm.sft import chatml_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "What is SFT?"}]
+    assert chatml_prompt(messages) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
