@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from minillm import lora as ml
 from parity.harness import Row, fixed_check, property_rows
+from parity.model import hf_copy
 from parity.tolerances import tol
 
 REFERENCE = "peft LoRA on transformers"
@@ -70,7 +71,6 @@ def _peft_config(case: Case):
 
 def base_models(case: Case, seed: int = 0):
     """(minillm.CausalLM, transformers model) with identical weights, fp32, eager attention."""
-    import transformers
     from minillm.config import ModelConfig
     from minillm.model import CausalLM
 
@@ -79,10 +79,7 @@ def base_models(case: Case, seed: int = 0):
                       num_key_value_heads=case.kv_heads, tie_word_embeddings=case.tie)
     torch.manual_seed(seed)
     ours = CausalLM(cfg, attn_implementation="eager", fused=False)  # exact path: logits compared
-    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
-    ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
-    ref.load_state_dict(ours.state_dict(), strict=True)
-    return ours, ref
+    return ours, hf_copy(ours, "eager")
 
 
 def peft_to_minillm_name(name: str) -> str | None:
