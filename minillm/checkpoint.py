@@ -20,7 +20,7 @@ from minillm.model import CausalLM, rope_inv_freq
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # Tensors some published checkpoints carry that are recomputed, not learned (old Llama conversions).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     if dtype is None:
         dtype = torch.float32
     elif dtype != "auto":
-        dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if dtype != "auto":
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
@@ -88,6 +88,6 @@ def save_pretrained(model: CausalLM, path: str | Path) -> None:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # shared with embed_tokens: stored once, as transformers does
     dtypes = {v.dtype for v in state.values()}
-    config["dtype"] = next(k for k, d in _DTYPES.items() if d in dtypes) if dtypes else "float32"
+    config["dtype"] = next(k for k, d in DTYPES.items() if d in dtypes) if dtypes else "float32"
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})

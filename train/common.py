@@ -40,6 +40,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
 
 from minillm import corpus
+from minillm.checkpoint import DTYPES
 from minillm.config import PRESETS, ModelConfig
 from minillm.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
 from minillm.model import CausalLM
@@ -47,7 +48,6 @@ from minillm.model import CausalLM
 logger = logging.getLogger("minillm.train")
 
 _CHECKPOINT = re.compile(r"checkpoint-[0-9]+")  # the Trainer's checkpoint directory names
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # --report_to value -> the module it needs (transformers' integrations import these lazily).
 _REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "swanlab": ("swanlab",), "wandb": ("wandb",),
               "mlflow": ("mlflow",), "trackio": ("trackio",), "comet_ml": ("comet_ml",)}
@@ -261,7 +261,7 @@ def hf_model_from(model: CausalLM) -> torch.nn.Module:
 
 def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Module:
     """A random-init (seeded) or pretrained model of either implementation, in model_args.dtype."""
-    dtype = _DTYPES[model_args.dtype]
+    dtype = DTYPES[model_args.dtype]
     path = model_args.model_name_or_path
     if path:
         if model_args.impl == "minillm":
