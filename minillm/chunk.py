@@ -23,7 +23,7 @@ How this differs from the course (chapter 6, "3.1.3 预训练数据处理"):
 Speed: on Python lists the cost is converting the ints to numpy once; with
 `ds.with_format("arrow").map(group_texts, batched=True, ...)` the columns arrive as Arrow arrays and
 are flattened without copying (about 10x run_clm's `group_texts` end to end through datasets.map on
-the bundled corpus, see `python -m parity.data --bench`).
+the bundled corpus, see `python -m parity.bench --only chunker`).
 
 Blocks come back as 2-D numpy arrays (one row per block), which `datasets.map` stores as list
 columns; `labels` is always a copy of `input_ids` (an input `labels` column is replaced).

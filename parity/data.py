@@ -1,4 +1,4 @@
-"""Data parity: minillm's chunker and SFT masker vs transformers, plus the course's code for benchmarks.
+"""Data parity: minillm's chunker and SFT masker vs transformers (run_clm's group_texts, apply_chat_template).
 
 Rows (`rows(budget)`):
 - `group_texts` (eos_token_id=None) vs transformers' run_clm example `group_texts`, on random batches
@@ -10,105 +10,27 @@ Rows (`rows(budget)`):
   trimmed, pad == eos) and a SentencePiece-style Metaspace BPE. The reference's ids are cut at
   max_len; a sample whose cut mask is all zero must be dropped by minillm.
 
-The reference implementations used by `make bench` (and `python -m parity.data --bench`):
-`run_clm_group_texts`, `course_group_texts` and `course_preprocess` (the course's chapter-6 SFT loop).
+The reference code itself (run_clm's and the course's, as written) is in parity/course.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from itertools import chain
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 import transformers
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from minillm.chunk import Chunker, group_texts
+from minillm.chunk import group_texts
 from minillm.corpus import SAMPLE_PRETRAIN, SAMPLE_SFT, TOKENIZER_DIR, iter_pretrain_texts, iter_sft_conversations
-from minillm.sft import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, ROLES, mask_batch
+from minillm.sft import IM_END, IM_START, ROLES, mask_batch
 from minillm.train_tokenizer import CHAT_TEMPLATE
+from parity.course import run_clm_group_texts
 from parity.harness import Row, property_check
 
 transformers.logging.set_verbosity_error()
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference implementations
-# ---------------------------------------------------------------------------------------------
-
-def run_clm_group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
-    """transformers' `group_texts`, from examples/pytorch/language-modeling/run_clm.py
-    (huggingface/transformers, commit 00d481d18f914b55e65faa31e82321629691eadb, Apache-2.0),
-    restated line for line: concatenate every column, drop the remainder (a batch shorter than
-    block_size gives no block), slice into blocks, labels = a copy of input_ids."""
-    concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
-    total_length = len(concatenated_examples[list(examples.keys())[0]])
-    total_length = (total_length // block_size) * block_size
-    result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
-              for k, t in concatenated_examples.items()}
-    result["labels"] = result["input_ids"].copy()
-    return result
-
-
-def course_group_texts(examples: dict[str, list], block_size: int) -> dict[str, list]:
-    """The course's chapter-6 `group_texts` ("3.1.3 预训练数据处理"): as run_clm, except that a batch
-    shorter than block_size is kept as one short block."""
-    concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
-    total_length = len(concatenated_examples[list(examples.keys())[0]])
-    if total_length >= block_size:
-        total_length = (total_length // block_size) * block_size
-    result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
-              for k, t in concatenated_examples.items()}
-    result["labels"] = result["input_ids"].copy()
-    return result
-
-
-def course_preprocess(sources: list[list[dict]], tokenizer: Any, max_len: int,
-                      system_message: str = DEFAULT_SYSTEM_PROMPT) -> dict[str, torch.Tensor]:
-    """The course's chapter-6 SFT `preprocess` ("3.2.2 微调数据处理"), faithfully: per sample, per turn,
-    one tokenizer call per piece; pad id as ignore label; user/system markers left unmasked."""
-    roles = {"human": "<|im_start|>human", "assistant": "<|im_start|>assistant"}
-    im_start = tokenizer("<|im_start|>").input_ids
-    im_end = tokenizer("<|im_end|>").input_ids
-    IGNORE_TOKEN_ID = tokenizer.pad_token_id
-    nl_tokens = tokenizer("\n").input_ids
-    _system = tokenizer("system").input_ids + nl_tokens
-    input_ids, targets = [], []
-    for i in range(len(sources)):
-        source = sources[i]
-        if source[0]["from"] != "human":
-            source = source[1:]
-        input_id, target = [], []
-        system = im_start + _system + tokenizer(system_message).input_ids + im_end + nl_tokens
-        input_id += system
-        target += im_start + [IGNORE_TOKEN_ID] * (len(system) - 3) + im_end + nl_tokens
-        assert len(input_id) == len(target)
-        for j, sentence in enumerate(source):
-            role = roles[sentence["from"]]
-            _input_id = tokenizer(role).input_ids + nl_tokens + tokenizer(sentence["value"]).input_ids + im_end + nl_tokens
-            input_id += _input_id
-            if role == "<|im_start|>human":
-                _target = im_start + [IGNORE_TOKEN_ID] * (len(_input_id) - 3) + im_end + nl_tokens
-            elif role == "<|im_start|>assistant":
-                _target = (im_start + [IGNORE_TOKEN_ID] * len(tokenizer(role).input_ids)
-                           + _input_id[len(tokenizer(role).input_ids) + 1 : -2] + im_end + nl_tokens)
-            else:
-                raise NotImplementedError(role)
-            target += _target
-        assert len(input_id) == len(target)
-        input_id += [tokenizer.pad_token_id] * (max_len - len(input_id))
-        target += [IGNORE_TOKEN_ID] * (max_len - len(target))
-        input_ids.append(input_id[:max_len])
-        targets.append(target[:max_len])
-    input_ids = torch.tensor(input_ids)
-    targets = torch.tensor(targets)
-    return dict(input_ids=input_ids, labels=targets, attention_mask=input_ids.ne(tokenizer.pad_token_id))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,65 +214,3 @@ def sft_rows(budget: float = 1.0) -> Iterator[Row]:
 def rows(budget: float = 1.0) -> Iterator[Row]:
     yield from chunk_rows(budget)
     yield from sft_rows(budget)
-
-
-# ---------------------------------------------------------------------------------------------
-# Throughput (make bench): minillm vs the course's code, on the bundled samples
-# ---------------------------------------------------------------------------------------------
-
-def _best(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def bench(block_size: int = 512, map_batch: int = 1000, max_len: int = 512, repeat: int = 3) -> dict[str, float]:
-    """Throughput on the bundled samples, best of `repeat`, one process: chunkers in tokens/s (the
-    function alone on Python lists, and end to end through `datasets.map`, where the Arrow <-> Python
-    conversions dominate), maskers in conversations/s (the course's loop vs `mask_batch`)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    tok = tokenizer("bundled")
-    docs = tok(list(iter_pretrain_texts(SAMPLE_PRETRAIN)))
-    columns = {"input_ids": docs["input_ids"], "attention_mask": docs["attention_mask"]}
-    n_tokens = sum(map(len, columns["input_ids"]))
-    batches = [{k: v[i : i + map_batch] for k, v in columns.items()} for i in range(0, len(columns["input_ids"]), map_batch)]
-    out: dict[str, float] = {"tokens": n_tokens}
-    tok_s = lambda fn: n_tokens / _best(fn, repeat)
-    out["chunk_fn_run_clm_tok_s"] = tok_s(lambda: [run_clm_group_texts(b, block_size) for b in batches])
-    out["chunk_fn_course_tok_s"] = tok_s(lambda: [course_group_texts(b, block_size) for b in batches])
-    out["chunk_fn_minillm_tok_s"] = tok_s(lambda: [group_texts(b, block_size, tok.eos_token_id) for b in batches])
-    out["chunk_fn_minillm_streaming_tok_s"] = tok_s(lambda: list(Chunker(block_size, tok.eos_token_id).blocks(batches)))
-
-    ds = datasets.Dataset.from_dict(columns)
-    kw = dict(batched=True, batch_size=map_batch, load_from_cache_file=False)
-    out["chunk_map_run_clm_tok_s"] = tok_s(lambda: ds.map(run_clm_group_texts, fn_kwargs={"block_size": block_size}, **kw))
-    out["chunk_map_minillm_tok_s"] = tok_s(lambda: ds.map(
-        group_texts, fn_kwargs={"block_size": block_size, "eos_token_id": tok.eos_token_id}, **kw))
-    out["chunk_map_minillm_arrow_tok_s"] = tok_s(lambda: ds.with_format("arrow").map(
-        group_texts, fn_kwargs={"block_size": block_size, "eos_token_id": tok.eos_token_id}, **kw))
-    out["chunk_map_minillm_arrow_streaming_tok_s"] = tok_s(lambda: ds.with_format("arrow").map(
-        Chunker(block_size, tok.eos_token_id, total_rows=len(ds)), with_indices=True, **kw))
-
-    convs = list(iter_sft_conversations(SAMPLE_SFT))
-    out["conversations"] = len(convs)
-    out["sft_course_conv_s"] = len(convs) / _best(lambda: course_preprocess(convs, tok, max_len), repeat)
-    out["sft_minillm_conv_s"] = len(convs) / _best(
-        lambda: [mask_batch(convs[i : i + map_batch], tok, max_len) for i in range(0, len(convs), map_batch)], repeat)
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="data throughput: minillm vs the course's code")
-    ap.add_argument("--bench", action="store_true", help="(the only mode) print throughput as JSON")
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args(argv)
-    print(json.dumps({k: round(v) for k, v in bench(repeat=args.repeat).items()}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

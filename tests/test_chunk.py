@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.chunk import IGNORE_INDEX, Chunker, group_texts
-from parity.data import chunk_rows, run_clm_group_texts
+from parity.course import run_clm_group_texts
+from parity.data import chunk_rows
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None)
 

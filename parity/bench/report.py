@@ -1,0 +1,79 @@
+"""The benchmark's table: one row per (case, metric), each target looked up in targets.TARGETS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from parity.bench.targets import TARGETS
+
+
+def _met(figure: float | None, op: str, target: float) -> bool | None:
+    if figure is None:
+        return None
+    return figure >= target if op == ">=" else figure <= target
+
+
+def table_rows(cases: dict[str, dict]) -> list[dict]:
+    """minillm, reference and their ratio per metric; target and verdict from TARGETS where one applies."""
+    targets = {(t.case, t.metric): t for t in TARGETS}
+    rows = []
+
+    def add(case, metric, a, b, note=""):
+        ratio = None if a is None or b is None else a / b
+        t = targets.get((case, metric))
+        if t is not None and t.on == "minillm":
+            note = note or "target on minillm's fraction"
+        rows.append({"case": case, "metric": metric, "minillm": a, "reference": b, "ratio": ratio,
+                     "target": None if t is None else f"{t.op} {t.value:g}",
+                     "met": None if t is None else _met(ratio if t.on == "ratio" else a, t.op, t.value), "note": note})
+
+    for name, c in cases.items():
+        if "error" in c:
+            add(name, "error", None, None, note=c["error"][:200])
+            continue
+        same = "" if c.get("same_output") else "OUTPUT DIFFERS"
+        if name.startswith("train_"):
+            t = c["tokens_s"]
+            add(name, "tokens/s", t["minillm"], t["reference"], same)
+            m = c["peak_mb"]
+            add(name, "peak MiB", m["minillm"], m["reference"])
+            g = c["grads_adam_mb"]
+            add(name, "peak-grad-Adam", m["minillm"] - g, m["reference"] - g,
+                note=f"peak minus grads+AdamW state ({g:.0f} MiB)")
+            f = c["flop_rate_fraction"]
+            add(name, "FLOP/matmul", f["minillm"], f["reference"])
+        elif name.startswith("lora_"):
+            s = c["step_s"]
+            add(name, "step s", s["minillm"], s["reference"], same)
+            m = c["peak_mb"]
+            add(name, "peak MiB", m["minillm"], m["reference"])
+        elif name.startswith("chunker"):
+            t = c["tokens_s"]
+            add(name, "tokens/s", t["minillm"], t["reference"], same)
+        elif name == "masker":
+            t = c["conv_s"]
+            add(name, "conv/s", t["minillm"], t["reference"], same)
+        elif name == "generate":
+            t = c["tokens_s"]
+            add(name, "tokens/s", t["minillm"], t["reference"], same)
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) < 10 else f"{x:,.0f}"
+    return str(x)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("case", "metric", "minillm", "reference", "ratio", "target", "met?", "note")
+    body = [(r["case"], r["metric"], _fmt(r["minillm"]), _fmt(r["reference"]),
+             _fmt(r["ratio"]) if r["ratio"] is None else f"{r['ratio']:.2f}", r["target"] or "-", _fmt(r["met"]),
+             r["note"]) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])

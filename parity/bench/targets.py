@@ -1,0 +1,32 @@
+"""The benchmark's cases and the issue's targets: one table, which the report (report.py) reads."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+CASES = ("train_tiny", "train_v32k", "train_h512", "lora_qv", "lora_all", "chunker", "chunker_stream", "masker",
+         "generate")
+
+
+class Target(NamedTuple):
+    case: str
+    metric: str  # the table row it applies to (report.table_rows names them)
+    op: str  # ">=" or "<="
+    value: float
+    on: str  # "ratio": minillm / reference; "minillm": minillm's own figure
+    note: str  # where the target comes from
+
+
+TARGETS: list[Target] = [
+    Target("train_tiny", "tokens/s", ">=", 1.5, "ratio", "train step, the tiny preset"),
+    Target("train_v32k", "tokens/s", ">=", 1.1, "ratio", "train step, Llama 4 layers, hidden 256, vocab 32000"),
+    Target("train_v32k", "peak MiB", "<=", 0.6, "ratio", "peak memory at vocab >= 32k and B x T >= 1024"),
+    Target("train_h512", "tokens/s", ">=", 1.1, "ratio", "train step, hidden 512"),
+    Target("train_h512", "FLOP/matmul", ">=", 0.5, "minillm", "minillm's FLOP rate / the machine's matmul rate"),
+    Target("lora_qv", "step s", "<=", 1.0, "ratio", "LoRA step on q_proj + v_proj, vs peft"),
+    Target("lora_all", "step s", "<=", 1.0, "ratio", "LoRA step on all linear layers, vs peft"),
+    Target("chunker", "tokens/s", ">=", 10.0, "ratio", "vs run_clm's group_texts through datasets.map"),
+    Target("chunker_stream", "tokens/s", ">=", 10.0, "ratio", "vs run_clm's group_texts through datasets.map"),
+    Target("masker", "conv/s", ">=", 5.0, "ratio", "vs the course's SFT preprocess loop"),
+    Target("generate", "tokens/s", ">=", 1.0, "ratio", "greedy generation vs transformers' generate"),
+]
