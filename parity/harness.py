@@ -92,10 +92,15 @@ def fixed_check(check: str, reference: str, tol_name: str, deltas: list[float], 
                0.0 if t0 is None else time.perf_counter() - t0)
 
 
+def _tol_text(t: float) -> str:
+    short = f"{t:.0e}"
+    return short if float(short) == t or t != t else f"{t:g}"  # 1e-06 as 1e-06, 1.5 as 1.5 (not 2e+00)
+
+
 def format_table(rows: list[Row]) -> str:
     head = ("check", "reference", "configs", "max |Δ|", "tolerance", "verdict")
     body = [
-        (r.check, r.reference, str(r.configs), f"{r.max_delta:.2e}", f"{r.tolerance:.0e}",
+        (r.check, r.reference, str(r.configs), f"{r.max_delta:.2e}", _tol_text(r.tolerance),
          r.verdict + (f" ({r.note})" if r.note else ""))
         for r in rows
     ]

@@ -3,6 +3,7 @@ case, at toy sizes), writes bench.json with the documented keys, and every case'
 No timing is asserted: timings on a shared CPU prove nothing."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,24 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
         assert name in proc.stdout
     rows = {(r["case"], r["metric"]) for r in result["rows"]}
     assert ("train_v32k", "peak MiB") in rows and ("masker", "conv/s") in rows
+
+
+def test_gpu_lane_without_cuda_says_so_and_passes():
+    proc = subprocess.run([sys.executable, "-m", "parity.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no CUDA device" in proc.stdout
+
+
+def test_gpu_lane_dry_run_on_cpu():
+    """The GPU lane's whole code path (bf16 model rows, fused loss in bf16 and fp16 over many chunks, the bf16
+    train-step benchmark) at toy sizes on the CPU, so a typo cannot wait for the day a GPU is lent."""
+    proc = subprocess.run([sys.executable, "-m", "parity.gpu", "--device", "cpu", "--tiny"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for check in ("gpu bf16 logits, drawn configs", "gpu bf16 grads error ratio, Qwen3-0.6B shape",
+                  "gpu fused loss bf16: d W error ratio", "gpu fused loss fp16: finite where reference is"):
+        assert check in out, check
+    assert "FAIL" not in out and "SKIP" not in out
+    assert "| minillm " in out and "| transformers " in out and "first losses agree" in out
