@@ -3,12 +3,36 @@
 Only safetensors are read: nothing is unpickled, so a downloaded checkpoint cannot run code. Loading is
 strict: every missing, unexpected or mis-shaped tensor is collected and reported in one error.
 Tied embeddings are handled as transformers does: the file holds `model.embed_tokens.weight` only.
+
+A checkpoint directory is treated as untrusted input:
+- every file it names (model.safetensors, the index, each shard of the index's `weight_map`) must be a
+  regular file inside the directory: no absolute paths, no "..", no symlink leading out of it (except
+  a Hugging Face cache snapshot's links into its own `blobs/`), no FIFO or device (opening a FIFO
+  would block the loader for ever). Types are checked with stat() before anything is opened.
+- each shard must hold exactly the tensors the index assigns to it: a tensor found in a shard the
+  index does not assign it to is an error, not a silent win of whichever shard is read last.
+- a truncated or corrupt safetensors file, an absurd header length or an unknown dtype is reported as
+  one sentence naming the file (safetensors parses; its error is rephrased, never swallowed).
+
+Saving is atomic (`save_pretrained`, `staged_dir`): every file is written into a hidden staging
+directory next to the target and only renamed into place once all of them are complete, so a failed
+save (full disk, an exception, Ctrl-C) leaves the previous model loadable. Staging directories left by a
+killed process are removed by the next save to the same target. Files get mode 0666 & ~umask (0644
+usually) and directories 0777 & ~umask: safetensors 0.8 (and so transformers' own save_pretrained)
+writes weights 0600 beside a 0644 config.json; a checkpoint meant to be shared is readable as a whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import stat
+import struct
+import uuid
 from pathlib import Path
+from typing import Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -21,27 +45,159 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # Tensors some published checkpoints carry that are recomputed, not learned (old Llama conversions).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_HEADER = 100_000_000  # safetensors refuses larger headers
+
+
+# ---- reading untrusted files ------------------------------------------------------------------------------
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _hf_cache_blob(link: Path, target: Path) -> bool:
+    """A Hugging Face cache snapshot (`<repo>/snapshots/<rev>/file`) links into `<repo>/blobs/`: allowed."""
+    snapshot = link.parent
+    return snapshot.parent.name == "snapshots" and target.parent == (snapshot.parent.parent / "blobs").resolve()
+
+
+def checked_file(root: Path, name: object, what: str) -> Path:
+    """`root/name` if it is a regular file inside `root`, else a ValueError naming it. Never opens it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}: file name must be a non-empty string, got {name!r}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{what}: {name!r} is outside the checkpoint directory {root} (absolute or '..')")
+    path = root / rel
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: {path} does not exist") from None
+    if stat.S_ISLNK(link.st_mode):
+        target = path.resolve()
+        if not (target.is_relative_to(root.resolve()) or _hf_cache_blob(path, target)):
+            raise ValueError(f"{what}: {path} is a symlink to {target}, outside the checkpoint directory {root}")
+    try:
+        mode = os.stat(path).st_mode  # follows the link: the type of what would be opened
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: {path} is a dangling symlink") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what}: {path} is {_file_kind(mode)}, not a regular file")
+    return path
+
+
+def _safetensors_problem(path: Path, error: Exception) -> str:
+    """A sentence for why safetensors could not read `path` (reads at most the header)."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes long, too short to be a safetensors file (empty or truncated)"
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _MAX_HEADER:
+            return f"its header length field says {n} bytes (limit {_MAX_HEADER}): not a safetensors file, or corrupt"
+        if 8 + n > size:
+            return (f"its header length field says {n} bytes but only {size - 8} follow: "
+                    "truncated, or not a safetensors file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"its header is not valid JSON ({e}): corrupt, or not a safetensors file"
+    if not isinstance(header, dict):
+        return f"its header is a JSON {type(header).__name__}, not an object"
+    msg = str(error)
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            return f"tensor {key!r}: header entry is {info!r}, not an object"
+        if "unknown variant" in msg and info.get("dtype") not in _SAFETENSORS_DTYPES:
+            return f"tensor {key!r} has unknown dtype {info.get('dtype')!r} (safetensors knows {sorted(_SAFETENSORS_DTYPES)})"
+        offsets = info.get("data_offsets")
+        if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets):
+            end = max(end, offsets[1])
+    if "incomplete metadata" in msg or "not fully covered" in msg:
+        return (f"its header describes {end} bytes of tensor data but the file holds {size - 8 - n}: "
+                "truncated, or corrupt")
+    return f"not a valid safetensors file ({msg})"
+
+
+_SAFETENSORS_DTYPES = {"BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+                       "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
+                       "F64", "I64", "U64"}
+
+
+def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one .safetensors file; a corrupt file raises a ValueError naming it and why."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # safetensors_rust.SafetensorError and friends: rephrase as a sentence
+        raise ValueError(f"{path}: {_safetensors_problem(path, e)}") from None
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    """The index's weight_map {tensor name: shard file}, validated as JSON of the right shape."""
+    index = checked_file(path, INDEX, "sharded checkpoint")
+    try:
+        data = json.loads(index.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict):
+        raise ValueError(f"{index}: expected an object with a 'weight_map' object of tensor name -> shard file")
+    for key, name in wmap.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{index}: weight_map[{key!r}] must be a file name string, got {name!r}")
+    return wmap
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory (single file or sharded), keyed by name."""
+    """Every tensor of a checkpoint directory (single file or sharded), keyed by name.
+
+    Sharded: each shard named by the index is checked (regular file inside `path`) before any is
+    opened, and must hold exactly the tensors the index assigns to it.
+    """
     path = Path(path)
-    if (path / INDEX).exists():
-        index = json.loads((path / INDEX).read_text())
-        files = sorted(set(index["weight_map"].values()))
-    elif (path / WEIGHTS).exists():
-        files = [WEIGHTS]
-    else:
-        found = sorted(p.name for p in path.glob("*")) if path.is_dir() else []
-        hint = " (.bin/.pth checkpoints are pickles and are never loaded: convert them to safetensors)" \
-            if any(n.endswith((".bin", ".pth", ".pt")) for n in found) else ""
-        raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX}{hint}; found {found[:10]}")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
+    if (path / INDEX).exists() or (path / INDEX).is_symlink():
+        wmap = _read_index(path)
+        shards: dict[str, list[str]] = {}
+        for key, name in wmap.items():
+            shards.setdefault(name, []).append(key)
+        files = {name: checked_file(path, name, f"{path / INDEX}: weight_map[{keys[0]!r}]")
+                 for name, keys in sorted(shards.items())}
+        tensors: dict[str, torch.Tensor] = {}
+        for name, file in files.items():
+            found = read_safetensors_file(file)
+            stray = sorted(set(found) - set(shards[name]))
+            if stray:
+                where = wmap.get(stray[0])
+                raise ValueError(f"{file}: holds tensor {stray[0]!r} that {INDEX} assigns to "
+                                 + (f"{where!r}" if where else "no shard") + _more(stray))
+            absent = sorted(set(shards[name]) - set(found))
+            if absent:
+                raise ValueError(f"{file}: has no tensor {absent[0]!r}, which {INDEX} says it holds"
+                                 + _more(absent))
+            tensors.update(found)
+        return tensors
+    if (path / WEIGHTS).exists() or (path / WEIGHTS).is_symlink():
+        return read_safetensors_file(checked_file(path, WEIGHTS, "checkpoint"))
+    found = sorted(p.name for p in path.glob("*")) if path.is_dir() else []
+    hint = " (.bin/.pth checkpoints are pickles and are never loaded: convert them to safetensors)" \
+        if any(n.endswith((".bin", ".pth", ".pt")) for n in found) else ""
+    raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX}{hint}; found {found[:10]}")
 
 
 def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
@@ -62,12 +218,16 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     problems += [f"unexpected: {k} {tuple(v.shape)}" for k, v in tensors.items() if k not in expected]
     problems += [f"shape mismatch: {k} checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
                  for k, v in tensors.items() if k in expected and v.shape != expected[k]]
+    problems += [f"not floating point: {k} is {str(v.dtype).removeprefix('torch.')}"
+                 for k, v in tensors.items() if k in expected and not v.is_floating_point()]
     if problems:
         raise ValueError(f"{path}: checkpoint does not match its config.json ({len(problems)} problems):\n  "
                          + "\n  ".join(problems))
     if dtype is None:
         dtype = torch.float32
     elif dtype != "auto":
+        if isinstance(dtype, str) and dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if dtype != "auto":
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
@@ -76,18 +236,122 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         model.lm_head.weight = model.model.embed_tokens.weight
     rope = model.model.rotary_emb  # non-persistent buffer: recompute it on the real device
     rope.inv_freq = rope_inv_freq(config)[0]
+    rope.original_inv_freq = rope.inv_freq.clone()  # dynamic RoPE resets to it (model.RotaryEmbedding)
     return model
 
 
-def save_pretrained(model: CausalLM, path: str | Path) -> None:
-    """Write config.json + model.safetensors that `transformers.AutoModelForCausalLM` loads as is."""
+# ---- atomic saving ------------------------------------------------------------------------------------------
+
+_STAGING = ".saving-"  # staging directory: .{target name}.saving-{host}-{pid}-{random}
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove staging directories of `path` left by a killed process of this host (pid no longer alive)."""
+    prefix = f".{path.name}{_STAGING}{os.uname().nodename}-"
+    for old in path.parent.glob(f".{path.name}{_STAGING}*"):
+        rest = old.name[len(prefix):] if old.name.startswith(prefix) else ""
+        pid = rest.split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue  # another host's, or one of this process's (in use)
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install(staging: Path, path: Path) -> None:
+    """Move every file of `staging` into `path`: one rename of the directory when `path` does not exist yet,
+    otherwise one rename per file (weights and other files first, *.json last: config.json names the rest)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(staging):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            _fsync(Path(root, name))  # on disk before the rename makes it visible
+    if not path.exists():
+        try:
+            os.rename(staging, path)
+            _fsync(path.parent)
+            return
+        except OSError:
+            if not path.exists():
+                raise  # else another process created it meanwhile: install file by file
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    for entry in sorted(staging.iterdir(), key=lambda p: (p.suffix == ".json", p.name)):
+        target = path / entry.name
+        if entry.is_dir() and target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    _fsync(path)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Atomic save: write files into the yielded (empty, hidden) directory; when the block ends without
+    an exception they replace their namesakes in `path` (other files of `path` are kept). On an exception
+    nothing in `path` changes and the staging directory is removed.
+
+        with staged_dir(out) as tmp:
+            save_file(tensors, tmp / "model.safetensors"); (tmp / "config.json").write_text(...)
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(path)
+    staging = path.parent / f".{path.name}{_STAGING}{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        _install(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_stale_shards(path: Path) -> None:
+    """After writing model.safetensors over a sharded checkpoint: drop its index (which the loader would
+    prefer) and the shards it names, as transformers' save_pretrained removes stale shards."""
+    if not (path / INDEX).exists():
+        return
+    try:
+        names = set(_read_index(path).values())
+    except ValueError:
+        names = set()  # a corrupt index: remove it, leave unknown files alone
+    (path / INDEX).unlink()
+    for name in names - {WEIGHTS}:
+        with contextlib.suppress(ValueError, FileNotFoundError):
+            checked_file(path, name, "stale shard").unlink()
+
+
+def save_pretrained(model: CausalLM, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write config.json + model.safetensors that `transformers.AutoModelForCausalLM` loads as is, atomically.
+
+    `state_dict` (default: the model's) lets a trainer pass weights it gathered itself.
+    """
+    path = Path(path)
     config = model.config.to_hf()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # shared with embed_tokens: stored once, as transformers does
+        state.pop("lm_head.weight", None)  # shared with embed_tokens: stored once, as transformers does
     dtypes = {v.dtype for v in state.values()}
-    config["dtype"] = next(k for k, d in DTYPES.items() if d in dtypes) if dtypes else "float32"
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
+    config["dtype"] = next((k for k, d in DTYPES.items() if d in dtypes), "float32")
+    with staged_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _remove_stale_shards(path)
