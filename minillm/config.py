@@ -10,12 +10,23 @@ RoPE scaling is one dict in transformers' v5 shape: {"rope_type": ..., "factor":
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")  # the MLP activations minillm implements
+# rope_parameters keys transformers' formulas read, per type (modeling_rope_utils.py); others change nothing.
+ROPE_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "truncate"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -29,7 +40,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int | None = None  # None: = num_attention_heads (MHA)
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # one of HIDDEN_ACTS
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"dynamic"|"yarn"|"llama3", ...}
@@ -38,6 +49,7 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    attention_dropout: float = 0.0  # on attention probabilities, train mode only (as transformers)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -49,8 +61,21 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; minillm knows {MODEL_TYPES}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu', as Llama/Qwen use)")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; minillm implements {HIDDEN_ACTS}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, key)
+            if value is not None and (type(value) is not int or value <= 0):
+                raise ValueError(f"{key} must be a positive integer, not {value!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if not _is_number(value) or not value > 0:
+                raise ValueError(f"{key} must be a positive number, not {value!r}")
+        if not _is_number(self.initializer_range) or not self.initializer_range >= 0:
+            raise ValueError(f"initializer_range must be a number >= 0, not {self.initializer_range!r}")
+        if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
+            raise ValueError(f"attention_dropout must be a probability in [0, 1], not {self.attention_dropout!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -91,7 +116,13 @@ class ModelConfig:
     # ---- HF config.json ------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, source: dict | str | Path) -> "ModelConfig":
-        """Read a transformers config.json (a dict, a file, or a checkpoint directory)."""
+        """Read a transformers config.json (a dict, a file, or a checkpoint directory).
+
+        Every key transformers' Llama/Qwen2/Qwen3 read that changes the numerics is honoured (with the family's
+        own default when absent: Qwen2/3 default to 32 kv heads, Qwen3 to head_dim 128) or refused by name
+        (sliding-window layers, partial RoPE, longrope, ...). Keys that change nothing are listed in one warning.
+        Errors name the file and the key.
+        """
         where = "config dict"
         if not isinstance(source, dict):
             path = Path(source)
@@ -103,25 +134,19 @@ class ModelConfig:
                 raise FileNotFoundError(f"no config.json at {path}") from None
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: invalid JSON ({e})") from None
-        d = dict(source)
-        mt = d.get("model_type")
-        if mt not in MODEL_TYPES:
-            raise ValueError(f"{where}: model_type {mt!r} is not supported; minillm reads {MODEL_TYPES}")
-        if d.get("use_sliding_window"):
-            raise ValueError(f"{where}: use_sliding_window=true is not supported by minillm")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if key not in d:
-                raise ValueError(f"{where}: required key {key!r} is missing")
-        rope = _rope_from_hf(d, where)
-        known = {f.name for f in fields(cls) if f.init}
-        kw = {k: v for k, v in d.items() if k in known}
-        kw.update(rope)
-        if mt == "qwen2":
-            kw.pop("attention_bias", None)  # Qwen2Config has no such switch: biases are hard-coded
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+            if not isinstance(source, dict):
+                raise ValueError(f"{path}: a config.json must hold a JSON object, not {type(source).__name__}")
         try:
-            return cls(**kw)
+            kw, ignored = _kwargs_from_hf(dict(source))
+            config = cls(**kw)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        if ignored:
+            warnings.warn(f"{where}: minillm ignores {', '.join(ignored)} (no effect on the model's numerics in "
+                          "transformers 5.x either)", stacklevel=2)
+        return config
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json dict that transformers loads as the right architecture."""
@@ -150,17 +175,126 @@ class ModelConfig:
         return json.dumps(self.to_hf(), indent=2, sort_keys=True) + "\n"
 
 
-def _rope_from_hf(d: dict, where: str) -> dict[str, Any]:
-    """v5 `rope_parameters` or legacy top-level `rope_theta` + `rope_scaling` -> (rope_theta, rope_scaling)."""
-    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+# What transformers' config classes default to when config.json leaves a key out (they differ by family).
+_HF_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
+}
+# Keys read as they are (besides the required sizes); the expected JSON type of each.
+_INT, _NUM, _BOOL = "an integer", "a number", "true or false"
+_HF_KEYS = {
+    "vocab_size": _INT, "hidden_size": _INT, "intermediate_size": _INT, "num_hidden_layers": _INT,
+    "num_attention_heads": _INT, "num_key_value_heads": _INT, "head_dim": _INT, "max_position_embeddings": _INT,
+    "rms_norm_eps": _NUM, "initializer_range": _NUM, "attention_dropout": _NUM, "hidden_act": "a string",
+    "attention_bias": _BOOL, "mlp_bias": _BOOL, "tie_word_embeddings": _BOOL,
+    "bos_token_id": _INT, "eos_token_id": _INT, "pad_token_id": _INT,
+}
+# Family switches transformers does not read (Qwen2's biases are hard-coded; Qwen2/3 MLPs have none).
+_NOT_READ = {"llama": (), "qwen2": ("attention_bias", "mlp_bias"), "qwen3": ("mlp_bias",)}
+# Metadata every checkpoint carries: read elsewhere (dtype, generation ids) or meaningless to the numerics.
+_QUIET = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache", "_name_or_path",
+          "return_dict", "output_attentions", "output_hidden_states", "rope_theta", "rope_scaling", "rope_parameters",
+          "pretraining_tp", "partial_rotary_factor", "is_causal", "quantization_config"}
+_SLIDING = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")  # read by Qwen2/3 only
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_type(key: str, value: Any, kind: str) -> None:
+    if value is None and key in ("num_key_value_heads", "head_dim", "bos_token_id", "eos_token_id", "pad_token_id"):
+        return  # null: the family default (kv heads = heads, head_dim = hidden / heads) or no such token
+    ok = {_INT: lambda v: type(v) is int, _NUM: _is_number, _BOOL: lambda v: type(v) is bool,
+          "a string": lambda v: type(v) is str}[kind]
+    if key == "eos_token_id" and isinstance(value, list):
+        ok_value = all(type(v) is int for v in value)
+    else:
+        ok_value = ok(value)
+    if not ok_value:
+        raise ValueError(f"key {key!r} must be {kind}, not {json.dumps(value)}")
+
+
+def _kwargs_from_hf(d: dict) -> tuple[dict[str, Any], list[str]]:
+    """config.json dict -> (ModelConfig keyword arguments, names of the keys that change nothing)."""
+    mt = d.get("model_type")
+    if mt not in MODEL_TYPES:
+        raise ValueError(f"model_type {mt!r} is not supported; minillm reads {MODEL_TYPES}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key not in d:
+            raise ValueError(f"required key {key!r} is missing")
+    kw: dict[str, Any] = {"model_type": mt, **_HF_DEFAULTS[mt]}
+    for key, kind in _HF_KEYS.items():
+        if key in d and key not in _NOT_READ[mt]:
+            _check_type(key, d[key], kind)
+            kw[key] = d[key]
+    if mt == "qwen3" and "head_dim" in d and d["head_dim"] is None:
+        raise ValueError("key 'head_dim' is null; Qwen3 needs an integer head_dim (transformers fails on null too)")
+    if d.get("is_causal", True) is not True:
+        raise ValueError(f"key 'is_causal' = {json.dumps(d['is_causal'])} (bidirectional attention) is not supported")
+    if d.get("quantization_config") is not None:
+        raise ValueError("key 'quantization_config': quantized checkpoints are not supported; use a dequantized one")
+    dtype = d.get("dtype", d.get("torch_dtype"))
+    if dtype is not None:
+        from minillm.checkpoint import DTYPES  # one table of dtype names (lazy: checkpoint imports this module)
+        if dtype not in DTYPES:
+            key = "dtype" if "dtype" in d else "torch_dtype"
+            raise ValueError(f"key {key!r}: unknown dtype name {json.dumps(dtype)}; minillm knows {sorted(DTYPES)}")
+    ignored = [k for k in _NOT_READ[mt] if k in d]
+    if mt in ("qwen2", "qwen3"):
+        _refuse_sliding_layers(d, kw["num_hidden_layers"])
+    if d.get("pretraining_tp", 1) != 1:
+        ignored.append("pretraining_tp")  # transformers 4.x split matmuls by it; 5.x no longer reads it
+    rope, rope_ignored = _rope_from_hf(d)
+    kw.update(rope)
+    ignored += rope_ignored
+    read = _HF_KEYS.keys() | _QUIET | (set(_SLIDING) if mt in ("qwen2", "qwen3") else set())
+    ignored += sorted(k for k in d if k not in read)
+    return kw, ignored
+
+
+def _refuse_sliding_layers(d: dict, n_layers: int) -> None:
+    """Qwen2/Qwen3: layer i slides when use_sliding_window and i >= max_window_layers, or as layer_types says."""
+    layer_types = d.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise ValueError(f"key 'layer_types' must be a list of strings, not {json.dumps(layer_types)}")
+        bad = sorted({t for t in layer_types if t != "full_attention"})
+        if bad:
+            raise ValueError(f"key 'layer_types' holds {bad}: only 'full_attention' layers are supported by minillm")
+        return
+    if d.get("use_sliding_window", False) is not False:
+        first = d.get("max_window_layers", 28)
+        if type(first) is not int:
+            raise ValueError(f"key 'max_window_layers' must be an integer, not {json.dumps(first)}")
+        if first < n_layers:  # some layer slides: a different mask that minillm does not implement
+            raise ValueError(f"use_sliding_window=true with max_window_layers {first} < num_hidden_layers {n_layers}: "
+                             "sliding-window attention is not supported by minillm")
+
+
+def _rope_from_hf(d: dict) -> tuple[dict[str, Any], list[str]]:
+    """Legacy top-level `rope_theta` + `rope_scaling` (which wins, as in transformers) or v5 `rope_parameters`
+    -> ({rope_theta, rope_scaling}, ignored key names)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ValueError(f"key {key!r} must be a JSON object or null, not {json.dumps(d[key])}")
+    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     theta = params.pop("rope_theta", d.get("rope_theta", 10000.0))
+    if not _is_number(theta) or theta <= 0:
+        raise ValueError(f"key 'rope_theta' must be a positive number, not {json.dumps(theta)}")
     rope_type = params.pop("rope_type", params.pop("type", "default"))
+    params.pop("type", None)
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{where}: rope type {rope_type!r} is not supported; minillm implements {ROPE_TYPES}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported")
-    params.pop("partial_rotary_factor", None)
-    return {"rope_theta": float(theta), "rope_scaling": None if rope_type == "default" else {"rope_type": rope_type, **params}}
+        raise ValueError(f"rope type {rope_type!r} is not supported; minillm implements {ROPE_TYPES}")
+    partial = params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"key 'partial_rotary_factor' = {json.dumps(partial)}: partial RoPE is not supported")
+    known = ROPE_KEYS.get(rope_type, ())
+    ignored = [f"rope_parameters.{k}" for k in sorted(params) if k not in known]
+    scaling = {k: v for k, v in params.items() if k in known}
+    return {"rope_theta": float(theta), "rope_scaling": None if rope_type == "default" else {"rope_type": rope_type,
+                                                                                             **scaling}}, ignored
 
 
 def _check_rope(rs: dict | None, max_pos: int) -> dict | None:
@@ -170,13 +304,24 @@ def _check_rope(rs: dict | None, max_pos: int) -> dict | None:
     rt = rs.pop("rope_type", rs.pop("type", None))
     if rt not in ROPE_TYPES:
         raise ValueError(f"rope type {rt!r} is not supported; minillm implements {ROPE_TYPES}")
-    need = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+    # yarn without a factor is allowed: transformers derives it as max_position_embeddings / original.
+    need = {"linear": ("factor",), "dynamic": ("factor",), "yarn": (),
             "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rt]
     missing = [k for k in need if rs.get(k) is None]
     if missing:
         raise ValueError(f"rope_scaling of type {rt!r} needs {missing}")
+    for k, v in rs.items():
+        if k == "truncate":
+            if not isinstance(v, bool) and v is not None:
+                raise ValueError(f"rope_scaling key 'truncate' must be true or false, not {json.dumps(v)}")
+        elif v is not None and not _is_number(v):
+            raise ValueError(f"rope_scaling key {k!r} must be a number, not {json.dumps(v)}")
     if rt in ("yarn", "llama3"):
         rs.setdefault("original_max_position_embeddings", max_pos)  # transformers' default, same place
+        if not rs["original_max_position_embeddings"] or rs["original_max_position_embeddings"] <= 0:
+            raise ValueError("rope_scaling key 'original_max_position_embeddings' must be a positive integer")
+    if rt == "yarn":
+        rs.setdefault("factor", None)  # None: derived in the RoPE formula, and written so transformers derives it too
     return {"rope_type": rt, **rs}
 
 

@@ -11,6 +11,7 @@ Shapes: B batch, T new tokens, S = past + T key length, H query heads, K kv head
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,12 +46,14 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: torch.Tensor | None = None) -> tupl
     dim, base = cfg.head_dim, cfg.rope_theta
     rs = cfg.rope_scaling or {"rope_type": "default"}
     kind = rs["rope_type"]
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    device = None if seq_len is None else seq_len.device
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     if kind == "dynamic":
         # NTK-aware: the base grows once the sequence outgrows max_position_embeddings. Computed with the
         # same tensor dtypes as transformers (seq_len is an int tensor, so `base` becomes fp32).
         max_pos = cfg.max_position_embeddings
-        n = max_pos if seq_len is None else torch.maximum(seq_len, torch.tensor(max_pos, dtype=seq_len.dtype))
+        n = max_pos if seq_len is None else torch.maximum(seq_len, torch.tensor(max_pos, dtype=seq_len.dtype,
+                                                                                 device=device))
         base = base * ((rs["factor"] * n / max_pos) - (rs["factor"] - 1)) ** (dim / (dim - 2))
         return 1.0 / (base ** exponents), 1.0
     inv_freq = 1.0 / (base ** exponents)
@@ -75,8 +78,10 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: torch.Tensor | None = None) -> tupl
 
 def _yarn_inv_freq(cfg: ModelConfig, rs: dict) -> tuple[torch.Tensor, float]:
     """YaRN: blend interpolated (low-frequency) and extrapolated (high-frequency) dims with a linear ramp."""
-    dim, base, factor = cfg.head_dim, cfg.rope_theta, rs["factor"]
+    dim, base, factor = cfg.head_dim, cfg.rope_theta, rs.get("factor")
     orig = rs["original_max_position_embeddings"]
+    if factor is None:  # as transformers: the ratio of the extended to the pretraining context
+        factor = cfg.max_position_embeddings / orig
     mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
 
     def get_mscale(scale: float, m: float = 1.0) -> float:
@@ -110,17 +115,29 @@ class RotaryEmbedding(nn.Module):
         self.cfg = cfg
         inv_freq, self.attention_scaling = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
         self.dynamic = (cfg.rope_scaling or {}).get("rope_type") == "dynamic"
+        self.max_seq_len_cached = self.original_max_seq_len = cfg.max_position_embeddings
+
+    def _dynamic_update(self, position_ids: torch.Tensor) -> None:
+        """Dynamic NTK state kept across calls, as transformers' `dynamic_rope_update`: the base grows when a call
+        reaches past the longest length seen so far and *stays* grown for later calls (a decode step after a long
+        prompt uses the grown frequencies); it resets only when a call is shorter than max_position_embeddings."""
+        seq_len = position_ids.max() + 1
+        cached = self.max_seq_len_cached
+        if seq_len > cached:  # growth
+            self.inv_freq = rope_inv_freq(self.cfg, seq_len)[0].to(position_ids.device)
+            self.max_seq_len_cached = seq_len
+        if seq_len < self.original_max_seq_len and cached > self.original_max_seq_len:  # reset
+            self.inv_freq = self.original_inv_freq
+            self.max_seq_len_cached = self.original_max_seq_len
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
         if self.dynamic:
-            seq_len = position_ids.max() + 1
-            if seq_len > self.cfg.max_position_embeddings:  # beyond the trained length: grow the base
-                inv_freq = rope_inv_freq(self.cfg, seq_len.cpu())[0].to(x.device)
+            self._dynamic_update(position_ids)
         # The angle table is built in fp32 even under bf16/autocast: position * freq loses whole turns in
         # bf16 at positions > 256 (transformers PR #29285). Only the final cos/sin are cast down.
-        freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, D/2)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
         cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
         return cos.to(x.dtype), sin.to(x.dtype)
@@ -155,29 +172,77 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, D)
 
 
-def build_mask(attention_mask: torch.Tensor | None, T: int, past: int, dtype: torch.dtype,
-               eager: bool) -> torch.Tensor | None:
-    """The attention mask transformers builds: None when SDPA's own causal flag suffices, else (B, 1, T, S).
+def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) position ids -> (B, T) document index of every token, or None when no row holds several documents.
 
-    Key s is visible from query t iff s <= past + t and s is not padding. SDPA takes it as bool; the eager
-    path adds 0 / dtype-min (never -inf: a fully padded row would give NaN).
+    Packed rows (`DataCollatorWithFlattening`) put several documents in one row with positions restarting at 0
+    per document. A document starts wherever the position does not grow by exactly 1 (transformers'
+    `find_packed_sequence_indices`, the same rule): [0 1 2 0 1 0] -> [0 0 0 1 1 2].
     """
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1  # (B, T)
+    docs = starts.cumsum(-1)
+    return None if bool((docs[:, -1] == 0).all()) else docs
+
+
+def build_mask(attention_mask: torch.Tensor | None, docs: torch.Tensor | None, B: int, T: int, past: int,
+               dtype: torch.dtype, eager: bool) -> torch.Tensor | None:
+    """The attention mask transformers builds (masking_utils.create_causal_mask): None when SDPA's own causal
+    flag suffices, else (B, 1, T, S).
+
+    Key s is visible from query t iff s <= past + t, s is not padding (2-D `attention_mask`), and, in a packed
+    row (`docs`, see `packed_documents`), s is in t's document. SDPA takes it as bool; the eager path adds
+    0 / dtype-min (never -inf: a fully padded row would give NaN). A 4-D mask is the caller's own and is used
+    as given (`check_attention_mask` has vetted it).
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
     S = past + T
-    pad = None if attention_mask is None else attention_mask[:, :S].bool()  # (B, S)
+    pad = None if attention_mask is None else attention_mask.bool()  # (B, S)
     has_pad = pad is not None and not bool(pad.all())
-    if not eager and not has_pad and (T == 1 or T == S):
+    if not eager and docs is None and not has_pad and (T == 1 or T == S):
         return None  # SDPA: is_causal=True (T > 1) or nothing to mask (T == 1)
-    device = pad.device if pad is not None else None
+    device = pad.device if pad is not None else (docs.device if docs is not None else None)
     mask = torch.arange(S, device=device)[None, :] <= (torch.arange(T, device=device) + past)[:, None]  # (T, S)
     mask = mask[None, None]  # (1, 1, T, S)
+    if docs is not None:  # packed row (no cache, so S == T): attend only within the query's own document
+        mask = mask & (docs[:, None, :, None] == docs[:, None, None, :])  # (B, 1, T, T)
     if pad is not None:
         mask = mask & pad[:, None, None, :]
-    B = 1 if attention_mask is None else attention_mask.shape[0]
-    mask = mask.expand(B, 1, T, S)
+    mask = mask.expand(B, 1, T, S)  # a view: one bool per (row, query, key), shared by every head
     if eager:
         zero = torch.zeros((), device=mask.device, dtype=dtype)
         mask = torch.where(mask, zero, torch.finfo(dtype).min)
     return mask
+
+
+def check_attention_mask(attention_mask: torch.Tensor, B: int, H: int, T: int, S: int, dtype: torch.dtype,
+                         eager: bool) -> None:
+    """Refuse, with a sentence, every mask that transformers would misread or crash on.
+
+    Accepted, with transformers' meaning: 2-D (B, S) padding masks of any dtype (nonzero = attend); 4-D
+    (B or 1, H or 1, T, S) masks, either bool (True = attend; sdpa only) or additive float in the model's
+    dtype (0 = attend, a large negative number = masked), used as given.
+    """
+    shape = tuple(attention_mask.shape)
+    supported = ("supported: a 2-D padding mask (batch, past + new tokens) with 1 = attend, or a 4-D mask "
+                 "(batch or 1, heads or 1, new tokens, past + new tokens), bool (True = attend) or additive float "
+                 "in the model's dtype")
+    if attention_mask.dim() == 2:
+        if shape != (B, S):
+            raise ValueError(f"attention_mask of shape {shape} for {B} rows of {S} tokens (cache included); {supported}")
+        return
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask with {attention_mask.dim()} dims (shape {shape}); {supported}")
+    if shape[0] not in (1, B) or shape[1] not in (1, H) or shape[2:] != (T, S):
+        raise ValueError(f"4-D attention_mask of shape {shape} does not fit batch {B}, {H} heads, {T} queries, "
+                         f"{S} keys; {supported}")
+    if attention_mask.dtype == torch.bool:
+        if eager:  # transformers' eager attention *adds* the mask: a bool mask would add 1 to attended scores
+            raise ValueError("a 4-D bool attention_mask with attn_implementation='eager' is not supported "
+                             "(transformers adds it as numbers: True = +1, not a mask); pass an additive float "
+                             "mask (0 = attend, torch.finfo(dtype).min = masked) or use sdpa")
+    elif attention_mask.dtype != dtype:  # ints would be added as numbers; other floats make SDPA raise
+        raise ValueError(f"4-D attention_mask of dtype {attention_mask.dtype} with a {dtype} model; {supported}")
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -197,6 +262,10 @@ class Attention(nn.Module):
         C, H, K, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.layer_idx, self.n_heads, self.n_kv, self.head_dim, self.n_rep = layer_idx, H, K, D, cfg.n_rep
         self.scaling = D ** -0.5
+        # Dropout on the attention probabilities in train mode, as transformers applies `attention_dropout`
+        # (F.dropout after the eager softmax, SDPA's dropout_p): the same calls in the same order, so the same
+        # seed draws the same masks on both sides.
+        self.attention_dropout = cfg.attention_dropout
         self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(C, K * D, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(C, K * D, bias=cfg.qkv_bias)
@@ -223,6 +292,7 @@ class Attention(nn.Module):
                 att = att + mask
             # softmax in fp32 whatever the activation dtype; cast back before multiplying by v
             att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
+            att = F.dropout(att, p=self.attention_dropout if self.training else 0.0, training=self.training)
             y = torch.matmul(att, v)  # (B, H, T, D)
         else:
             y = self._sdpa(q, k, v, mask, T)
@@ -230,18 +300,32 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
     def _sdpa(self, q, k, v, mask, T):
-        # The same SDPA call transformers makes, so the same CPU kernel runs and fp32 results match bit for
-        # bit: GQA natively when there is no mask, repeated kv heads otherwise.
-        kw = {}
+        # The same SDPA call transformers makes (integrations/sdpa_attention.py), so the same CPU kernel runs and
+        # fp32 results match bit for bit: GQA natively when there is no mask; with a mask, one decoding query
+        # packs its heads per kv head ("pack_gqa"), longer queries repeat the kv heads.
+        kw, B, H, D = {}, q.shape[0], q.shape[1], q.shape[3]
+        packed = False
         if self.n_rep > 1:
             if mask is None and self.head_dim <= 256:
                 kw["enable_gqa"] = True
+            elif T == 1:
+                packed = True
+                q = q.reshape(B, H // self.n_rep, self.n_rep, D)  # (B, K, n_rep, D): heads sharing a kv head as queries
+                if mask.shape[1] != 1:
+                    mask = mask.reshape(mask.shape[0], H // self.n_rep, self.n_rep, mask.shape[-1])
             else:
                 k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         is_causal = T > 1 and mask is None
         if is_causal and k.shape[2] > T:
             k, v = k[:, :, :T], v[:, :, :T]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, is_causal=is_causal, **kw)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, is_causal=is_causal,
+                                           dropout_p=self.attention_dropout if self.training else 0.0, **kw)
+        return y.reshape(B, H, T, D) if packed else y
+
+
+# `hidden_act` names as transformers' ACT2FN spells them, each the same torch call transformers makes
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+               "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 class MLP(nn.Module):
@@ -251,9 +335,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(C, I, bias=b)
         self.up_proj = nn.Linear(C, I, bias=b)
         self.down_proj = nn.Linear(I, C, bias=b)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU with silu
 
 
 class DecoderLayer(nn.Module):
@@ -339,15 +424,29 @@ class CausalLM(nn.Module):
         `**kwargs` is accepted on purpose: the HF Trainer passes `num_items_in_batch` (the token count of the
         whole accumulated batch) only to models whose forward takes **kwargs, and without it the loss under
         gradient accumulation differs from transformers'.
+
+        Masks are transformers' (masking_utils): `attention_mask` is a 2-D padding mask or a 4-D mask used as
+        given (see `check_attention_mask`). Packed rows: with no `attention_mask` and no `cache` (transformers'
+        `use_cache=False`), `position_ids` that restart mark document boundaries and each token attends only
+        within its own document (`packed_documents`); with a cache, transformers does not look for packing and
+        neither do we.
         """
         B, T = input_ids.shape
         past = 0 if cache is None else cache.length
         if position_ids is None:  # as transformers: ignores padding; left-padded callers pass cumsum(mask) - 1
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+        elif position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != T:
+            raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} for input_ids of shape {(B, T)}; "
+                             f"expected ({B} or 1, {T})")
         h = self.model.embed_tokens(input_ids)  # (B, T, C)
         eager = self.attn_implementation == "eager"
         fuse = self.fused and self.training and torch.is_grad_enabled()
-        mask = build_mask(attention_mask, T, past, h.dtype, eager)
+        docs = None
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, B, self.config.num_attention_heads, T, past + T, h.dtype, eager)
+        elif cache is None and T > 1:
+            docs = packed_documents(position_ids.expand(B, T))  # (B, T) or None: one document per row
+        mask = build_mask(attention_mask, docs, B, T, past, h.dtype, eager)
         cos, sin = self.model.rotary_emb(h, position_ids)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and i % self._ckpt_every == 0:
@@ -375,6 +474,10 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing = True
         self._ckpt_every = every_n_layers
         self._ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        # as transformers: the embedding output requires grad, or re-entrant checkpointing differentiates
+        # nothing behind a frozen embedding (LoRA). See minillm.lora.enable_input_require_grads.
+        from minillm.lora import enable_input_require_grads
+        enable_input_require_grads(self)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
                                       every_n_layers: int = 1, offload: bool = False) -> None:

@@ -80,9 +80,9 @@ def test_family_switches():
 @pytest.mark.parametrize("bad,match", [
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope type 'longrope' is not supported"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0}, "use_sliding_window"),
     ({"num_key_value_heads": 3}, "multiple of"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_act": "gelu_new"}, "hidden_act"),
 ])
 def test_config_errors_are_clear(tmp_path, bad, match):
     d = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
