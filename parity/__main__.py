@@ -3,6 +3,7 @@
     python -m parity              # the standard budget (a few minutes on 2 cores)
     python -m parity --budget 3   # 3x more hypothesis-drawn configs per check
     python -m parity --only model # one area: model, data, lora
+    python -m parity --only model --rows generate --budget 0.3   # a subset, quickly
 """
 
 from __future__ import annotations
@@ -12,21 +13,27 @@ import importlib
 import sys
 import time
 
-from parity.harness import format_table
+from parity.harness import format_table, select_rows, selected
 
-AREAS = ("model", "data", "lora")  # parity/model.py, parity/data.py, parity/lora.py: each has rows(budget)
+AREAS = ("model", "data", "lora", "generate")  # parity/<area>.py: each has rows(budget)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=1.0, help="multiplier on the number of drawn configs")
     ap.add_argument("--only", choices=AREAS, action="append", help="run only these areas")
+    ap.add_argument("--rows", action="append", metavar="TEXT",
+                    help="only checks whose name contains TEXT (case-insensitive, repeatable); other drawn checks "
+                         "are not run (what `python -m parity.mutants` uses to run a subset quickly)")
     args = ap.parse_args(argv)
+    select_rows(args.rows)
 
     rows, t0 = [], time.perf_counter()
     for area in args.only or AREAS:
         module = importlib.import_module(f"parity.{area}")
         for row in module.rows(args.budget):
+            if not selected(row.check):
+                continue
             rows.append(row)
             print(f"[{len(rows):2d}] {row.verdict:4s} {row.check:<38s} max|Δ|={row.max_delta:.2e} "
                   f"tol={row.tolerance:.0e} configs={row.configs} ({row.seconds:.1f}s)", flush=True)

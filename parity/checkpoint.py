@@ -1,11 +1,16 @@
-"""`python -m parity.checkpoint DIR`: check minillm against transformers on a checkpoint you downloaded.
+"""`python -m parity.checkpoint DIR`: check minillm against transformers on a checkpoint you trained or downloaded.
 
     python -m parity.checkpoint ~/models/Qwen3-0.6B              # fp32, 2 prompts, 32 greedy tokens
     python -m parity.checkpoint ~/models/Llama-3.2-1B --dtype bfloat16 --new-tokens 16
+    python -m parity.checkpoint out/pretrain --adapter out/sft   # a LoRA adapter on its base: minillm vs peft
 
 Loads DIR twice — with `minillm.CausalLM.from_pretrained` and with `transformers.AutoModelForCausalLM`
-(local files only, no remote code) — then compares logits on non-padded positions of a left-padded batch,
-the loss, and greedy generation. Exit code 0 when every row passes.
+(local files only, no remote code), plus the adapter (`minillm.lora.load_adapter` / `peft.PeftModel`) —
+then compares logits on non-padded positions of a left-padded batch, the loss, and greedy generation.
+Both sides generate under the same rules: the checkpoint's eos ids (its generation_config.json, else
+config.json) stop a row, a stopped row is filled with the same pad id, and nothing else from the
+checkpoint's generation_config.json (sampling, repetition penalty, ...) applies. Exit code 0 when every
+row passes.
 """
 
 from __future__ import annotations
@@ -13,61 +18,133 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 from minillm import CausalLM
+from minillm.generate import adapter_instead_of_model
 from parity.harness import Row, fixed_check, format_table
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 
-def compare(path: str, dtype: torch.dtype = torch.float32, new_tokens: int = 32, seq_len: int = 24,
-            seed: int = 0) -> list[Row]:
-    t0 = time.perf_counter()
+def generation_rules(ref) -> tuple[list[int], int]:
+    """(eos ids, pad id) as transformers would use them for `ref`: generation_config first, then config;
+    pad falls back to the first eos id (transformers' own fallback), then 0."""
+    eos = ref.generation_config.eos_token_id
+    if eos is None:
+        eos = ref.config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = ref.generation_config.pad_token_id
+    if pad is None:
+        pad = ref.config.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, int(pad)
+
+
+def greedy_both(ours, ref, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos: list[int],
+                pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation on both sides with identical stopping and padding rules."""
+    # A fresh GenerationConfig: the checkpoint's generation_config.json may ask for sampling or a
+    # repetition penalty, which minillm's generate does not have; eos and pad are passed explicitly.
+    ref.generation_config = transformers.GenerationConfig()
+    ga = ours.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
+    gb = ref.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
+                      pad_token_id=pad)
+    return ga, gb
+
+
+def token_mismatches(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Differing token ids; a length difference counts every position only one side has."""
+    n = max(a.shape[1], b.shape[1])
+    pad = lambda x: torch.nn.functional.pad(x, (0, n - x.shape[1]), value=-1)
+    return float((pad(a) != pad(b)).sum().item())
+
+
+def eos_stops(out: torch.Tensor, prompt_len: int, eos: list[int]) -> list[int | None]:
+    """Per row, the index of the first generated eos token (None: the row never stopped)."""
+    new = out[:, prompt_len:]
+    hit = torch.isin(new, torch.tensor(eos, dtype=new.dtype)) if eos else torch.zeros_like(new, dtype=torch.bool)
+    return [int(h.nonzero()[0]) if h.any() else None for h in hit]
+
+
+def _load_pair(path: str, adapter: str | None, dtype: torch.dtype):
     ours = CausalLM.from_pretrained(path, dtype=dtype).eval()
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                             trust_remote_code=False).eval()
+    if adapter:
+        import peft
+
+        from minillm.lora import load_adapter
+        load_adapter(ours, adapter)
+        ref = peft.PeftModel.from_pretrained(ref, adapter, is_trainable=False).eval()
+    return ours, ref
+
+
+def compare(path: str, dtype: torch.dtype = torch.float32, new_tokens: int = 32, seq_len: int = 24,
+            seed: int = 0, adapter: str | None = None) -> list[Row]:
+    t0 = time.perf_counter()
+    ours, ref = _load_pair(path, adapter, dtype)
     cfg = ours.config
+    eos, pad = generation_rules(ref)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (2, seq_len), generator=g)
     mask = torch.ones_like(ids)
     mask[1, : seq_len // 3] = 0  # second row left-padded
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     ids = ids.masked_fill(mask == 0, pad)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     labels = ids.masked_fill(mask == 0, -100)
     keep = mask.bool()
     with torch.no_grad():
         a = ours(ids, attention_mask=mask, position_ids=pos, labels=labels)
-        b = ref(ids, attention_mask=mask, position_ids=pos, labels=labels)
+        b = ref(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
         d_logits = (a.logits.float() - b.logits.float())[keep].abs().max().item()
         d_loss = (a.loss - b.loss).abs().item()
-        ga = ours.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=pad)
-        gb = ref.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                          min_new_tokens=new_tokens, pad_token_id=pad)
-    mismatches = float((ga != gb).sum().item()) if ga.shape == gb.shape else float(ga.numel())
+        ga, gb = greedy_both(ours, ref, ids, mask, new_tokens, eos, pad)
+        if adapter:  # merged into the base weights, minillm must still give peft's (unmerged) logits
+            from minillm.lora import merge_and_unload
+            merged = merge_and_unload(ours)(ids, attention_mask=mask, position_ids=pos).logits.float()
+            d_merged = (merged - b.logits.float())[keep].abs().max().item()
+    stops = eos_stops(gb, seq_len, eos)
+    note = (f"eos {eos}, pad {pad}: {sum(s is not None for s in stops)}/{len(stops)} rows stopped at eos "
+            f"(steps {', '.join('-' if s is None else str(s) for s in stops)})")
     low = dtype != torch.float32
-    ref_name = f"transformers {transformers.__version__}"
-    return [
-        fixed_check(f"logits ({cfg.model_type}, {str(dtype)[6:]})", ref_name, "bf16_logits" if low else "logits",
-                    [d_logits], t0=t0),
+    ref_name = f"transformers {transformers.__version__}" + (" + peft" if adapter else "")
+    what = f"{cfg.model_type}, {str(dtype)[6:]}" + (", LoRA adapter" if adapter else "")
+    rows = [
+        fixed_check(f"logits ({what})", ref_name, "bf16_logits" if low else "logits", [d_logits], t0=t0),
         fixed_check("loss", ref_name, "bf16_logits" if low else "loss", [d_loss]),
-        fixed_check(f"greedy generate {new_tokens} tokens (mismatches)", ref_name, "generate", [mismatches]),
+        fixed_check(f"greedy generate {new_tokens} tokens, eos stops (mismatches)", ref_name, "generate",
+                    [token_mismatches(ga, gb)], note=note),
     ]
+    if adapter:
+        rows.append(fixed_check("LoRA merged into the base (logits)", ref_name, "bf16_logits" if low else "lora_merged",
+                                [d_merged]))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parity.checkpoint", description=__doc__.splitlines()[0])
     ap.add_argument("path", help="HF checkpoint directory (config.json + *.safetensors) of a llama/qwen2/qwen3 model")
+    ap.add_argument("--adapter", help="peft-format LoRA adapter directory to check on top of PATH")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=24)
     args = ap.parse_args(argv)
-    print(f"comparing minillm and transformers on {args.path} ({args.dtype}) ...", flush=True)
-    rows = compare(args.path, getattr(torch, args.dtype), args.new_tokens, args.seq_len)
+    hint = adapter_instead_of_model(args.path, flag="PATH", command="python -m parity.checkpoint {base} --adapter {path}")
+    if hint:
+        ap.error(hint)
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        ap.error(f"--adapter {args.adapter}: no adapter_config.json there (not a peft-format LoRA adapter)")
+    if args.new_tokens < 1 or args.seq_len < 3:
+        ap.error("--new-tokens must be >= 1 and --seq-len >= 3")
+    print(f"comparing minillm and transformers on {args.path}"
+          + (f" + adapter {args.adapter}" if args.adapter else "") + f" ({args.dtype}) ...", flush=True)
+    rows = compare(args.path, getattr(torch, args.dtype), args.new_tokens, args.seq_len, adapter=args.adapter)
     print(format_table(rows))
     return 0 if all(r.passed for r in rows) else 1
 

@@ -12,7 +12,11 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "grads": (1e-5, "fp32 backward sums over batch*seq; reduction order may differ by a few ulps"),
     "fused_loss": (2e-6, "fused training path: chunked logits GEMMs, another summation order: ~1 ulp of a loss near 10"),
     "fused_grads": (1e-5, "fused loss: the same gradient formula (softmax - onehot), chunked GEMMs reorder the sums"),
+    "packed_alone": (1e-6, "packed row vs each document alone, relative to max |logit|: a padded-out key set changes "
+                     "SDPA/matmul blocking, ~1 ulp (transformers gives the same packed logits to the bit)"),
     "generate": (0.0, "greedy decoding must pick the same token ids"),
+    "warpers": (0.0, "temperature/top-k/top-p: the same tensor ops as transformers' warpers, so the same kept set and values"),
+    "sampling": (0.0, "same warped probabilities, same torch.multinomial calls on the same RNG: the same tokens"),
     "checkpoint": (1e-6, "same weights after a save/load round trip: logits must agree as above"),
     "bf16_logits": (5e-2, "bf16 has 8 mantissa bits: ~4e-3 relative per op, accumulated over layers"),
     "chunk": (0.0, "integer token ids: exact"),
@@ -21,6 +25,8 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "lora_grads": (1e-6, "fp32 gradients of every lora_A/lora_B"),
     "lora_merged": (1e-6, "fp32 W + B@A*scaling, same order as peft"),
     "lora_init": (0.0, "same seed, same random draws in the same order as peft: identical A matrices"),
+    "lora_merge_gap": (1e-6, "merged W' x vs W x + B(A x) s: one more rounding of the folded weight (measured 1e-7)"),
+    "lora_ckpt": (0.0, "activation checkpointing recomputes the same ops with the same dropout masks: bit-identical"),
     "gpu_bf16_logits": (5e-2, "parity.gpu, bf16 on CUDA: as bf16_logits; not yet measured on a GPU (none lent so far)"),
     "gpu_error_ratio": (1.5, "parity.gpu: minillm's RMS error vs fp32 at most 1.5x transformers' in the same dtype (issue 9)"),
 }
