@@ -5,10 +5,17 @@ model of the same architecture holding the same state dict (`load_state_dict(str
 `peft.get_peft_model`. Adapter weights are randomised on the peft side (B = 0 would hide most bugs)
 and copied over by name: peft's `X.lora_A.default.weight` is minillm's `X.lora_A.weight`.
 
-Rows: property checks over hypothesis-drawn cases (model shape and type, r, alpha, targets, rsLoRA,
-DoRA, modules_to_save, dropout > 0 in eval mode), fixed named variants, and file interop both ways
-(adapter trained with one library, saved, loaded by the other; merge -> save_pretrained -> plain
+Rows: property checks over hypothesis-drawn cases (model shape and type, r, alpha, targets incl. a
+tied lm_head, rsLoRA, DoRA, modules_to_save, dropout > 0 in eval mode or in train mode under the
+same seed), fixed named variants, activation checkpointing (re-entrant and not, frozen embeddings:
+grads vs peft under transformers' checkpointing, and vs minillm without it), and file interop both
+ways (adapter trained with one library, saved, loaded by the other; merge -> save_pretrained -> plain
 transformers load).
+
+One deliberate difference: LoRA on a tied lm_head. peft 0.21 merges into the weight it shares with
+embed_tokens (warning that this "can lead to complications" and advising to untie first), so its
+merged model differs from its unmerged one; minillm unties by itself. The merged rows untie peft's
+lm_head before its merge (its advice), and a separate row checks minillm's merged == unmerged.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ TARGET_SETS = {
     "mlp-suffix": ["mlp.gate_proj", "up_proj", "down_proj"],  # dotted suffix and plain names
     "regex": r".*\.layers\.0\.self_attn\.(q|k)_proj",
     "all-linear": "all-linear",
+    "qv+lm_head": ["q_proj", "v_proj", "lm_head"],  # lm_head may be tied to embed_tokens
 }
 
 
@@ -53,6 +61,8 @@ class Case:
     rslora: bool = False
     dora: bool = False
     dropout: float = 0.0
+    train: bool = False  # train mode: dropout active, both sides seeded the same (same masks, same order)
+    ckpt: str = ""  # "", "reentrant", "non-reentrant": activation checkpointing on both sides (train mode)
 
 
 def _lora_config(case: Case) -> ml.LoraConfig:
@@ -99,7 +109,7 @@ def lora_pair(case: Case, seed: int = 0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(ref, _peft_config(case))
-    ml.apply_lora(ours, _lora_config(case), verbose=False)
+        ml.apply_lora(ours, _lora_config(case), verbose=False)  # both warn about a tied lm_head target
     g = torch.Generator().manual_seed(seed + 1)
     mine = dict(ours.named_parameters())
     with torch.no_grad():
@@ -123,13 +133,37 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
+def tied_lm_head_target(case: Case) -> bool:
+    targets = TARGET_SETS[case.targets]
+    saved = case.modules_to_save  # a saved lm_head is not a LoRA target; a saved embed_tokens is untied anyway
+    return case.tie and isinstance(targets, list) and "lm_head" in targets and not saved
+
+
+def enable_checkpointing(ours, pm, mode: str) -> None:
+    """Activation checkpointing on both sides as the HF Trainer enables it (model.activation_checkpointing_enable)."""
+    kwargs = {"use_reentrant": mode == "reentrant"}
+    ours.activation_checkpointing_enable(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.base_model.model.activation_checkpointing_enable(kwargs)
+
+
 def measure_all(case: Case, seed: int = 0) -> dict[str, float]:
-    """max |Δ| of logits, of every trainable parameter's gradient, and of the merged weights."""
+    """max |Δ| of logits, of every trainable parameter's gradient, and of the merged weights and logits."""
     ours, pm = lora_pair(case, seed)
-    ours.eval(), pm.eval()  # eval: dropout > 0 must then be inactive on both sides
     x = _inputs(case, seed)
-    out_o, out_r = ours(x, labels=x), pm(input_ids=x, labels=x)
-    logits = _max_abs(out_o.logits, out_r.logits)
+    with torch.no_grad():  # eval: dropout > 0 must then be inactive on both sides
+        ours.eval(), pm.eval()
+        eval_delta = _max_abs(ours(x).logits, pm(input_ids=x).logits)
+    if case.ckpt:
+        enable_checkpointing(ours, pm, case.ckpt)
+    if case.train or case.ckpt:
+        ours.train(), pm.train()
+    torch.manual_seed(seed + 4)  # the same dropout masks on both sides (drawn in the same order)
+    out_o = ours(x, labels=x)
+    torch.manual_seed(seed + 4)
+    out_r = pm(input_ids=x, labels=x)
+    logits = max(eval_delta, _max_abs(out_o.logits, out_r.logits))
     out_o.loss.backward()
     out_r.loss.backward()
     ref_grads = {peft_to_minillm_name(n): p.grad for n, p in pm.named_parameters() if p.requires_grad}
@@ -138,14 +172,23 @@ def measure_all(case: Case, seed: int = 0) -> dict[str, float]:
         grads = float("inf")  # not the same trainable parameters: fail loudly
     else:
         grads = max(_max_abs(our_grads[n], ref_grads[n]) for n in our_grads)
+    if tied_lm_head_target(case):
+        # peft would merge into the weight lm_head shares with embed_tokens, moving the embedding too; untie its
+        # lm_head first, as peft's own warning advises. minillm does that by itself (module docstring).
+        lm_head = pm.base_model.model.lm_head.base_layer
+        lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merged_ref = pm.merge_and_unload().state_dict()
-    merged_ours = ml.merge_and_unload(ours).state_dict()
+        merged_ref_model = pm.merge_and_unload()
+        merged_model = ml.merge_and_unload(ours)
+    merged_ref, merged_ours = merged_ref_model.state_dict(), merged_model.state_dict()
     if set(merged_ref) != set(merged_ours):
         merged = float("inf")
     else:
         merged = max(_max_abs(merged_ours[k], merged_ref[k]) for k in merged_ours)
+    with torch.no_grad():  # and the merged models' logits (a merge that moved a tied embedding shows here)
+        merged_model.eval(), merged_ref_model.eval()
+        merged = max(merged, _max_abs(merged_model(x).logits, merged_ref_model(x).logits))
     return {"logits": logits, "grads": grads, "merged": merged}
 
 
@@ -163,7 +206,7 @@ def cases(draw) -> Case:
         tie=draw(st.booleans()), r=draw(st.integers(1, 8)), alpha=draw(st.sampled_from([1, 4, 8, 16, 32])),
         targets=targets,
         modules_to_save=mts, rslora=draw(st.booleans()), dora=draw(st.booleans()),
-        dropout=draw(st.sampled_from([0.0, 0.1])),
+        dropout=draw(st.sampled_from([0.0, 0.1])), train=draw(st.booleans()),
     )
 
 
@@ -176,7 +219,62 @@ NAMED = {
                                              modules_to_save=("lm_head",)),
     "regex, qwen3, dropout 0.1 (eval)": Case(model_type="qwen3", targets="regex", dropout=0.1),
     "mlp suffixes, tied, dora+rslora": Case(targets="mlp-suffix", tie=True, dora=True, rslora=True),
+    "tied lm_head targeted": Case(targets="qv+lm_head", tie=True, train=True),
+    "tied lm_head targeted, dora, qwen3": Case(model_type="qwen3", targets="qv+lm_head", tie=True, dora=True),
+    "train mode dropout 0.2, dora all-linear": Case(targets="all-linear", dora=True, dropout=0.2, train=True),
 }
+
+# Activation checkpointing with frozen embeddings (nothing before the first layer requires grad) in both
+# torch modes; dropout active in train mode, so the recomputation must replay the same masks.
+CKPT = {
+    f"{mode}, {label}": Case(ckpt=mode, **kw)
+    for mode in ("reentrant", "non-reentrant")
+    for label, kw in (("q/v", {}),
+                      ("all-linear dora + lm_head saved, dropout 0.1", dict(targets="all-linear", dora=True,
+                                                                             modules_to_save=("lm_head",),
+                                                                             dropout=0.1)))
+}
+
+
+TIED = {
+    "q/v + lm_head": Case(targets="qv+lm_head", tie=True),
+    "dora q/v + lm_head, qwen3": Case(model_type="qwen3", targets="qv+lm_head", tie=True, dora=True),
+    "rslora q/v + lm_head, qwen2, vocab 97": Case(model_type="qwen2", targets="qv+lm_head", tie=True, rslora=True,
+                                                  vocab=97),
+}
+
+
+def merge_gap(case: Case, seed: int = 0) -> float:
+    """minillm's logits after merge_and_unload vs before: max |Δ| (merging into a tied weight moved the embedding
+    by the whole update before minillm untied it: |Δ| ~ 1)."""
+    ours, _ = lora_pair(case, seed)
+    x = _inputs(case, seed)
+    ours.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unmerged = ours(x).logits
+        return _max_abs(ml.merge_and_unload(ours)(x).logits, unmerged)
+
+
+def ckpt_vs_plain(case: Case, seed: int = 0) -> float:
+    """minillm with checkpointing vs without: max |Δ| over loss and every trainable gradient (exact expected)."""
+    ours, _ = lora_pair(case, seed)
+    x = _inputs(case, seed)
+    ours.train()
+    results = []
+    for mode in ("", case.ckpt):
+        if mode:
+            ours.activation_checkpointing_enable({"use_reentrant": mode == "reentrant"})
+        ours.zero_grad(set_to_none=True)
+        torch.manual_seed(seed + 4)
+        loss = ours(x, labels=x).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+        if any(g is None for g in grads.values()):
+            return float("inf")  # a LoRA weight the checkpointed backward did not reach
+        results.append((loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+    return max(_max_abs(l0, l1), *(_max_abs(g0[n], g1[n]) for n in g0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,6 +350,7 @@ INTEROP = {
     "dora all-linear + lm_head": Case(targets="all-linear", dora=True, modules_to_save=("lm_head",)),
     "rslora regex qwen3, tied + lm_head": Case(model_type="qwen3", targets="regex", rslora=True, tie=True,
                                                modules_to_save=("lm_head",), dropout=0.1),
+    "tied lm_head targeted": Case(targets="qv+lm_head", tie=True),
 }
 
 
@@ -297,6 +396,15 @@ def rows(budget: float = 1.0):
                           [r[key] for r in results.values()])
         row.seconds = secs
         yield row
+    ckpt = CKPT if budget >= 1 else {k: v for k, v in CKPT.items() if "dora" in k}
+    t0 = time.perf_counter()
+    ckpt_results = {label: measure_all(case)["grads"] for label, case in ckpt.items()}
+    yield fixed_check(f"lora grads, activation checkpointing ({len(ckpt)} cases)", REFERENCE + " + checkpointing",
+                      "lora_grads", list(ckpt_results.values()), t0=t0)
+    yield _fixed("lora loss+grads: checkpointing == none", "lora_ckpt", ckpt_vs_plain, ckpt,
+                 "minillm without checkpointing")
+    yield _fixed("lora on tied lm_head: merged == unmerged", "lora_merge_gap", merge_gap, TIED,
+                 "minillm unmerged")
     yield _fixed("lora init: same seed -> same A as peft", "lora_init", init_same_seed,
                  {"all-linear dora": NAMED["dora all-linear + lm_head, qwen2"], "q/v": Case()})
     interop = INTEROP if budget >= 1 else dict(list(INTEROP.items())[1:2])

@@ -25,7 +25,7 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "lora_grads": (1e-6, "fp32 gradients of every lora_A/lora_B"),
     "lora_merged": (1e-6, "fp32 W + B@A*scaling, same order as peft"),
     "lora_init": (0.0, "same seed, same random draws in the same order as peft: identical A matrices"),
-    "lora_merge_gap": (1e-6, "merged W' x vs W x + B(A x) s: one more rounding of the folded weight (measured 1e-7)"),
+    "lora_merge_gap": (1e-6, "merged W' x vs W x + B(A x) s rounds differently: measured <= 8.3e-7, as peft's own merge untied"),
     "lora_ckpt": (0.0, "activation checkpointing recomputes the same ops with the same dropout masks: bit-identical"),
     "gpu_bf16_logits": (5e-2, "parity.gpu, bf16 on CUDA: as bf16_logits; not yet measured on a GPU (none lent so far)"),
     "gpu_error_ratio": (1.5, "parity.gpu: minillm's RMS error vs fp32 at most 1.5x transformers' in the same dtype (issue 9)"),

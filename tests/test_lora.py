@@ -22,12 +22,12 @@ from parity import lora as pl
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tiny_model(seed: int = 0, **overrides) -> CausalLM:
+def tiny_model(seed: int = 0, fused: bool = True, **overrides) -> CausalLM:
     torch.manual_seed(seed)
     cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2)
     cfg.update(overrides)
-    return CausalLM(ModelConfig(**cfg))
+    return CausalLM(ModelConfig(**cfg), fused=fused)
 
 
 def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
@@ -42,7 +42,7 @@ def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
 
 def test_parity_rows_small_budget():
     rows = list(pl.rows(budget=0.25))
-    assert len(rows) == 10
+    assert len(rows) == 13
     for row in rows:
         assert row.configs > 0, row.check
         assert row.passed, f"{row.check}: max|Δ|={row.max_delta:.3g} > {row.tolerance:g} {row.note}"
@@ -209,9 +209,63 @@ def test_enable_input_require_grads():
     model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].requires_grad))
     model(torch.randint(0, 64, (1, 4)))
     handle = ml.enable_input_require_grads(model)
+    assert ml.enable_input_require_grads(model) is handle  # idempotent: one hook
     model(torch.randint(0, 64, (1, 4)))
-    handle.remove()
-    assert seen == [False, True]
+    ml.disable_input_require_grads(model)
+    model(torch.randint(0, 64, (1, 4)))
+    assert seen == [False, True, False]
+
+
+def _loss_and_grads(model, x, seed=5):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same dropout masks
+    loss = model(x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("order", ["lora-then-checkpointing", "checkpointing-then-lora"])
+def test_checkpointing_grads_equal_plain(reentrant, order):
+    """Frozen embeddings, dropout active: checkpointed LoRA grads are bit-identical to the plain ones, in the
+    Trainer's order (apply_lora, then activation_checkpointing_enable) and in peft's (checkpointing first)."""
+    cfg = ml.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.2, use_dora=True,
+                        modules_to_save=["lm_head"])  # a trainable lm_head: no error, LoRA grads would just be None
+    x = torch.randint(0, 64, (2, 7))
+    plain, ckpt = tiny_model(fused=False), tiny_model(fused=False)  # same seed: same weights
+    kwargs = {"use_reentrant": reentrant}
+    if order == "checkpointing-then-lora":
+        ckpt.activation_checkpointing_enable(kwargs)
+    for m in (plain, ckpt):
+        torch.manual_seed(0)
+        ml.apply_lora(m, cfg, verbose=False)
+        randomize_adapters(m)
+        m.train()
+    if order == "lora-then-checkpointing":
+        ckpt.activation_checkpointing_enable(kwargs)
+    assert not ckpt.model.embed_tokens.weight.requires_grad
+    l0, g0 = _loss_and_grads(plain, x)
+    l1, g1 = _loss_and_grads(ckpt, x)
+    assert torch.equal(l0, l1)
+    assert set(g0) == set(g1) and all(g is not None for g in g1.values())
+    assert len([n for n in g1 if ".lora_" in n]) == 2 * 7 * 3  # A, B, m of 7 Linears in 2 layers
+    for n in g0:
+        assert torch.equal(g0[n], g1[n]), n
+
+
+def test_reentrant_without_input_grads_is_what_the_hook_fixes():
+    """The failure the hook exists for, so the test above can fail: without it re-entrant checkpointing over
+    a frozen embedding gives a loss without grad_fn (the error users saw)."""
+    model = tiny_model(fused=False)
+    ml.apply_lora(model, ml.LoraConfig(), verbose=False)
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    ml.disable_input_require_grads(model)
+    model.train()
+    x = torch.randint(0, 64, (1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "None of the inputs have requires_grad=True"
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            model(x, labels=x).loss.backward()
 
 
 def test_merge_and_unload_returns_plain_model():
@@ -316,3 +370,160 @@ def test_error_bad_config_and_targets():
         ml.apply_lora(model, ml.LoraConfig(), verbose=False)
     with pytest.raises(ValueError, match="modules_to_save"):
         ml.apply_lora(tiny_model(), ml.LoraConfig(modules_to_save=["score"]), verbose=False)
+
+
+# ---- LoRA on a tied lm_head -----------------------------------------------------------------------------
+
+def _tied_lm_head_model(dora: bool = False) -> CausalLM:
+    model = tiny_model(fused=False, tie_word_embeddings=True)
+    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with \['model\.embed_tokens'\]"):
+        ml.apply_lora(model, ml.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], use_dora=dora),
+                      verbose=False)
+    randomize_adapters(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_tied_lm_head_merge_keeps_embedding_and_logits(dora, tmp_path):
+    model = _tied_lm_head_model(dora)
+    embed = model.model.embed_tokens.weight
+    assert model.lm_head.base_layer.weight is embed  # still tied while training: no extra copy
+    before = embed.detach().clone()
+    x = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        unmerged = model(x).logits
+        with pytest.warns(UserWarning, match="untied from the input embedding"):
+            merged = ml.merge_and_unload(model)
+        assert torch.equal(merged.model.embed_tokens.weight, before)  # the merge did not move the embedding
+        assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+        assert merged.config.tie_word_embeddings is False
+        torch.testing.assert_close(merged(x).logits, unmerged, atol=1e-6, rtol=0)
+        merged.save_pretrained(tmp_path)  # now stores lm_head.weight: the reload is the merged model
+        torch.testing.assert_close(CausalLM.from_pretrained(tmp_path).eval()(x).logits, unmerged, atol=1e-6, rtol=0)
+
+
+def test_tied_lm_head_layer_merge_and_unmerge():
+    """LoRALinear.merge() on its own unties too; unmerge() restores lm_head's values, the embedding never moved."""
+    model = _tied_lm_head_model()
+    before = model.model.embed_tokens.weight.detach().clone()
+    model.lm_head.merge()
+    assert torch.equal(model.model.embed_tokens.weight, before)
+    assert (model.lm_head.base_layer.weight - before).abs().max() > 1e-3
+    model.lm_head.unmerge()
+    assert (model.lm_head.base_layer.weight - before).abs().max() <= 1e-6
+
+
+def test_tied_lm_head_adapter_files_match_peft(tmp_path):
+    import peft
+    case = pl.Case(targets="qv+lm_head", tie=True)
+    ours, ref = pl.base_models(case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml.apply_lora(ours, pl._lora_config(case), verbose=False)
+        peft.get_peft_model(ref, pl._peft_config(case)).save_pretrained(tmp_path / "peft")
+    ml.save_adapter(ours, tmp_path / "ours")
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft"))
+    assert "base_model.model.lm_head.base_layer.weight" in b  # peft saves a targeted lm_head's base weight
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) or "lora_A" in k for k in a)
+    with pytest.warns(UserWarning, match="shares its weight"):
+        ml.load_adapter(pl.base_models(case)[0], tmp_path / "peft")  # and minillm loads peft's file
+
+
+# ---- adapter_config.json and LoraConfig validation ------------------------------------------------------
+
+BAD_CONFIG_VALUES = [  # (key, value written to adapter_config.json, what the error must say)
+    ("r", "8", r"'r' must be a positive integer, got '8'"),
+    ("r", 4.0, r"'r' must be a positive integer"),
+    ("r", 0, r"'r' must be a positive integer"),
+    ("r", -2, r"'r' must be a positive integer"),
+    ("r", True, r"'r' must be a positive integer"),
+    ("lora_alpha", "16", r"'lora_alpha' must be a finite number, got '16'"),
+    ("lora_alpha", "NaN", r"'lora_alpha' must be a finite number"),
+    ("lora_alpha", float("nan"), r"'lora_alpha' must be a finite number, got nan"),  # json writes NaN
+    ("lora_alpha", float("inf"), r"'lora_alpha' must be a finite number"),
+    ("lora_alpha", None, r"'lora_alpha' must be a finite number"),
+    ("lora_dropout", 1.5, r"'lora_dropout' must be a number in \[0, 1\)"),
+    ("lora_dropout", "0.1", r"'lora_dropout' must be a number"),
+    ("target_modules", 3, r"'target_modules' must be a string or a list of strings"),
+    ("target_modules", ["q_proj", 1], r"'target_modules' must be a string or a list of strings"),
+    ("target_modules", {"q_proj": 1}, r"'target_modules' must be a string or a list"),
+    ("target_modules", "(unclosed", r"target_modules='\(unclosed' is not a valid regex"),
+    ("target_modules", [], r"target_modules is an empty list"),
+    ("modules_to_save", "lm_head", r"'modules_to_save' must be null or a list of strings"),
+    ("use_dora", "false", r"'use_dora' must be true or false"),
+    ("use_rslora", 1, r"'use_rslora' must be true or false"),
+    ("peft_type", "IA3", r"'peft_type' must be the string \"LORA\", got 'IA3'"),
+    ("peft_type", None, r"'peft_type' must be the string \"LORA\""),
+    ("bias", "all", r"'bias' must be \"none\""),
+    ("init_lora_weights", "pissa", r"'init_lora_weights' must be true, false or \"gaussian\""),
+    ("init_lora_weights", 1, r"'init_lora_weights' must be true, false or \"gaussian\""),
+    ("ensure_weight_tying", True, r"'ensure_weight_tying' must be false"),
+    ("rank_pattern", {"q_proj": 2}, r"'rank_pattern'=\{'q_proj': 2\} is not supported"),
+    ("base_model_name_or_path", 5, r"'base_model_name_or_path' must be null or a string"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_CONFIG_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_CONFIG_VALUES])
+def test_adapter_config_bad_value_names_file_and_key(tmp_path, key, value, message):
+    _saved(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
+        ml.load_adapter(tiny_model(), tmp_path)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"r": 4,\n "lora_alpha": }', r"adapter_config\.json:2: not valid JSON"),
+    ('[1, 2]', r"adapter_config\.json: expected a JSON object, got list"),
+    ('{"lora_alpha": 8, "target_modules": ["q_proj"]}', r"adapter_config\.json: missing key 'r'"),
+    ('{"r": 4, "target_modules": ["q_proj"]}', r"adapter_config\.json: missing key 'lora_alpha'"),
+])
+def test_adapter_config_malformed_file(tmp_path, text, message):
+    _saved(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        ml.read_adapter_config(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lora_alpha=float("nan")), r"LoraConfig\.lora_alpha must be a finite number, got nan"),
+    (dict(lora_alpha=float("-inf")), r"LoraConfig\.lora_alpha must be a finite number"),
+    (dict(lora_alpha="16"), r"LoraConfig\.lora_alpha must be a finite number, got '16'"),
+    (dict(r=-1), r"LoraConfig\.r must be a positive int, got -1"),
+    (dict(r=8.0), r"LoraConfig\.r must be a positive int, got 8\.0"),
+    (dict(r=True), r"LoraConfig\.r must be a positive int, got True"),
+    (dict(lora_dropout=float("nan")), r"LoraConfig\.lora_dropout must be a number in \[0, 1\), got nan"),
+    (dict(lora_dropout=1.0), r"LoraConfig\.lora_dropout must be a number in \[0, 1\)"),
+    (dict(target_modules=5), r"LoraConfig\.target_modules must be a string"),
+    (dict(target_modules=["q_proj", None]), r"LoraConfig\.target_modules must be a string"),
+    (dict(modules_to_save="lm_head"), r"LoraConfig\.modules_to_save must be a list of module names"),
+    (dict(use_dora=1), r"LoraConfig\.use_dora must be true or false"),
+])
+def test_lora_config_python_api_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ml.LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("r,alpha,dropout,message", [
+    (-1, 8, 0.0, "r must be a positive int"), (4, float("nan"), 0.0, "lora_alpha must be a finite number"),
+    (4, 8, -0.1, "lora_dropout must be a number in"),
+])
+def test_lora_linear_errors(r, alpha, dropout, message):
+    with pytest.raises(ValueError, match=message):
+        ml.LoRALinear(nn.Linear(4, 4), r, alpha, dropout)
+
+
+# ---- saving from gathered / consolidated tensors (ZeRO-3) -----------------------------------------------
+
+def test_save_adapter_from_state_dict_and_refuses_empty(tmp_path):
+    model = _saved(tmp_path / "live")
+    full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ml.save_adapter(model, tmp_path / "sd", state_dict=full)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("live", "sd"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    key = "model.layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(ValueError, match=r"1 adapter tensors are empty .*ZeRO-3.*q_proj\.lora_A"):
+        ml.save_adapter(model, tmp_path / "bad", state_dict={**full, key: torch.empty(0)})
+    del full[key]
+    with pytest.raises(ValueError, match=r"state_dict lacks 1 adapter tensors.*q_proj\.lora_A"):
+        ml.save_adapter(model, tmp_path / "bad", state_dict=full)
