@@ -13,7 +13,7 @@ import importlib
 import sys
 import time
 
-from parity.harness import format_table, select_rows, selected
+from parity.harness import fail_fast, format_table, select_rows, selected
 
 AREAS = ("model", "data", "lora", "generate")  # parity/<area>.py: each has rows(budget)
 
@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", action="append", metavar="TEXT",
                     help="only checks whose name contains TEXT (case-insensitive, repeatable); other drawn checks "
                          "are not run (what `python -m parity.mutants` uses to run a subset quickly)")
+    ap.add_argument("--fail-fast", action="store_true",
+                    help="a failing check reports its first failing config without shrinking it (much faster)")
     args = ap.parse_args(argv)
     select_rows(args.rows)
+    fail_fast(args.fail_fast)
 
     rows, t0 = [], time.perf_counter()
     for area in args.only or AREAS:

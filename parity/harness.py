@@ -11,10 +11,32 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from parity.tolerances import tol
+
+
+# `python -m parity --rows TEXT` (repeatable): only properties with a row whose name contains one of these
+# texts (case-insensitive) are run; the others return no rows without drawing a config. Set by select_rows.
+_ROW_FILTER: list[str] = []
+
+
+def select_rows(patterns: list[str] | None) -> None:
+    _ROW_FILTER[:] = [p.lower() for p in patterns or []]
+
+
+# `python -m parity --fail-fast`: report the first failing draw as drawn, without hypothesis' shrinking (which
+# reruns the check many times to find a minimal config: worth it to debug, not to learn *whether* it fails).
+_PHASES: list[Phase] = list(Phase)
+
+
+def fail_fast(on: bool = True) -> None:
+    _PHASES[:] = [p for p in Phase if not (on and p in (Phase.shrink, Phase.explain))]
+
+
+def selected(check: str) -> bool:
+    return not _ROW_FILTER or any(p in check.lower() for p in _ROW_FILTER)
 
 
 @dataclass
@@ -44,6 +66,8 @@ def property_rows(
     """Several rows from one property: `measure(drawn)` returns one max |Δ| per (check, reference, tol_name)
     in `specs` (e.g. logits, loss and grads of the same forward/backward). Fails on the first draw where any
     |Δ| exceeds its tolerance, after hypothesis has shrunk it to a minimal config."""
+    if not any(selected(check) for check, _, _ in specs):
+        return []  # not selected (--rows): nothing drawn, nothing measured
     limits = [tol(t) for _, _, t in specs]
     deltas: list[list[float]] = []
     t0 = time.perf_counter()
@@ -55,6 +79,7 @@ def property_rows(
         derandomize=True,  # reproducible tables: the same configs on every run
         suppress_health_check=list(HealthCheck),
         print_blob=False,
+        phases=list(_PHASES),
     )
     @given(strategy)
     def prop(drawn):
