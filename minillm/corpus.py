@@ -5,9 +5,15 @@ The seq-monkey pretraining corpus is ~13 GB of `{"text": ...}` lines; BelleGroup
 buffered file, so memory stays flat whatever the file size; nothing is collected into a list
 unless you ask for a batch (`batched`).
 
-Bad input is never skipped silently: a line that is not valid JSON, or lacks the expected key,
-raises `ValueError("file:line: ...")`. With `skip_malformed=True` it is skipped instead and counted
-in the `JsonlStats` you pass (which also keeps the first few bad line numbers).
+Bad input is never skipped silently: a line that is not valid JSON, lacks the expected key, or holds
+something that is not usable text raises `ValueError("file:line: ...")`. With `skip_malformed=True` it
+is skipped instead and counted in the `JsonlStats` you pass (which also keeps the first few bad line
+numbers). Usable text: a pretraining `text` must be a string, and every SFT turn needs a known role
+and string content; neither may hold a lone surrogate (a JSON "\\ud800" escape: no tokenizer can
+encode it). Any other string is used as is: an empty one (an empty document: in pretraining just its
+EOS; an empty reply: the template renders it), NUL and control characters, special-token strings (the
+SFT masker keeps those as text, see minillm.sft), huge documents (`encode_texts` tokenizes them in
+bounded memory).
 
 Bundled samples (original content, see minillm/sample_data.py): `SAMPLE_PRETRAIN`, `SAMPLE_SFT`,
 and the tokenizer folder `TOKENIZER_DIR` (load it with `AutoTokenizer.from_pretrained(TOKENIZER_DIR)`).
@@ -18,10 +24,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from minillm.sft import conversation_problem, unicode_problem
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_PRETRAIN = DATA_DIR / "pretrain.jsonl"
@@ -98,18 +110,13 @@ def iter_jsonl(
 
 
 def _check_text(text: Any) -> str | None:
-    return None if isinstance(text, str) else f"'text' is {type(text).__name__}, not a string"
+    if not isinstance(text, str):
+        return f"'text' is {'null' if text is None else 'a JSON ' + type(text).__name__}, not a string"
+    return unicode_problem(text, "'text'")
 
 
 def _conversation(record: Any) -> Any:
-    return record.get("conversations", record.get("messages")) if isinstance(record, dict) else None
-
-
-def _check_conversation(record: Any) -> str | None:
-    conv = _conversation(record)
-    if isinstance(conv, list) and all(isinstance(t, dict) for t in conv):
-        return None
-    return "expected a 'conversations' (or 'messages') list of turn objects"
+    return record.get("conversations", record.get("messages")) if isinstance(record, dict) else record
 
 
 def iter_pretrain_texts(path: os.PathLike | str = SAMPLE_PRETRAIN, **kw: Any) -> Iterator[str]:
@@ -118,8 +125,9 @@ def iter_pretrain_texts(path: os.PathLike | str = SAMPLE_PRETRAIN, **kw: Any) ->
 
 
 def iter_sft_conversations(path: os.PathLike | str = SAMPLE_SFT, **kw: Any) -> Iterator[list[dict]]:
-    """The `conversations` (BelleGroup) or `messages` (OpenAI) list of every line of a jsonl file."""
-    return map(_conversation, iter_jsonl(path, check=_check_conversation, **kw))
+    """The `conversations` (BelleGroup) or `messages` (OpenAI) list of every line of a jsonl file, each
+    checked by `minillm.sft.conversation_problem` (a bad line: `file:line: turn j: why`)."""
+    return map(_conversation, iter_jsonl(path, check=conversation_problem, **kw))
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -127,3 +135,121 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
+
+
+# ---- tokenizing long documents in bounded memory ------------------------------------------------------------
+#
+# A tokenizers Encoding keeps, per token, its string, offsets, word index and masks: ~100+ bytes. One 50 MB
+# document tokenized in one call therefore peaks at several GB (issue 10 item 8). `encode_texts` cuts a long
+# document into pieces of about `piece_chars` characters at places where the tokenizer's pre-tokenizer is
+# known to start a new piece anyway, tokenizes the pieces a few at a time and keeps only their ids (int32):
+# the ids are those of the whole text, in memory proportional to the piece size.
+#
+# Where it cuts, and why that is exact: byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, the bundled one)
+# split text with a regex before BPE, and BPE never merges across those splits. Their regexes always end a
+# piece (1) after a newline followed by a non-space character, and (2) between a letter and a following
+# punctuation or symbol character ("你好" | "。", "word" | "."): no alternative spans either place, and the
+# matching resumes there from the same state. Cuts never fall inside, or at the edge of, an added token's
+# string. Tokenizers where the start of a text is special (a prefix space: ByteLevel(add_prefix_space=True),
+# SentencePiece's Metaspace) or whose normalizer can change characters across a cut (NFKC: "™" -> "TM") are
+# not cut: such a document is tokenized whole, as before (`splittable` says which).
+
+_NEWLINE_CUT = re.compile(r"\n(?=\S)")
+_LETTER_CUT = re.compile(r"[^\W\d_](?=[^\w\s])")
+_SAFE_PRE_TOKENIZERS = {"Sequence", "Split", "ByteLevel", "Digits"}
+_SPLITTABLE: dict[int, tuple[Any, bool]] = {}  # id(backend) -> (backend, verdict): to_str() is slow
+
+
+def _backend(tokenizer: Any) -> Any:
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)  # an HF fast tokenizer's tokenizers.Tokenizer
+
+
+def splittable(tokenizer: Any) -> bool:
+    """Whether `encode_texts` may cut long texts for this tokenizer (see the comment above)."""
+    backend = _backend(tokenizer)
+    if id(backend) not in _SPLITTABLE:
+        spec = json.loads(backend.to_str())
+
+        def parts(node: Any) -> list[dict]:
+            if not node:
+                return []
+            inner = node.get("pretokenizers") or node.get("normalizers")
+            return [p for n in inner for p in parts(n)] if inner is not None else [node]
+
+        pre = parts(spec.get("pre_tokenizer"))
+        ok = (any(p["type"] == "ByteLevel" for p in pre)
+              and all(p["type"] in _SAFE_PRE_TOKENIZERS and not p.get("add_prefix_space") for p in pre)
+              and all(n["type"] == "NFC" for n in parts(spec.get("normalizer"))))
+        _SPLITTABLE[id(backend)] = (backend, ok)
+    return _SPLITTABLE[id(backend)][1]
+
+
+def _added_strings(backend: Any) -> tuple[re.Pattern | None, int]:
+    """A pattern matching any added token's string, and the longest one's length."""
+    strings = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.content}, key=len, reverse=True)
+    return (re.compile("|".join(map(re.escape, strings))), len(strings[0])) if strings else (None, 0)
+
+
+def _cut_ok(text: str, c: int, added: re.Pattern | None, longest: int) -> bool:
+    before, after = unicodedata.category(text[c - 1]), unicodedata.category(text[c])
+    if text[c - 1] == "\n":
+        if after[0] in "MZC":  # a combining mark or another space/control character: no cut
+            return False
+    elif not (before[0] == "L" and after[0] in "PS"):
+        return False
+    if added is not None:  # never inside or at the edge of an added token's string (lstrip/rstrip eat spaces)
+        for m in added.finditer(text, max(0, c - longest - 1), c + longest + 1):
+            if m.start() <= c <= m.end():
+                return False
+    return True
+
+
+def cut_points(text: str, piece_chars: int, tokenizer: Any = None) -> list[int]:
+    """Where `encode_texts` cuts `text`: pieces of at most about `piece_chars` characters (a piece may be
+    longer when no safe place is found in its second half)."""
+    added, longest = _added_strings(_backend(tokenizer)) if tokenizer is not None else (None, 0)
+    cuts, start = [], 0
+    while len(text) - start > piece_chars:
+        lo, hi = start + piece_chars // 2, start + piece_chars
+        found = None
+        for pattern in (_NEWLINE_CUT, _LETTER_CUT):
+            # the last acceptable place in the window: pieces as long as allowed
+            found = next((m.end() for m in reversed(list(pattern.finditer(text, lo, hi)))
+                          if _cut_ok(text, m.end(), added, longest)), None)
+            if found is not None:
+                break
+        if found is None:  # nothing in this window: look further on (the piece grows)
+            m = next((m for p in (_NEWLINE_CUT, _LETTER_CUT) for m in p.finditer(text, hi)
+                      if _cut_ok(text, m.end(), added, longest)), None)
+            if m is None:
+                break
+            found = m.end()
+        cuts.append(found)
+        start = found
+    return cuts
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], piece_chars: int = 1 << 16, pieces_per_call: int = 16
+                 ) -> list[np.ndarray]:
+    """Token ids (int32 arrays, no special tokens added) of each text, equal to `tokenizer(texts,
+    add_special_tokens=False)["input_ids"]`, with memory bounded by the piece size for long texts.
+
+    `tokenizer`: an HF fast tokenizer or a tokenizers.Tokenizer. Texts of at most `piece_chars`
+    characters go through one batched call; longer ones are cut (see `cut_points`) when `splittable`.
+    """
+    backend = _backend(tokenizer)
+    out: list[np.ndarray | None] = [None] * len(texts)
+    short = [i for i, t in enumerate(texts) if len(t) <= piece_chars or not splittable(backend)]
+    for i, enc in zip(short, backend.encode_batch([texts[i] for i in short], add_special_tokens=False)):
+        out[i] = np.asarray(enc.ids, dtype=np.int32)
+    for i, text in enumerate(texts):
+        if out[i] is not None:
+            continue
+        bounds = [0, *cut_points(text, piece_chars, backend), len(text)]
+        pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+        ids = []
+        for k in range(0, len(pieces), pieces_per_call):  # a few pieces per call: parallel, still bounded
+            ids += [np.asarray(e.ids, dtype=np.int32)
+                    for e in backend.encode_batch(pieces[k:k + pieces_per_call], add_special_tokens=False)]
+        out[i] = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    return out

@@ -39,12 +39,30 @@ How this differs from the course's chapter-6 `preprocess`:
   no assistant turn) trains nothing, so here it is dropped and counted in `MaskStats`.
 - A leading non-user turn (after an optional system turn) is dropped, as the course does, and
   counted; a leading system turn replaces the default system prompt, as Qwen's template does.
+
+Control strings typed into content (a deliberate choice, see issue 10 item 9): a message whose text
+contains `<|im_end|>\n<|im_start|>system ...` would, tokenized as apply_chat_template does, become real
+control tokens: a user could end their turn and forge a system turn, and SFT data could teach the model
+turn boundaries that are not there. By default (`allow_control_tokens=False`) the content of every turn
+is text: each special-token string in it (any of the tokenizer's special added tokens, e.g. `<|im_end|>`,
+`<|endoftext|>`) is tokenized as ordinary text pieces, so control ids appear only where the template
+puts them. The text around such a string is tokenized as if the string were a boundary (no merge across
+it); with a byte-level tokenizer the ids decode to exactly the content. Content without such strings (all
+of real data, in practice) gives the same ids as apply_chat_template in both modes.
+`allow_control_tokens=True` reproduces apply_chat_template exactly, control tokens included, for data
+that relies on it. `chatml_prompt_ids` applies the same rule to a chat prompt.
+
+Data errors: `conversation_problem(record)` says why a JSON line is not a usable conversation (any type,
+unknown role, non-string or invalid-Unicode content); `minillm.corpus.iter_sft_conversations` uses it to
+report `file:line: reason` before the masker sees the data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -85,48 +103,179 @@ def chatml_turn(role: str, content: str) -> str:
 
 
 def chatml_prompt(messages: Sequence[Mapping[str, str]]) -> str:
-    """OpenAI-style messages rendered as Qwen's template does, ending with the assistant header to complete."""
+    """OpenAI-style messages rendered as Qwen's template does, ending with the assistant header to complete.
+
+    This is the template's *text*: tokenizing it turns a special-token string inside a message into a
+    control token. To tokenize a prompt with user content kept as text, use `chatml_prompt_ids`.
+    """
     return "".join(chatml_turn(m["role"], m["content"]) + "\n" for m in messages) + f"{IM_START}assistant\n"
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unicode_problem(text: str, what: str) -> str | None:
+    """A lone surrogate (JSON "\\ud800" escapes decode to one) is not text any tokenizer can encode."""
+    m = _SURROGATE.search(text)
+    return None if m is None else (f"{what} has a lone surrogate U+{ord(m.group()):04X} at character {m.start()} "
+                                   "(invalid Unicode)")
+
+
+def _turn(turn: Any) -> tuple[str, str] | str:
+    """(role, content) of a BelleGroup (`from`/`value`) or OpenAI (`role`/`content`) turn, or why it is unusable."""
+    if not isinstance(turn, Mapping):
+        return f"is a JSON {type(turn).__name__}, expected an object with 'from'/'value' or 'role'/'content'"
+    keys = ("from", "value") if "from" in turn else ("role", "content") if "role" in turn else None
+    if keys is None:
+        return f"expected 'from'/'value' or 'role'/'content' keys, found {sorted(turn)}"
+    role, content = turn[keys[0]], turn.get(keys[1])
+    if not isinstance(role, str) or role not in ROLES:
+        return f"unknown role {role!r} (known: {sorted(ROLES)})"
+    if not isinstance(content, str):
+        return f"{keys[1]!r} is {'missing' if keys[1] not in turn else type(content).__name__}, not a string"
+    return unicode_problem(content, repr(keys[1])) or (ROLES[role], content)
+
+
+def _conversation_turns(record: Any) -> list | str:
+    if isinstance(record, Mapping):
+        key = next((k for k in ("conversations", "messages") if k in record), None)
+        if key is None:
+            return f"expected a 'conversations' (or 'messages') key, found {sorted(record)}"
+        record = record[key]
+        if not isinstance(record, list):
+            return f"{key!r} is a JSON {type(record).__name__}, expected a list of turns"
+    elif not isinstance(record, (list, tuple)):
+        return f"is a JSON {type(record).__name__}, expected an object with a 'conversations' (or 'messages') list"
+    return record
+
+
+def conversation_problem(record: Any) -> str | None:
+    """Why `record` (a JSON line: {"conversations"|"messages": [turns]} or a list of turns) is not a usable
+    conversation, naming the turn; None if it is."""
+    turns = _conversation_turns(record)
+    if isinstance(turns, str):
+        return turns
+    for j, turn in enumerate(turns):
+        parsed = _turn(turn)
+        if isinstance(parsed, str):
+            return f"turn {j}: {parsed}"
+    return None
+
+
 def _turns(conversation: Any, index: int) -> list[tuple[str, str]]:
-    """BelleGroup (`from`/`value`) or OpenAI (`role`/`content`) turns -> [(role, content)], roles normalised."""
-    if isinstance(conversation, Mapping):
-        for key in ("conversations", "messages"):
-            if key in conversation:
-                conversation = conversation[key]
-                break
-        else:
-            raise KeyError(f"conversation {index}: expected a 'conversations' or 'messages' key, got {sorted(conversation)}")
+    """Turns -> [(role, content)], roles normalised; a ValueError names the conversation's batch position
+    (read files with minillm.corpus, which names file:line before this point)."""
+    turns = _conversation_turns(conversation)
+    if isinstance(turns, str):
+        raise ValueError(f"conversation {index}: {turns}")
     out = []
-    for j, turn in enumerate(conversation):
-        if "from" in turn:
-            role, content = turn["from"], turn.get("value")
-        elif "role" in turn:
-            role, content = turn["role"], turn.get("content")
-        else:
-            raise KeyError(f"conversation {index}, turn {j}: expected 'from'/'value' or 'role'/'content', got {sorted(turn)}")
-        if role not in ROLES:
-            raise ValueError(f"conversation {index}, turn {j}: unknown role {role!r} (known: {sorted(ROLES)})")
-        if not isinstance(content, str):
-            raise TypeError(f"conversation {index}, turn {j}: content must be a string, got {type(content).__name__}")
-        out.append((ROLES[role], content))
+    for j, turn in enumerate(turns):
+        parsed = _turn(turn)
+        if isinstance(parsed, str):
+            raise ValueError(f"conversation {index}, turn {j}: {parsed}")
+        out.append(parsed)
     return out
 
 
-def _encode(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """One batched call: ids and character offsets of every text, no special tokens added."""
+@contextlib.contextmanager
+def _split_specials(backend: Any, value: bool) -> Iterator[None]:
+    """tokenizers' switch that tokenizes special-token strings as text (value=True), set for one call."""
+    old = getattr(backend, "encode_special_tokens", None)
+    if old is None or old == value:
+        yield
+        return
+    backend.encode_special_tokens = value
+    try:
+        yield
+    finally:
+        backend.encode_special_tokens = old
+
+
+def _encode(tokenizer: Any, texts: list[str], specials_as_text: bool = False
+            ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """One batched call: ids and character offsets of every text, no special tokens added.
+    specials_as_text: special-token strings in the texts are tokenized as ordinary text."""
     backend = getattr(tokenizer, "backend_tokenizer", None)  # the tokenizers.Tokenizer inside an HF fast one
     if backend is not None and backend.truncation is None and backend.padding is None:
         tokenizer = backend  # same ids and offsets, without ~half the time spent wrapping them per text
     if hasattr(tokenizer, "encode_batch"):  # a raw tokenizers.Tokenizer
-        encs = tokenizer.encode_batch(texts, add_special_tokens=False)
+        with _split_specials(tokenizer, specials_as_text):
+            encs = tokenizer.encode_batch(texts, add_special_tokens=False)
         return [e.ids for e in encs], [e.offsets for e in encs]
     try:
-        out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                        split_special_tokens=specials_as_text)
     except NotImplementedError as e:  # slow (Python) HF tokenizers have no offsets
         raise TypeError(f"the masker needs token offsets: use a fast tokenizer (use_fast=True). {e}") from None
     return out["input_ids"], out["offset_mapping"]
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's special added tokens (the strings it turns into control ids): {string: id}."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    added = backend.get_added_tokens_decoder() if hasattr(backend, "get_added_tokens_decoder") else {}
+    return {t.content: i for i, t in added.items() if t.special and t.content}
+
+
+class _ContentAsText:
+    """Rewrites ids so that special-token strings inside content are ordinary text pieces.
+
+    The whole text is tokenized as usual (so everything else keeps the template's ids); each control id
+    whose characters lie inside a content span is then replaced by the ids of its string tokenized as
+    text. Those are computed after a "\n" (then dropped) so that tokenizers treating the start of a text
+    specially (SentencePiece's "▁" prefix) tokenize the string as they would mid-text.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.specials = _special_tokens(tokenizer)
+        self.ids = set(self.specials.values())
+        strings = sorted(self.specials, key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, strings))) if strings else None
+        self.as_text: dict[int, list[int]] = {}
+        if strings:
+            ids, offsets = _encode(tokenizer, ["\n" + s for s in strings], specials_as_text=True)
+            for s, tok_ids, offs in zip(strings, ids, offsets):
+                piece = [t for t, (a, _) in zip(tok_ids, offs) if a >= 1]
+                self.as_text[self.specials[s]] = piece if piece and not self.ids & set(piece) else \
+                    _encode(tokenizer, [s], specials_as_text=True)[0][0]
+
+    def needed(self, content: str) -> bool:
+        return self.pattern is not None and self.pattern.search(content) is not None
+
+    def rewrite(self, ids: Sequence[int], offsets: Sequence[tuple[int, int]], start: int, end: int
+                ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Replace control ids whose characters lie within [start, end) by their text ids."""
+        new_ids, new_offs = [], []
+        for i, (a, b) in zip(ids, offsets):
+            if i in self.ids and start <= a and b <= end:
+                new_ids += self.as_text[i]
+                new_offs += [(a, b)] * len(self.as_text[i])
+            else:
+                new_ids.append(i)
+                new_offs.append((a, b))
+        return new_ids, new_offs
+
+
+def chatml_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], allow_control_tokens: bool = False
+                      ) -> list[int]:
+    """The ids of `chatml_prompt(messages)`. By default every message's content is text: a special-token
+    string typed in it (`<|im_end|>`, ...) never becomes a control id (see the module docstring);
+    `allow_control_tokens=True` gives the ids apply_chat_template(..., add_generation_prompt=True) gives."""
+    text, spans, pos = "", [], 0
+    for m in messages:
+        head = f"{IM_START}{m['role']}\n"
+        spans.append((pos + len(head), pos + len(head) + len(m["content"])))
+        turn = chatml_turn(m["role"], m["content"]) + "\n"
+        text, pos = text + turn, pos + len(turn)
+    text += f"{IM_START}assistant\n"
+    [ids], [offsets] = _encode(tokenizer, [text])
+    if allow_control_tokens:
+        return list(ids)
+    fix = _ContentAsText(tokenizer)
+    for start, end in reversed(spans):  # later spans first: earlier offsets stay valid
+        if fix.needed(text[start:end]):
+            ids, offsets = fix.rewrite(ids, offsets, start, end)
+    return list(ids)
 
 
 def _vocab_id(tokenizer: Any, token: str) -> int | None:
@@ -151,17 +300,21 @@ def mask_batch(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     user_role: str = "user",
     stats: MaskStats | None = None,
+    allow_control_tokens: bool = False,
 ) -> dict[str, list[list[int]]]:
     """Mask a batch of conversations; returns the kept samples (unpadded) as columns.
 
     For `datasets.map(batched=True, remove_columns=...)`: the output may have fewer rows than the
     input (dropped samples are counted in `stats`). Every kept sample equals `mask_conversation`'s.
+    Special-token strings inside content are text unless `allow_control_tokens` (module docstring).
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     stats = stats if stats is not None else MaskStats()
     rendered: list[list[tuple[str, int]]] = []  # per conversation: (role, index of its segment in `texts`)
     texts: list[str] = []
+    needs_fix: list[int] = []  # segments whose content holds a special-token string (safe mode)
+    fix = None if allow_control_tokens else _ContentAsText(tokenizer)
     for i, conv in enumerate(conversations):
         turns = _turns(conv, i)
         stats.conversations += 1
@@ -179,6 +332,8 @@ def mask_batch(
         for role, content in turns:
             name = user_role if role == "user" else role
             segs.append((role, len(texts), len(IM_START) + len(name) + 1))  # chars before the content
+            if fix is not None and fix.needed(content):
+                needs_fix.append(len(texts))
             texts.append(chatml_turn(name, content))
         rendered.append(segs)
 
@@ -192,6 +347,13 @@ def mask_batch(
         if len(ids[k]) < 2 or ids[k][0] not in (im_start, im_end) or ids[k][-1] not in (im_start, im_end):
             raise ValueError(f"the tokenizer does not keep ChatML tokens intact around {text!r} (got ids {ids[k]}); "
                              + _ADD_TOKENS_HINT)
+    if needs_fix:
+        ids, offsets = list(ids), list(offsets)
+        for k in needs_fix:  # content starts after the header; the final <|im_end|> is the template's
+            header_len = next(h for segs in rendered for _, kk, h in segs if kk == k)
+            ids[k], offsets[k] = fix.rewrite(ids[k][:-1], offsets[k][:-1], header_len, len(texts[k]) - len(IM_END))
+            ids[k].append(im_end)
+            offsets[k].append((len(texts[k]) - len(IM_END), len(texts[k])))
     nl = list(ids[len(texts)][1:-1])
     nl_ignore = [IGNORE_INDEX] * len(nl)
 
@@ -234,13 +396,14 @@ def mask_conversation(
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
     user_role: str = "user",
     stats: MaskStats | None = None,
+    allow_control_tokens: bool = False,
 ) -> dict[str, list[int]] | None:
     """One conversation -> {"input_ids", "labels", "attention_mask"} (unpadded, <= max_len tokens).
 
     Returns None when the sample would train nothing (no assistant token within max_len); pass
     `stats` to count it. `system_prompt=None` renders no default system turn.
     """
-    out = mask_batch([conversation], tokenizer, max_len, system_prompt, user_role, stats)
+    out = mask_batch([conversation], tokenizer, max_len, system_prompt, user_role, stats, allow_control_tokens)
     return {k: v[0] for k, v in out.items()} if out["input_ids"] else None
 
 
@@ -257,11 +420,13 @@ class SFTMasker:
     user_role: str = "user"
     column: str = "conversations"
     stats: MaskStats = field(default_factory=MaskStats)
+    allow_control_tokens: bool = False
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, list[list[int]]]:
         if self.column not in batch:
             raise KeyError(f"the batch has no {self.column!r} column (columns: {sorted(batch)})")
-        return mask_batch(batch[self.column], self.tokenizer, self.max_len, self.system_prompt, self.user_role, self.stats)
+        return mask_batch(batch[self.column], self.tokenizer, self.max_len, self.system_prompt, self.user_role,
+                          self.stats, self.allow_control_tokens)
 
 
 @dataclass
