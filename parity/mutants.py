@@ -107,7 +107,7 @@ MUTANTS: list[Mutant] = [
     # ---- norms ----------------------------------------------------------------------------------------------
     Mutant("norm-cast-order", "minillm/model.py",
            "return self.weight * x32.to(dtype)", "return (self.weight * x32).to(dtype)",
-           (parity("model", "bf16"), parity("dtype", "bf16")),
+           (parity("model", "bf16"),),
            "RMSNorm multiplies by the weight before casting back (changes bf16 only)"),
     Mutant("norm-eps-outside", "minillm/model.py",
            "x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)",
@@ -154,12 +154,12 @@ MUTANTS: list[Mutant] = [
            (parity("model", "loss fp32 (fused training path)"),), "fused loss divides by every token, ignored ones too"),
     Mutant("fused-dw-overwrite", "minillm/loss.py",
            "        acc.addmm_(a, b)\n    elif a.is_cuda:", "        acc.copy_(a @ b)\n    elif a.is_cuda:",
-           (parity("model", "grads of every parameter (fused path)"), parity("dtype", "fused")),
+           (parity("model", "grads of every parameter (fused path)"),),
            "fused loss: each chunk overwrites d W instead of accumulating (only a multi-chunk row sees it)"),
     Mutant("fused-loss-overwrite", "minillm/loss.py",
            "total += ((sumexp.log() - z_target).squeeze(1) * valid).sum()",
            "total = ((sumexp.log() - z_target).squeeze(1) * valid).sum()",
-           (parity("model", "loss fp32 (fused training path)"), parity("dtype", "fused")),
+           (parity("model", "loss fp32 (fused training path)"),),
            "fused loss keeps only the last chunk's sum"),
     # ---- chunker ------------------------------------------------------------------------------------------------
     Mutant("chunk-separator-mask", "minillm/chunk.py",
