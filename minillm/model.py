@@ -274,7 +274,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, eager: bool) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, eager: bool, packed: bool = False) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, K, D)
@@ -285,8 +285,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         if eager:
-            # contiguous k/v as transformers' cache hands them over: matmul rounding depends on memory layout
-            k, v = repeat_kv(k.contiguous(), self.n_rep), repeat_kv(v.contiguous(), self.n_rep)
+            # k/v in the memory layout transformers has them in, since matmul rounding depends on it: its
+            # DynamicCache (on by default, use_cache=True) hands them over contiguous; packed rows are detected
+            # only with use_cache=False, where they stay transposed views of the projections.
+            if not packed:
+                k, v = k.contiguous(), v.contiguous()
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
             att = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # (B, H, T, S)
             if mask is not None:
                 att = att + mask
@@ -349,8 +353,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, cache=None, eager=False):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, eager)
+    def forward(self, h, cos, sin, mask, cache=None, eager=False, packed=False):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, eager, packed)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -451,9 +455,9 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and i % self._ckpt_every == 0:
                 # recompute this layer in backward instead of storing its activations
-                h = checkpoint(layer, h, cos, sin, mask, None, eager, **self._ckpt_kwargs)
+                h = checkpoint(layer, h, cos, sin, mask, None, eager, docs is not None, **self._ckpt_kwargs)
             else:
-                h = layer(h, cos, sin, mask, cache, eager)
+                h = layer(h, cos, sin, mask, cache, eager, docs is not None)
         if cache is not None:
             cache.length += T
         h = self.model.norm(h)

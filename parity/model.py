@@ -11,29 +11,46 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 import transformers
 from hypothesis import strategies as st
 
-from minillm import CausalLM, ModelConfig
+from minillm import CausalLM, KVCache, ModelConfig
+from minillm.config import HIDDEN_ACTS
 from parity.harness import Row, property_rows
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()  # one progress line per check, not per shard
 
-ROPE_SCALINGS = [
-    None,
-    {"rope_type": "linear", "factor": 2.0},
-    {"rope_type": "dynamic", "factor": 2.0},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 8},
-]
+def maybe(draw, key: str, values: list) -> dict:
+    """{key: value} or {} (key absent): transformers reads absent keys as their defaults."""
+    return {} if draw(st.booleans()) else {key: draw(st.sampled_from(values))}
 
 
 @st.composite
-def configs(draw, rope_scalings=ROPE_SCALINGS) -> ModelConfig:
+def rope_scalings(draw) -> dict | None:
+    """Every rope_scaling key transformers reads (modeling_rope_utils.py), each drawn present or absent."""
+    kind = draw(st.sampled_from([None, "linear", "dynamic", "yarn", "llama3"]))
+    if kind is None:
+        return None
+    if kind in ("linear", "dynamic"):
+        return {"rope_type": kind, "factor": draw(st.sampled_from([1.5, 2.0, 4.0]))}
+    orig = draw(st.sampled_from([4, 8]))
+    if kind == "llama3":
+        return {"rope_type": kind, "factor": draw(st.sampled_from([4.0, 8.0])), "original_max_position_embeddings": orig,
+                "low_freq_factor": draw(st.sampled_from([1.0, 2.0])), "high_freq_factor": draw(st.sampled_from([4.0, 8.0]))}
+    # yarn: factor None = derived from max_position_embeddings / original_max_position_embeddings
+    rs = {"rope_type": "yarn", "factor": draw(st.sampled_from([None, 2.0, 4.0])), "original_max_position_embeddings": orig}
+    for key, values in [("attention_factor", [0.7, 1.3]), ("beta_fast", [8, 32.0]), ("beta_slow", [1, 2.0]),
+                        ("mscale", [0.707, 1.0]), ("mscale_all_dim", [0.707, 1.0, 0.0]), ("truncate", [True, False])]:
+        rs.update(maybe(draw, key, values))
+    return rs
+
+
+@st.composite
+def configs(draw) -> ModelConfig:
     model_type = draw(st.sampled_from(["llama", "qwen2", "qwen3"]))
     kv_heads = draw(st.sampled_from([1, 2, 4]))
     heads = kv_heads * draw(st.sampled_from([1, 2, 4]))  # kv == heads: MHA; kv == 1: MQA
@@ -47,7 +64,8 @@ def configs(draw, rope_scalings=ROPE_SCALINGS) -> ModelConfig:
         head_dim=head_dim if explicit_head_dim else None,
         attention_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()) if model_type == "llama" else False,
         tie_word_embeddings=draw(st.booleans()), rope_theta=draw(st.sampled_from([10000.0, 500000.0])),
-        rope_scaling=draw(st.sampled_from(rope_scalings)), rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
+        rope_scaling=draw(rope_scalings()), rms_norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
+        hidden_act=draw(st.sampled_from(["silu", "silu", *HIDDEN_ACTS])),
         max_position_embeddings=12, pad_token_id=0, eos_token_id=None,
     )
 
@@ -179,6 +197,159 @@ def bf16_delta(case: dict) -> float:
     return (a - b)[keep].abs().max().item()
 
 
+# ---- packed rows (DataCollatorWithFlattening), mask forms, attention dropout, dynamic RoPE over calls ------------
+@st.composite
+def packed_cases(draw) -> dict:
+    """Rows packing several documents each: lengths drawn per row (rows share T), seed for weights and ids."""
+    cfg = draw(configs())
+    B, T = draw(st.integers(1, 2)), draw(st.integers(3, 24))
+    rows = []
+    for r in range(B):  # row 0: >= 2 documents, the first of >= 2 tokens (so some label is not -100)
+        cuts = draw(st.sets(st.integers(2 if r == 0 else 1, T - 1), min_size=1 if r == 0 else 0, max_size=min(4, T - 2)))
+        bounds = [0, *sorted(cuts), T]
+        rows.append([b - a for a, b in zip(bounds, bounds[1:])])  # document lengths of this row
+    if (cfg.rope_scaling or {}).get("rope_type") == "dynamic":
+        # dynamic RoPE grows with the longest position *in the call*: a document run alone would see other
+        # frequencies once a packed row outgrows max_position_embeddings (transformers too). Keep documents
+        # within it here; growth over calls has its own row (dynamic_cases).
+        rows = [[m for n in lens for m in [cfg.max_position_embeddings] * (n // cfg.max_position_embeddings)
+                 + [n % cfg.max_position_embeddings] if m] for lens in rows]
+    return {"cfg": cfg, "docs": rows, "seed": draw(st.integers(0, 2**16))}
+
+
+def packed_batch(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, position_ids, labels of packed rows, each row made by transformers' DataCollatorWithFlattening
+    (positions restart at 0 per document, the first label of each document is -100)."""
+    g = torch.Generator().manual_seed(case["seed"])
+    collate = transformers.DataCollatorWithFlattening(return_position_ids=True, return_tensors="pt")
+    out = [collate([{"input_ids": torch.randint(1, case["cfg"].vocab_size, (n,), generator=g).tolist()} for n in lens])
+           for lens in case["docs"]]
+    return tuple(torch.cat([o[k] for o in out]) for k in ("input_ids", "position_ids", "labels"))
+
+
+def packed_deltas(case: dict, attn: str = "sdpa") -> list[float]:
+    """Packed rows, no mask, no cache: max |Δ| of logits, loss, grads vs transformers (use_cache=False); the
+    relative max |Δ| between packed logits and each document run alone; and, with a KVCache, logits vs
+    transformers with its cache (where neither looks for packing)."""
+    ours = random_model(case["cfg"], case["seed"], attn)
+    ref = hf_copy(ours, attn)
+    ids, pos, labels = packed_batch(case)
+    a = ours(ids, position_ids=pos, labels=labels)
+    b = ref(ids, position_ids=pos, labels=labels, use_cache=False)
+    d_logits, d_loss = (a.logits - b.logits).abs().max().item(), (a.loss - b.loss).abs().item()
+    a.loss.backward()
+    b.loss.backward()
+    d_grad = grad_delta(ours, ref)
+    with torch.no_grad():
+        d_alone = 0.0
+        for r, lens in enumerate(case["docs"]):
+            start = 0
+            for n in lens:
+                alone = ours(ids[r:r + 1, start:start + n]).logits[0]
+                packed = a.logits[r, start:start + n]
+                d_alone = max(d_alone, ((alone - packed).abs().max() / packed.abs().max().clamp(min=1)).item())
+                start += n
+        cache = KVCache(case["cfg"], ids.shape[0], ids.shape[1], torch.float32, ids.device)
+        d_cache = (ours(ids, position_ids=pos, cache=cache).logits - ref(ids, position_ids=pos).logits).abs().max().item()
+    return [d_logits, d_loss, d_grad, d_alone, d_cache]
+
+
+def grad_delta(ours: CausalLM, ref: torch.nn.Module) -> float:
+    """max |Δ| over every parameter's gradient (a gradient present on one side only fails the check)."""
+    ref_grads = dict(ref.named_parameters())
+    d = 0.0
+    for name, p in ours.named_parameters():
+        g_ref = ref_grads[name].grad
+        if p.grad is None or g_ref is None:
+            assert p.grad is None and g_ref is None, f"gradient missing on one side for {name}"
+            continue
+        d = max(d, (p.grad - g_ref).abs().max().item())
+    return d
+
+
+@st.composite
+def mask_cases(draw) -> dict:
+    """A 2-D padding mask or a 4-D mask (bool or additive float; per row or broadcast; per head or shared) with a
+    random pattern (every query keeps its own key, so no row is fully masked)."""
+    case = draw(cases())
+    form = draw(st.sampled_from(["2d", "4d-bool", "4d-float"]))
+    attn = "sdpa" if form == "4d-bool" else draw(st.sampled_from(["sdpa", "eager"]))  # eager refuses bool 4-D
+    return {**case, "form": form, "attn": attn, "mask_batch": draw(st.sampled_from(["B", 1])),
+            "mask_heads": draw(st.sampled_from([1, "H"]))}
+
+
+def mask_delta(case: dict) -> list[float]:
+    """max |Δ| of logits (rows/queries that attend to something real) for one mask form vs transformers."""
+    ours = random_model(case["cfg"], case["seed"], case["attn"]).eval()
+    ref = hf_copy(ours, case["attn"]).eval()
+    ids, mask, pos, _ = batch({**case, "padding": "right" if case["form"] == "2d" else "none"})
+    B, T, H = ids.shape[0], ids.shape[1], case["cfg"].num_attention_heads
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if case["form"] == "2d":
+        mask = torch.ones_like(ids) if mask is None else mask
+        keep = mask.bool()
+    else:
+        g = torch.Generator().manual_seed(case["seed"] + 1)
+        shape = (B if case["mask_batch"] == "B" else 1, H if case["mask_heads"] == "H" else 1, T, T)
+        allowed = (torch.rand(shape, generator=g) < 0.6) | torch.eye(T, dtype=torch.bool)
+        mask = allowed if case["form"] == "4d-bool" else torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits
+        b = ref(ids, attention_mask=mask).logits
+    return [(a - b)[keep].abs().max().item()]
+
+
+def dropout_deltas(case: dict) -> list[float]:
+    """attention_dropout > 0 in train mode: the same seed before each forward draws the same dropout masks on
+    both sides (same calls in the same order), so loss and gradients are equal; in eval mode it is off."""
+    cfg = replace(case["cfg"], attention_dropout=0.3)
+    attn = "eager" if case["seed"] % 2 else "sdpa"
+    ours = random_model(cfg, case["seed"], attn).train()
+    ref = hf_copy(ours, attn).train()
+    ids, mask, pos, labels = batch(case)
+    torch.manual_seed(case["seed"])
+    a = ours(ids, attention_mask=mask, position_ids=pos, labels=labels)
+    torch.manual_seed(case["seed"])
+    b = ref(ids, attention_mask=mask, position_ids=pos, labels=labels)
+    d_loss = (a.loss - b.loss).abs().item()
+    a.loss.backward()
+    b.loss.backward()
+    with torch.no_grad():  # dropout is on at all (train != eval), and off in eval mode
+        changed = (ours(ids, attention_mask=mask, position_ids=pos, labels=labels).loss - a.loss).abs().item() > 0
+        assert changed, "attention_dropout had no effect in train mode"
+        d_eval = (ours.eval()(ids, attention_mask=mask, position_ids=pos).logits
+                  - ref.eval()(ids, attention_mask=mask, position_ids=pos).logits).abs().max().item()
+    return [max(d_loss, d_eval), grad_delta(ours, ref)]
+
+
+@st.composite
+def dynamic_cases(draw) -> dict:
+    """Dynamic NTK RoPE over several calls: no-cache calls of drawn lengths (growing past
+    max_position_embeddings, shrinking inside the grown range, and below it, which resets), then a cached
+    decode that runs past max_position_embeddings token by token."""
+    cfg = replace(draw(configs()), rope_scaling={"rope_type": "dynamic", "factor": draw(st.sampled_from([2.0, 4.0]))})
+    return {"cfg": cfg, "lengths": draw(st.lists(st.integers(2, 30), min_size=2, max_size=5)),
+            "prompt": draw(st.integers(2, 10)), "new": draw(st.integers(4, 16)), "seed": draw(st.integers(0, 2**16))}
+
+
+def dynamic_delta(case: dict) -> list[float]:
+    ours = random_model(case["cfg"], case["seed"]).eval()
+    ref = hf_copy(ours).eval()
+    total = case["prompt"] + case["new"]
+    ids = torch.randint(1, case["cfg"].vocab_size, (1, max(30, total)), generator=torch.Generator().manual_seed(case["seed"]))
+    d = 0.0
+    with torch.no_grad():
+        for n in case["lengths"]:
+            d = max(d, (ours(ids[:, :n]).logits - ref(ids[:, :n], use_cache=False).logits).abs().max().item())
+        cache, past = KVCache(case["cfg"], 1, total, torch.float32, ids.device), transformers.DynamicCache()
+        for start, end in [(0, case["prompt"]), *((t, t + 1) for t in range(case["prompt"], total))]:
+            pos = torch.arange(start, end)[None]
+            a = ours(ids[:, start:end], position_ids=pos, cache=cache).logits
+            b = ref(ids[:, start:end], position_ids=pos, cache=past, use_cache=True).logits
+            d = max(d, (a - b).abs().max().item())
+    return [d]
+
+
 def rows(budget: float = 1.0) -> Iterator[Row]:
     n = lambda k: max(1, int(round(k * budget)))
     ref = f"transformers {transformers.__version__}"
@@ -200,6 +371,25 @@ def rows(budget: float = 1.0) -> Iterator[Row]:
         [("save -> transformers load (logits)", ref + " from_pretrained", "checkpoint"),
          ("transformers save (sharded) -> load", ref + " save_pretrained", "checkpoint")],
         cases(), checkpoint_deltas, n(6))
+    yield from property_rows(
+        [("packed rows: logits (sdpa)", ref + " use_cache=False", "logits"), ("packed rows: loss (sdpa)", ref, "loss"),
+         ("packed rows: grads (sdpa)", ref, "grads"),
+         ("packed rows = each document alone (rel.)", "minillm, one document per call", "packed_alone"),
+         ("packed rows with a KVCache (no packing)", ref + " with its cache", "logits")],
+        packed_cases(), packed_deltas, n(10))
+    yield from property_rows(
+        [("packed rows: logits (eager)", ref + " use_cache=False", "logits"), ("packed rows: loss (eager)", ref, "loss"),
+         ("packed rows: grads (eager)", ref, "grads"),
+         ("packed rows = each document alone (eager, rel.)", "minillm, one document per call", "packed_alone"),
+         ("packed rows with a KVCache (eager)", ref + " with its cache", "logits")],
+        packed_cases(), lambda c: packed_deltas(c, "eager"), n(5))
+    yield from property_rows([("2-D / 4-D bool / 4-D float masks (logits)", ref + " same mask", "logits")],
+                             mask_cases(), mask_delta, n(10))
+    yield from property_rows(
+        [("attention_dropout: loss, same seed (+eval)", ref + " train mode", "loss"),
+         ("attention_dropout: grads, same seed", ref, "grads")], cases(), dropout_deltas, n(5))
+    yield from property_rows([("dynamic RoPE over calls + cached decode", ref + " dynamic_rope_update", "logits")],
+                             dynamic_cases(), dynamic_delta, n(5))
     # bf16 on CPU is ~200x slower than fp32 here, so only a few tiny cases; on GPU this would be the norm.
     yield from property_rows([("logits bf16 (tiny configs, CPU)", ref + " bf16", "bf16_logits")],
                              cases(), lambda c: [bf16_delta(c)], n(4))

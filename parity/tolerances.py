@@ -12,8 +12,9 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "grads": (1e-5, "fp32 backward sums over batch*seq; reduction order may differ by a few ulps"),
     "fused_loss": (2e-6, "fused training path: chunked logits GEMMs, another summation order: ~1 ulp of a loss near 10"),
     "fused_grads": (1e-5, "fused loss: the same gradient formula (softmax - onehot), chunked GEMMs reorder the sums"),
-    "packed_alone": (1e-6, "packed row vs each document alone, relative to max |logit|: a padded-out key set changes "
-                     "SDPA/matmul blocking, ~1 ulp (transformers gives the same packed logits to the bit)"),
+    "packed_alone": (2e-6, "packed row vs each document alone, relative to max |logit| (measured <= 9.5e-7 over 80 "
+                     "draws): MKL rounds a GEMM of < 8 rows differently from the same rows in a longer one (~1 ulp "
+                     "on F.linear alone), amplified over layers; packed logits equal transformers' to the bit"),
     "generate": (0.0, "greedy decoding must pick the same token ids"),
     "warpers": (0.0, "temperature/top-k/top-p: the same tensor ops as transformers' warpers, so the same kept set and values"),
     "sampling": (0.0, "same warped probabilities, same torch.multinomial calls on the same RNG: the same tokens"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from minillm import CausalLM, ModelConfig
+from minillm import CausalLM, KVCache, ModelConfig
 from parity import model as pm
 from parity.checkpoint import compare
 
@@ -22,7 +22,12 @@ def parity_rows():
     "logits fp32 (sdpa)", "loss fp32 (sdpa)", "grads of every parameter (sdpa)", "logits fp32 (eager)",
     "loss fp32 (eager)", "grads of every parameter (eager)", "loss fp32 (fused training path)",
     "grads of every parameter (fused path)", "greedy generate, 32 tokens (mismatches)",
-    "save -> transformers load (logits)", "transformers save (sharded) -> load", "logits bf16 (tiny configs, CPU)"])
+    "save -> transformers load (logits)", "transformers save (sharded) -> load", "logits bf16 (tiny configs, CPU)",
+    "packed rows: logits (sdpa)", "packed rows: loss (sdpa)", "packed rows: grads (sdpa)",
+    "packed rows = each document alone (rel.)", "packed rows with a KVCache (no packing)",
+    "packed rows: logits (eager)", "packed rows: grads (eager)", "packed rows = each document alone (eager, rel.)",
+    "2-D / 4-D bool / 4-D float masks (logits)", "attention_dropout: loss, same seed (+eval)",
+    "attention_dropout: grads, same seed", "dynamic RoPE over calls + cached decode"])
 def test_parity_row(parity_rows, check):
     row = next(r for r in parity_rows if r.check == check)
     assert row.configs >= 1
@@ -258,3 +263,105 @@ def test_harness_fails_rows_when_the_measurement_itself_fails():
     assert not any(r.passed for r in rows) and "gradient missing" in rows[0].note
     ok = property_rows([("a", "ref", "logits")], st.integers(0, 10), lambda x: [0.0], 5)
     assert ok[0].passed and ok[0].configs == 5
+
+
+# ---- packed rows, mask forms, dynamic RoPE state, attention dropout --------------------------------------------
+def test_packed_documents_follows_position_restarts():
+    from minillm.model import packed_documents
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert packed_documents(pos).tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
+    assert packed_documents(torch.tensor([[3, 4, 5, 6]])) is None  # one document per row: plain causal
+    assert packed_documents(torch.tensor([[0, 0, 1]])).tolist() == [[0, 1, 1]]  # a 1-token document
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_equals_documents_alone_and_transformers(attn):
+    cfg = ModelConfig.preset("tiny", model_type="qwen3", vocab_size=64)
+    ours = pm.random_model(cfg, 2, attn)
+    ref = pm.hf_copy(ours, attn)
+    ids, pos, labels = pm.packed_batch({"cfg": cfg, "docs": [[5, 1, 4]], "seed": 3})
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 0, 0, 1, 2, 3]] and labels[0, [0, 5, 6]].tolist() == [-100] * 3
+    a = ours(ids, position_ids=pos, labels=labels)
+    b = ref(ids, position_ids=pos, labels=labels, use_cache=False)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    for start, n in [(0, 5), (5, 1), (6, 4)]:
+        torch.testing.assert_close(ours(ids[:, start:start + n]).logits, a.logits[:, start:start + n],
+                                   rtol=0, atol=1e-5)
+    # without position restarts the same row attends across documents: the check above is not vacuous
+    assert (ours(ids).logits[:, 6:] - a.logits[:, 6:]).abs().max() > 1e-2
+    # with a cache transformers does not look for packing, and neither does minillm
+    with torch.no_grad():
+        cached = ours(ids, position_ids=pos, cache=KVCache(cfg, 1, 10, torch.float32, ids.device)).logits
+        assert torch.equal(cached, ref(ids, position_ids=pos).logits)
+        assert (cached[:, 6:] - a.logits[:, 6:]).abs().max() > 1e-2
+
+
+def _mask_model(attn="sdpa"):
+    return pm.random_model(ModelConfig.preset("tiny", vocab_size=64), 0, attn).eval()
+
+
+@pytest.mark.parametrize("attn,mask,match", [
+    ("eager", torch.ones(2, 1, 5, 5, dtype=torch.bool), "4-D bool attention_mask with attn_implementation='eager'"),
+    ("sdpa", torch.ones(2, 1, 5, 5, dtype=torch.long), "dtype torch.int64"),
+    ("eager", torch.zeros(2, 1, 5, 5, dtype=torch.float64), "dtype torch.float64"),
+    ("sdpa", torch.ones(2, 1, 5, 4, dtype=torch.bool), "does not fit"),
+    ("sdpa", torch.ones(2, 3, 5, 5, dtype=torch.bool), "does not fit"),
+    ("sdpa", torch.ones(2, 5, 5, dtype=torch.bool), "3 dims"),
+    ("sdpa", torch.ones(2, 7), "shape \\(2, 7\\)"),
+    ("sdpa", torch.ones(1, 5), "shape \\(1, 5\\)"),
+])
+def test_unsupported_masks_are_refused(attn, mask, match):
+    with pytest.raises(ValueError, match=match) as e:
+        _mask_model(attn)(torch.ones(2, 5, dtype=torch.long), attention_mask=mask)
+    assert "supported" in str(e.value)
+
+
+def test_4d_masks_mean_what_transformers_means():
+    m = _mask_model("sdpa")
+    ids = torch.randint(1, 64, (2, 6))
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None].expand(2, 1, 6, 6)
+    plain = m(ids).logits
+    torch.testing.assert_close(m(ids, attention_mask=causal).logits, plain, rtol=0, atol=1e-6)
+    additive = torch.where(causal, 0.0, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(m(ids, attention_mask=additive).logits, plain, rtol=0, atol=1e-6)
+    eager = _mask_model("eager")
+    torch.testing.assert_close(eager(ids, attention_mask=additive).logits, plain, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="position_ids of shape"):
+        m(ids, position_ids=torch.arange(6))
+
+
+def test_dynamic_rope_keeps_grown_frequencies_across_calls_and_resets_as_transformers():
+    cfg = ModelConfig.preset("tiny", vocab_size=64, max_position_embeddings=8,
+                             rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    ours = pm.random_model(cfg, 0).eval()
+    ref = pm.hf_copy(ours).eval()
+    rope = ours.model.rotary_emb
+    ids = torch.randint(1, 64, (1, 20))
+    with torch.no_grad():
+        for n, grown in [(6, False), (20, True), (12, True), (8, True), (5, False), (9, True)]:
+            assert torch.equal(ours(ids[:, :n]).logits, ref(ids[:, :n], use_cache=False).logits), n
+            assert (not torch.equal(rope.inv_freq, rope.original_inv_freq)) == grown, n
+    assert int(rope.max_seq_len_cached) == 9
+    # a freshly loaded checkpoint resets to real frequencies, not to an unset buffer
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        back = CausalLM.from_pretrained(d).eval()
+        with torch.no_grad():
+            back(ids[:, :16]), back(ids[:, :4])
+        assert torch.equal(back.model.rotary_emb.inv_freq, rope.original_inv_freq)
+
+
+def test_attention_dropout_is_train_mode_only_and_seeded_like_transformers():
+    cfg = ModelConfig.preset("tiny", vocab_size=64, attention_dropout=0.5)
+    ids = torch.randint(1, 64, (2, 8))
+    for attn in ("sdpa", "eager"):
+        ours = pm.random_model(cfg, 1, attn, fused=False).train()
+        ref = pm.hf_copy(ours, attn).train()
+        torch.manual_seed(7)
+        a = ours(ids, labels=ids).loss
+        torch.manual_seed(7)
+        assert torch.equal(a, ref(ids, labels=ids).loss)
+        assert not torch.equal(a, ours(ids, labels=ids).loss)  # another draw, another loss
+        ours.eval()
+        assert torch.equal(ours(ids).logits, ours(ids).logits)  # eval: no dropout
