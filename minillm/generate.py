@@ -189,8 +189,10 @@ class TextStream:
 # Command line: one reply, or an interactive ChatML chat, with the model (and adapter) you trained
 # ---------------------------------------------------------------------------------------------
 def adapter_instead_of_model(path: str | Path, flag: str = "--model",
-                             command: str = "python -m minillm.generate --model {base} --adapter {path}") -> str | None:
-    """A sentence for a LoRA adapter directory given where a model is expected (None if `path` is not one)."""
+                             then: str = "load it with python -m minillm.generate --model {base} --adapter {path}"
+                             ) -> str | None:
+    """A sentence for a LoRA adapter directory given where a model is expected (None if `path` is not one):
+    it names the base model recorded in the adapter's adapter_config.json and says what to run instead."""
     p = Path(path)
     cfg = p / "adapter_config.json"
     if not cfg.is_file() or any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
@@ -201,9 +203,9 @@ def adapter_instead_of_model(path: str | Path, flag: str = "--model",
         return f"{flag} {path} is a LoRA adapter, not a model, and its {cfg} is unreadable ({e})"
     if not base:
         return (f"{flag} {path} is a LoRA adapter, not a model; its adapter_config.json records no base model: "
-                f"load it on the model it was trained from with " + command.format(base="BASE", path=path))
+                + then.format(base="BASE", path=path) + ", with BASE the model it was trained from")
     return (f"{flag} {path} is a LoRA adapter, not a model; its adapter_config.json names the base model {base}: "
-            f"load it with " + command.format(base=base, path=path))
+            + then.format(base=base, path=path))
 
 
 def _load(model_dir: str, adapter: str | None):

@@ -6,7 +6,8 @@
 
 Loads DIR twice — with `minillm.CausalLM.from_pretrained` and with `transformers.AutoModelForCausalLM`
 (local files only, no remote code), plus the adapter (`minillm.lora.load_adapter` / `peft.PeftModel`) —
-then compares logits on non-padded positions of a left-padded batch, the loss, and greedy generation.
+then compares logits on non-padded positions of a left-padded batch (random ids, plus text prompts when
+the checkpoint has a tokenizer.json), the loss, and greedy generation.
 Both sides generate under the same rules: the checkpoint's eos ids (its generation_config.json, else
 config.json) stop a row, a stopped row is filled with the same pad id, and nothing else from the
 checkpoint's generation_config.json (sampling, repetition penalty, ...) applies. Exit code 0 when every
@@ -85,17 +86,54 @@ def _load_pair(path: str, adapter: str | None, dtype: torch.dtype):
     return ours, ref
 
 
+def prompt_batch(vocab_size: int, prompts: list[list[int]], seq_len: int, seed: int, pad: int):
+    """(ids, attention_mask): two rows of random ids (the second left-padded) plus the given token prompts,
+    all left-padded to one length, as a batch for generation is."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in (seq_len, seq_len - seq_len // 3)]
+    rows += [p[-seq_len:] for p in prompts if p]
+    T = max(map(len, rows))
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _tokenizer(*dirs: str | None):
+    from tokenizers import Tokenizer
+    for d in dirs:
+        if d and (Path(d) / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(Path(d) / "tokenizer.json"))
+    return None
+
+
+def default_prompts(tok) -> list[str]:
+    """A plain-text prompt, and a ChatML one when the tokenizer has ChatML's control tokens."""
+    from minillm.sft import chatml_prompt
+    texts = ["The capital of France is"]
+    if tok.token_to_id("<|im_start|>") is not None:
+        texts.append(chatml_prompt([{"role": "user", "content": "What is gradient descent?"}]))
+    return texts
+
+
 def compare(path: str, dtype: torch.dtype = torch.float32, new_tokens: int = 32, seq_len: int = 24,
-            seed: int = 0, adapter: str | None = None) -> list[Row]:
+            seed: int = 0, adapter: str | None = None, prompts: list[str] | None = None,
+            eos: list[int] | None = None) -> list[Row]:
+    """Rows comparing minillm with transformers (+ peft for `adapter`) on the checkpoint at `path`.
+
+    prompts: texts added to the batch (default: `default_prompts` when the checkpoint has a tokenizer.json);
+    eos: stop ids for both sides instead of the checkpoint's (e.g. <|im_end|>'s id for a chat model)."""
     t0 = time.perf_counter()
     ours, ref = _load_pair(path, adapter, dtype)
     cfg = ours.config
-    eos, pad = generation_rules(ref)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (2, seq_len), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, : seq_len // 3] = 0  # second row left-padded
-    ids = ids.masked_fill(mask == 0, pad)
+    own_eos, pad = generation_rules(ref)
+    eos = own_eos if eos is None else list(eos)
+    tok = _tokenizer(adapter, path)
+    if prompts is None:
+        prompts = default_prompts(tok) if tok is not None else []
+    elif prompts and tok is None:
+        raise ValueError(f"prompts given but no tokenizer.json in {path}" + (f" or {adapter}" if adapter else ""))
+    token_prompts = [tok.encode(p, add_special_tokens=False).ids for p in prompts]
+    ids, mask = prompt_batch(cfg.vocab_size, token_prompts, seq_len, seed, pad)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     labels = ids.masked_fill(mask == 0, -100)
     keep = mask.bool()
@@ -105,11 +143,12 @@ def compare(path: str, dtype: torch.dtype = torch.float32, new_tokens: int = 32,
         d_logits = (a.logits.float() - b.logits.float())[keep].abs().max().item()
         d_loss = (a.loss - b.loss).abs().item()
         ga, gb = greedy_both(ours, ref, ids, mask, new_tokens, eos, pad)
-        if adapter:  # merged into the base weights, minillm must still give peft's (unmerged) logits
+        if adapter:  # merged into the base weights on both sides (W + B @ A * scaling): the same merged model
             from minillm.lora import merge_and_unload
             merged = merge_and_unload(ours)(ids, attention_mask=mask, position_ids=pos).logits.float()
-            d_merged = (merged - b.logits.float())[keep].abs().max().item()
-    stops = eos_stops(gb, seq_len, eos)
+            ref_merged = ref.merge_and_unload()(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+            d_merged = (merged - ref_merged)[keep].abs().max().item()
+    stops = eos_stops(gb, ids.shape[1], eos)
     note = (f"eos {eos}, pad {pad}: {sum(s is not None for s in stops)}/{len(stops)} rows stopped at eos "
             f"(steps {', '.join('-' if s is None else str(s) for s in stops)})")
     low = dtype != torch.float32
@@ -122,9 +161,18 @@ def compare(path: str, dtype: torch.dtype = torch.float32, new_tokens: int = 32,
                     [token_mismatches(ga, gb)], note=note),
     ]
     if adapter:
-        rows.append(fixed_check("LoRA merged into the base (logits)", ref_name, "bf16_logits" if low else "lora_merged",
+        rows.append(fixed_check("LoRA merged: merge_and_unload logits", ref_name, "bf16_logits" if low else "lora_merged",
                                 [d_merged]))
     return rows
+
+
+def _token_id(value: str, tok) -> int:
+    if value.isdigit():
+        return int(value)
+    i = tok.token_to_id(value) if tok is not None else None
+    if i is None:
+        raise ValueError(f"--eos {value!r}: not a token id, and not a token of the checkpoint's tokenizer")
+    return i
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=24)
+    ap.add_argument("--prompt", action="append", help="a text prompt to add to the batch (repeatable; default: "
+                    "a plain-text and a ChatML prompt when the checkpoint has a tokenizer.json)")
+    ap.add_argument("--eos", action="append", help="stop id or token for both sides instead of the checkpoint's "
+                    "eos (repeatable), e.g. --eos '<|im_end|>' for a chat model")
     args = ap.parse_args(argv)
-    hint = adapter_instead_of_model(args.path, flag="PATH", command="python -m parity.checkpoint {base} --adapter {path}")
+    hint = adapter_instead_of_model(args.path, flag="PATH",
+                                    then="check it with python -m parity.checkpoint {base} --adapter {path}")
     if hint:
         ap.error(hint)
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
@@ -144,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--new-tokens must be >= 1 and --seq-len >= 3")
     print(f"comparing minillm and transformers on {args.path}"
           + (f" + adapter {args.adapter}" if args.adapter else "") + f" ({args.dtype}) ...", flush=True)
-    rows = compare(args.path, getattr(torch, args.dtype), args.new_tokens, args.seq_len, adapter=args.adapter)
+    try:
+        eos = [_token_id(e, _tokenizer(args.adapter, args.path)) for e in args.eos] if args.eos else None
+        rows = compare(args.path, getattr(torch, args.dtype), args.new_tokens, args.seq_len, adapter=args.adapter,
+                       prompts=args.prompt, eos=eos)
+    except ValueError as e:
+        ap.error(str(e))
     print(format_table(rows))
     return 0 if all(r.passed for r in rows) else 1
 
