@@ -142,3 +142,65 @@ def test_bad_input_is_named():
         group_texts({"input_ids": [[1, 2]], "attention_mask": [[1]]}, 2)
     with pytest.raises(ValueError, match="block_size"):
         Chunker(0)
+
+
+# ---- long documents tokenized in bounded memory (minillm.corpus.encode_texts, issue 10 item 8) ----------------
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# pieces that stress the cut rules: letters/punctuation/symbols, CJK, newlines, spaces, combining marks,
+# contractions, digits, emoji, added-token strings (cuts must not split them)
+PIECES = ["a", "b", "word", "你好", "。", "，", ".", "!", "'s", "’", "-", "+", "™", "$", "é", "e\u0301", "\u0301", "1", "42",
+          " ", "  ", "\n", "\n\n", "\r\n", "\t", "🙂", "<|endoftext|>", "<|im_end|>", "<|"]
+
+
+def qwen2_style():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["".join(PIECES) * 3, "the word 你好。 it's 42!\n"] * 5, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+
+_TOKS: dict = {}
+
+
+def long_doc_tokenizer(name: str):
+    if name not in _TOKS:
+        from parity.data import tokenizer
+        _TOKS[name] = qwen2_style() if name == "qwen2_style" else tokenizer(name)
+    return _TOKS[name]
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=300).map("".join), st.integers(4, 64),
+       st.sampled_from(["bundled", "gpt2_bpe", "qwen2_style", "metaspace_bpe"]))
+def test_encode_texts_equals_whole_text_ids(text, piece_chars, name):
+    from minillm.corpus import cut_points, encode_texts, splittable
+
+    tok = long_doc_tokenizer(name)
+    backend = getattr(tok, "backend_tokenizer", tok)
+    whole = backend.encode(text, add_special_tokens=False).ids
+    got = encode_texts(tok, [text, "short", ""], piece_chars=piece_chars)
+    assert got[0].tolist() == whole
+    assert got[1].tolist() == backend.encode("short", add_special_tokens=False).ids and got[2].tolist() == []
+    assert got[0].dtype == np.int32
+    assert splittable(tok) == (name != "metaspace_bpe")  # a "▁" prefix makes the start of a piece special
+
+
+def test_long_document_is_cut_into_bounded_pieces():
+    from minillm.corpus import SAMPLE_PRETRAIN, cut_points, encode_texts, iter_pretrain_texts
+
+    tok = long_doc_tokenizer("bundled")
+    doc = "".join(t for _, t in zip(range(400), iter_pretrain_texts(SAMPLE_PRETRAIN)))  # no newlines: cuts at punctuation
+    cuts = cut_points(doc, 4096, tok.backend_tokenizer)
+    sizes = np.diff([0, *cuts, len(doc)])
+    assert len(cuts) >= len(doc) // 4096 - 1 and sizes.max() <= 4096  # memory is bounded by the piece size
+    assert encode_texts(tok, [doc], piece_chars=4096)[0].tolist() == tok(doc, add_special_tokens=False)["input_ids"]
+    assert cut_points("x" * 10_000, 4096) == []  # no safe place: one piece (the docstring says so)

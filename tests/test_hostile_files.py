@@ -319,3 +319,85 @@ def test_save_over_a_sharded_checkpoint_removes_the_stale_index(tmp_path, model)
     save_pretrained(other_model(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", WEIGHTS, "notes.txt"]
     assert_same(load_pretrained(tmp_path), other_model())
+
+
+# ---- data lines: valid JSON, not usable text (item 6) ----------------------------------------------------------
+
+from minillm.corpus import JsonlStats, iter_pretrain_texts, iter_sft_conversations  # noqa: E402
+
+
+def sft_line(*turns) -> dict:
+    return {"conversations": list(turns)}
+
+
+OK_TURN = {"from": "human", "value": "hi"}
+# (case, reader, the JSON value on line 2, reason substring); line 1 is a good record
+BAD_LINES = [
+    ("text is a number", iter_pretrain_texts, {"text": 5}, "'text' is a JSON int, not a string"),
+    ("text is a list", iter_pretrain_texts, {"text": ["a", "b"]}, "'text' is a JSON list, not a string"),
+    ("text is null", iter_pretrain_texts, {"text": None}, "'text' is null, not a string"),
+    ("text is an object", iter_pretrain_texts, {"text": {"a": 1}}, "'text' is a JSON dict, not a string"),
+    ("text key missing", iter_pretrain_texts, {"content": "x"}, "missing key 'text' (found ['content'])"),
+    ("line is a list", iter_pretrain_texts, ["text"], "missing key 'text' (found list)"),
+    ("line is a string", iter_pretrain_texts, "text", "missing key 'text' (found str)"),
+    ("text with a lone surrogate", iter_pretrain_texts, {"text": "ok \ud800 no"},
+     "'text' has a lone surrogate U+D800 at character 3"),
+    ("sft line is a list of numbers", iter_sft_conversations, [1, 2], "turn 0: is a JSON int"),
+    ("sft line is a number", iter_sft_conversations, 7, "is a JSON int, expected an object"),
+    ("sft key missing", iter_sft_conversations, {"text": "x"}, "expected a 'conversations' (or 'messages') key"),
+    ("sft conversations is a string", iter_sft_conversations, {"conversations": "hi"},
+     "'conversations' is a JSON str, expected a list of turns"),
+    ("sft conversations is null", iter_sft_conversations, {"conversations": None},
+     "'conversations' is a JSON NoneType"),
+    ("sft turn is a string", iter_sft_conversations, sft_line(OK_TURN, "hello"), "turn 1: is a JSON str"),
+    ("sft turn without role", iter_sft_conversations, sft_line({"speaker": "human", "value": "x"}),
+     "turn 0: expected 'from'/'value' or 'role'/'content' keys, found ['speaker', 'value']"),
+    ("sft unknown role", iter_sft_conversations, sft_line({"from": "bot", "value": "x"}), "turn 0: unknown role 'bot'"),
+    ("sft role not a string", iter_sft_conversations, sft_line({"from": ["human"], "value": "x"}),
+     "turn 0: unknown role ['human']"),
+    ("sft value missing", iter_sft_conversations, sft_line({"from": "human"}), "turn 0: 'value' is missing, not a string"),
+    ("sft value null", iter_sft_conversations, sft_line(OK_TURN, {"from": "gpt", "value": None}),
+     "turn 1: 'value' is NoneType, not a string"),
+    ("sft value a list", iter_sft_conversations, sft_line({"role": "user", "content": ["a"]}),
+     "turn 0: 'content' is list, not a string"),
+    ("sft value with a lone surrogate", iter_sft_conversations, sft_line({"from": "human", "value": "\udfff"}),
+     "turn 0: 'value' has a lone surrogate U+DFFF at character 0"),
+]
+
+
+def write_lines(path: Path, values: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for v in values:
+            f.write(json.dumps(v) + "\n")  # ensure_ascii: lone surrogates travel as \ud800 escapes
+    return path
+
+
+@pytest.mark.parametrize("case,reader,value,reason", BAD_LINES, ids=[c[0] for c in BAD_LINES])
+def test_unusable_data_line_is_named_or_counted(tmp_path, case, reader, value, reason):
+    good = {"text": "fine"} if reader is iter_pretrain_texts else sft_line(OK_TURN, {"from": "assistant", "value": "yo"})
+    path = write_lines(tmp_path / "data.jsonl", [good, value, good])
+    with pytest.raises(ValueError) as e:
+        list(reader(path))
+    assert str(e.value).startswith(f"{path}:2: ") and reason in str(e.value), str(e.value)
+    stats = JsonlStats()
+    assert len(list(reader(path, skip_malformed=True, stats=stats))) == 2
+    assert stats.skipped == 1 and stats.first_skipped[0] == str(e.value)
+
+
+def test_odd_but_valid_text_is_used_as_is(tmp_path):
+    """Strings that are valid text, however odd, reach the tokenizer unchanged and round-trip through it."""
+    from minillm.corpus import TOKENIZER_DIR, encode_texts
+    from minillm.sft import mask_batch
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    odd = ["", "   ", "nul\x00byte", "\x1b[31mansi\x07", "<|endoftext|> inside", "🙂" * 1000, "x" * 300_000]
+    path = write_lines(tmp_path / "odd.jsonl", [{"text": t} for t in odd])
+    texts = list(iter_pretrain_texts(path))
+    assert texts == odd
+    for t, ids in zip(texts, encode_texts(tok, texts, piece_chars=4096)):
+        assert tok.decode(ids.tolist(), skip_special_tokens=False) == t
+    convs = [[{"from": "human", "value": t}, {"from": "assistant", "value": t}] for t in odd[:6]]
+    path = write_lines(tmp_path / "odd_sft.jsonl", [{"conversations": c} for c in convs])
+    out = mask_batch(list(iter_sft_conversations(path)), tok, 100_000)
+    assert len(out["input_ids"]) == 6  # every one kept: an empty reply still teaches <|im_end|>
