@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from minillm.model import KVCache
-from minillm.sft import chatml_prompt
+from minillm.sft import chatml_prompt_ids
 
 
 def check_generation_args(max_new_tokens: int, do_sample: bool, temperature: float | None, top_k: int | None,
@@ -234,7 +234,7 @@ def stop_ids(model, tok) -> list[int]:
 
 def reply(model, tok, messages: list[dict[str, str]], max_new_tokens: int, on_text=None, **sampling) -> str:
     """The assistant's next reply to `messages` (ChatML), streamed to `on_text` in whole characters."""
-    ids = torch.tensor([tok.encode(chatml_prompt(messages), add_special_tokens=False).ids])
+    ids = torch.tensor([chatml_prompt_ids(tok, messages)])  # typed <|im_end|> etc. stay text: no forged turns
     eos = stop_ids(model, tok)
     stream = TextStream(tok, eos, on_text)
     generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos, streamer=stream, **sampling)
