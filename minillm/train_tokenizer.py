@@ -2,7 +2,7 @@
 
 Trains on the bundled pretraining corpus plus the SFT set (so the chat words are in the vocabulary)
 and writes `tokenizer.json` + `tokenizer_config.json` into minillm/data/tokenizer/, loadable with
-`transformers.AutoTokenizer.from_pretrained` (this script itself needs only `tokenizers`).
+`transformers.AutoTokenizer.from_pretrained` (this script itself needs `tokenizers`, not transformers).
 
 Choices, and why:
 - 4096 ids in total: ids 0-3 are the special tokens `<|endoftext|>` (eos: ends every pretraining
@@ -67,16 +67,17 @@ def build_tokenizer() -> Tokenizer:
 
 
 def iter_texts(data_dir: Path) -> Iterator[str]:
-    with open(data_dir / "pretrain.jsonl", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)["text"]
-    with open(data_dir / "sft.jsonl", encoding="utf-8") as f:
-        for line in f:
-            # the text between ChatML special tokens, as the masker will tokenize it
-            yield "system\nYou are a helpful assistant."
-            for turn in json.loads(line)["conversations"]:
-                role = {"human": "user"}.get(turn["from"], turn["from"])
-                yield f"{role}\n{turn['value']}"
+    """The training texts; a malformed line stops with `file:line: reason` (minillm.corpus's readers)."""
+    from minillm.corpus import iter_pretrain_texts, iter_sft_conversations
+    from minillm.sft import ROLES
+
+    yield from iter_pretrain_texts(data_dir / "pretrain.jsonl")
+    for conversation in iter_sft_conversations(data_dir / "sft.jsonl"):
+        # the text between ChatML special tokens, as the masker will tokenize it
+        yield "system\nYou are a helpful assistant."
+        for turn in conversation:
+            role = turn.get("from", turn.get("role"))
+            yield f"{ROLES[role]}\n{turn.get('value', turn.get('content'))}"
 
 
 def tokenizer_config(model_max_length: int) -> dict:
