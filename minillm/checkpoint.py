@@ -5,7 +5,7 @@ strict: every missing, unexpected or mis-shaped tensor is collected and reported
 Tied embeddings are handled as transformers does: the file holds `model.embed_tokens.weight` only.
 
 A checkpoint directory is treated as untrusted input:
-- every file it names (model.safetensors, the index, each shard of the index's `weight_map`) must be a
+- every file it names (config.json, model.safetensors, the index, each shard of its `weight_map`) must be a
   regular file inside the directory: no absolute paths, no "..", no symlink leading out of it (except
   a Hugging Face cache snapshot's links into its own `blobs/`), no FIFO or device (opening a FIFO
   would block the loader for ever). Types are checked with stat() before anything is opened.
@@ -204,6 +204,8 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
                     attn_implementation: str = "sdpa") -> CausalLM:
     """Build a CausalLM from an HF checkpoint directory. dtype: None = float32, "auto" = as stored."""
     path = Path(path)
+    if (path / "config.json").exists() or (path / "config.json").is_symlink():
+        checked_file(path, "config.json", "checkpoint")  # a FIFO config.json would block the read for ever
     config = ModelConfig.from_hf(path)
     tensors = {k: v for k, v in read_safetensors(path).items() if not k.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
@@ -246,7 +248,10 @@ _STAGING = ".saving-"  # staging directory: .{target name}.saving-{host}-{pid}-{
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it: set and restore at once
+    with contextlib.suppress(OSError, StopIteration, ValueError):  # Linux: read it without changing it
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0)  # elsewhere: set and restore at once (racy with other threads creating files)
     os.umask(mask)
     return mask
 

@@ -184,6 +184,11 @@ CASES = [
      [INDEX, "FIFO"]),
     ("single file is a FIFO", lambda d: ((d / WEIGHTS).unlink(), os.mkfifo(d / WEIGHTS))[0] or d, ValueError,
      [WEIGHTS, "FIFO"]),
+    ("config.json is a FIFO", lambda d: ((d / "config.json").unlink(), os.mkfifo(d / "config.json"))[0] or d,
+     ValueError, ["config.json", "FIFO"]),
+    ("config.json links out", lambda d: ((d / "config.json").unlink(),
+                                        (d / "config.json").symlink_to("/etc/hostname"))[0] or d,
+     ValueError, ["config.json", "outside the checkpoint directory"]),
     # safetensors errors as sentences naming the file (item 6)
     ("truncated", lambda d: raw_weights(d, lambda b: b[:-100]), ValueError,
      ["{d}/" + WEIGHTS, "truncated", "bytes of tensor data but the file holds"]),
