@@ -24,8 +24,11 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
+import pickle
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,12 +41,18 @@ import transformers
 from safetensors.torch import save_file
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
+from transformers.trainer_utils import rotate_checkpoints
+from transformers import trainer_pt_utils
 
 from minillm import corpus
 from minillm.checkpoint import DTYPES
 from minillm.config import PRESETS, ModelConfig
 from minillm.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
 from minillm.model import CausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import safety  # noqa: E402
+from safety import Diverged  # noqa: E402
 
 logger = logging.getLogger("minillm.train")
 
@@ -100,7 +109,10 @@ class LoraArguments:
 class TrainingArguments(transformers.TrainingArguments):
     # transformers 5 dropped this flag; the course's resume logic (and run_clm's) uses it.
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "train into a non-empty output_dir that holds no checkpoint"})
+        default=False, metadata={"help": "start afresh in output_dir: its checkpoint-N directories are removed first"})
+    allow_changed_resume: bool = field(
+        default=False, metadata={"help": "resume even though the implementation, model, data or sequence length "
+                                         "differ from the run record (run.json) of the checkpoint's run"})
 
 
 def fail(msg: str) -> None:
@@ -122,14 +134,30 @@ def parse_args(dataclasses: tuple, default_output_dir: str, argv: list[str] | No
     # Defaults that make `python train/pretrain.py` with no arguments do something sensible on any machine.
     parser.set_defaults(output_dir=default_output_dir, use_cpu=not torch.cuda.is_available(), logging_steps=10)
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):  # the course's `pretrain.py args.json` form
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):  # the course's `pretrain.py args.json` form
+            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # TrainingArguments.__post_init__ refusing a combination: a sentence, not a traceback
+        fail(str(e).strip().splitlines()[0])
+
+
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
-               default_train: str) -> None:
-    """Fill the bundled defaults and refuse missing files / missing packages before any work is done."""
+               default_train: str, lora_args: LoraArguments | None = None) -> None:
+    """Fill the bundled defaults and refuse missing files / missing packages / bad numbers before any work."""
+    if err := safety.forbid_unpickling_code():
+        fail(err)
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if training_args.deepspeed and not mpi and not all(k in os.environ for k in _LAUNCHER_ENV):
+        # DeepSpeed would fall back to MPI discovery and die in an mpi4py import
+        fail("--deepspeed needs a launcher: run `deepspeed --num_gpus N train/...` or `torchrun --nproc_per_node N "
+             "train/...`, or set " + ", ".join(k for k in _LAUNCHER_ENV) + " for a single process "
+             "(e.g. RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500)")
+    if err := safety.check_numbers(model_args, data_args, training_args, lora_args):
+        fail(err)
     if not data_args.train_files:
         data_args.train_files = [default_train]
     for flag in ("train_files", "validation_files"):
@@ -145,6 +173,16 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
         fail(f"--config_name: {name!r} is neither a config.json path nor a preset {sorted(PRESETS)}")
     if data_args.streaming and training_args.max_steps <= 0:
         fail("--streaming needs --max_steps (a stream has no length to derive the number of steps from)")
+    inputs = {"model_name_or_path": model_args.model_name_or_path, "tokenizer_name": model_args.tokenizer_name,
+              "config_name": model_args.config_name if name not in PRESETS else None}
+    if err := safety.check_paths(training_args.output_dir, inputs):
+        fail(err)
+    writable = {"--output_dir": training_args.output_dir}
+    if not data_args.streaming:
+        writable["--cache_dir"] = cache_root(data_args)
+    for flag, path in writable.items():
+        if err := safety.check_writable(flag, path):
+            fail(err)
     if training_args.deepspeed:
         check_stale_op_lock()
     for r in training_args.report_to or []:
@@ -200,6 +238,18 @@ def find_resume_checkpoint(training_args: TrainingArguments) -> str | None:
     saving leaves such a half-written directory, and resuming from it would crash.
     """
     out = training_args.output_dir
+    # Every rank enters main_process_first (it is a barrier); only the saving process deletes.
+    with training_args.main_process_first(desc="cleaning the output directory"):
+        if training_args.should_save and os.path.isdir(out):
+            for path in safety.clean_staging(out):
+                logger.warning(f"Removed {path}: an unfinished save left by a killed run")
+            if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+                # Start afresh for real: an older run's checkpoint left here would be resumed by the next plain run.
+                for d in sorted(os.listdir(out)):
+                    if _CHECKPOINT.fullmatch(d) and os.path.isdir(os.path.join(out, d)):
+                        shutil.rmtree(os.path.join(out, d))
+                        logger.warning(f"--overwrite_output_dir: removed {os.path.join(out, d)} of an earlier run")
+                Path(out, safety.RUN_RECORD).unlink(missing_ok=True)
     if training_args.resume_from_checkpoint or not os.path.isdir(out) or training_args.overwrite_output_dir:
         return training_args.resume_from_checkpoint
     ckpts = sorted((d for d in os.listdir(out) if _CHECKPOINT.fullmatch(d) and os.path.isdir(os.path.join(out, d))),
@@ -213,10 +263,54 @@ def find_resume_checkpoint(training_args: TrainingArguments) -> str | None:
         logger.info(f"Checkpoint found: resuming from {os.path.join(out, d)}. "
                     "Use --overwrite_output_dir to start afresh.")
         return os.path.join(out, d)
-    if os.listdir(out) and not ckpts:
+    if set(os.listdir(out)) - {safety.RUN_RECORD} and not ckpts:
         fail(f"output directory {out} is not empty and holds no checkpoint-N to resume from; "
              "use --overwrite_output_dir to train into it anyway, or another --output_dir")
     return None
+
+
+def run_record(script: str, model_args: ModelArguments, data_args: DataTrainingArguments,
+               sequence_length: dict[str, int], lora_args: LoraArguments | None = None) -> dict[str, Any]:
+    """What this run trains: kept as run.json in the output directory and in every checkpoint."""
+    lora = None
+    if lora_args is not None and lora_args.use_lora:
+        lora = {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
+                "target_modules": lora_args.lora_target_modules}
+    source = model_args.model_name_or_path or model_args.config_name or "tiny"
+    return {"script": script, "impl": model_args.impl,
+            "model": os.path.abspath(source) if os.path.exists(source) else source,
+            "tokenizer": os.path.abspath(model_args.tokenizer_name) if model_args.tokenizer_name else None,
+            "dtype": model_args.dtype, "data": safety.file_identity(data_args.train_files),
+            "validation": safety.file_identity(data_args.validation_files),
+            "sequence_length": sequence_length, "lora": lora}
+
+
+def check_resume(training_args: TrainingArguments, checkpoint: str | None, record: dict[str, Any]) -> None:
+    """Say loudly what a resume continues from; refuse a changed run unless --allow_changed_resume; write run.json.
+
+    The record compared is the checkpoint's own run.json (written into every checkpoint), else the output
+    directory's. A data file counts as changed when its size or modification time differ.
+    """
+    if checkpoint:
+        try:
+            old = safety.read_run_record(checkpoint) or safety.read_run_record(os.path.dirname(checkpoint))
+        except ValueError as e:
+            fail(str(e))
+        try:
+            state = json.loads(Path(checkpoint, "trainer_state.json").read_text())
+            where = f"step {state['global_step']} of {state['max_steps']}"
+        except (OSError, ValueError, KeyError):
+            where = "an unknown step"
+        logger.warning(f"RESUMING from {checkpoint} ({where}); use --overwrite_output_dir to start afresh")
+        changes = safety.compare_run_record(old, record)
+        if changes and not training_args.allow_changed_resume:
+            fail(f"resuming {checkpoint} would continue a different run: " + "; ".join(changes) +
+                 ". Pass --allow_changed_resume to continue it anyway, or --overwrite_output_dir to start afresh")
+        for c in changes:
+            logger.warning(f"--allow_changed_resume: the resumed run differs from {checkpoint}'s: {c}")
+        record = {**record, "resumed_from": os.path.abspath(checkpoint), "changed_on_resume": changes}
+    if training_args.should_save:
+        safety.write_run_record(training_args.output_dir, record)
 
 
 # ---- tokenizer, model --------------------------------------------------------------------------------------
@@ -227,11 +321,16 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerFast:
             os.path.isfile(os.path.join(model_args.model_name_or_path, "tokenizer.json")):
         path = model_args.model_name_or_path
     path = path or str(corpus.TOKENIZER_DIR)
-    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(path)
-    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         fail(f"--tokenizer_name: {path} has no tokenizer.json")
-    return PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
+    try:
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(path)
+        return PreTrainedTokenizerFast(tokenizer_file=file)
+    except Exception as e:  # the tokenizers library raises bare Exceptions for a malformed file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"{file if os.path.isfile(file) else path}: not a usable tokenizer ({first})")
 
 
 def model_config(model_args: ModelArguments, tokenizer) -> ModelConfig:
@@ -306,30 +405,66 @@ def add_lora(model: torch.nn.Module, model_args: ModelArguments, lora_args: Lora
 # ---- the Trainer, saving minillm models in HF format ---------------------------------------------------------
 
 class Trainer(transformers.Trainer):
-    """transformers.Trainer that saves (and, for LoRA, reloads) a minillm CausalLM in HF/peft format.
+    """transformers.Trainer that saves (and, for LoRA, reloads) a minillm CausalLM in HF/peft format, stops a
+    diverging run, and writes every checkpoint under a temporary name first.
 
     For a model that is not a PreTrainedModel the stock Trainer writes only model.safetensors (and fails
     on tied weights); here checkpoints and the final model get config.json + model.safetensors, or a
     peft-format adapter for LoRA, like transformers' own models.
+    Divergence: every optimizer step checks that the micro-steps' losses and the gradient norm are finite
+    (DeepSpeed reports a non-finite norm as -1), agreed across ranks so all of them stop together, and
+    raises Diverged before anything of that step is saved; a save also refuses non-finite weights.
     """
 
-    def __init__(self, *args: Any, base_model_path: str | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, base_model_path: str | None = None, run_record: dict | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.base_model_path = base_model_path  # recorded in a saved adapter's config
+        self.run_record = run_record  # copied into every checkpoint (what it was trained on)
+        self._bad_loss: float | None = None
+        self._staging: str | None = None
 
+    # ---- divergence ----
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._bad_loss is None and not torch.isfinite(loss).all():
+            self._bad_loss = loss.detach().float().mean().item()
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm)
+        value = float(norm) if norm is not None else 0.0
+        bad = self._bad_loss is not None or not math.isfinite(value) or value < 0
+        flag = torch.tensor([float(bad)], device=self.args.device)
+        if self.args.world_size > 1:  # a NaN on one rank must stop every rank, or the others hang
+            flag = self.accelerator.gather(flag)
+        if flag.max().item() > 0:
+            shown = "non-finite" if value < 0 else f"{value:.4g}"  # DeepSpeed's -1 means inf/nan
+            loss = f"loss {self._bad_loss}, " if self._bad_loss is not None else ""
+            raise Diverged(f"training diverged at step {self.state.global_step + 1}: {loss}gradient norm {shown}")
+        return norm
+
+    # ---- saving ----
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        if not isinstance(model, CausalLM):
-            return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
+        if not isinstance(model, CausalLM):
+            bad = safety.non_finite_tensors(state_dict if state_dict is not None else model.state_dict())
+            if bad:
+                raise Diverged(f"refusing to save non-finite weights ({', '.join(bad[:3])}) at step "
+                               f"{self.state.global_step}")
+            return super()._save(output_dir, state_dict)
         os.makedirs(output_dir, exist_ok=True)
         logger.info(f"Saving minillm model to {output_dir}")
         if state_dict is None or not zero3(self):
             # ZeRO-0/1/2 and plain runs: every rank holds the full weights in the module itself
             state_dict = model.state_dict()
-        if lora_layers(model):  # ZeRO-3 + minillm LoRA is refused up front (check_zero3_lora)
+        if bad := safety.non_finite_tensors(state_dict):
+            raise Diverged(f"refusing to save non-finite weights ({', '.join(bad[:3])}) at step "
+                           f"{self.state.global_step}")
+        if lora_layers(model):
             save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path)
         else:
             config = model.config.to_hf()
@@ -340,6 +475,37 @@ class Trainer(transformers.Trainer):
             Path(output_dir, "config.json").write_text(json.dumps(config, indent=2) + "\n")
             save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, self._staging) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """checkpoint-N is written as .tmp-checkpoint-N/checkpoint-N and renamed once every rank has finished:
+        a killed or failing save never leaves a checkpoint-N that a resume would pick."""
+        run_dir = self._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = safety.STAGING + name
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        staged, final = os.path.join(run_dir, safety.STAGING + name), os.path.join(run_dir, name)
+        if self.args.should_save and self.run_record is not None:
+            safety.write_run_record(os.path.join(staged, name), self.run_record)
+        self.accelerator.wait_for_everyone()  # DeepSpeed and the RNG files are written by every rank
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staged, name), final)
+            shutil.rmtree(staged)
+            best = self.state.best_model_checkpoint
+            if best and safety.STAGING in best:  # the Trainer noted the staged path
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
@@ -365,11 +531,24 @@ def check_zero3_lora(training_args: TrainingArguments, model_args: ModelArgument
 
 
 def save_final(trainer: Trainer, tokenizer, output_dir: str) -> None:
-    """The final model in HF format (or the adapter in peft format) with the tokenizer files alongside."""
-    trainer.save_model(output_dir)
+    """The final model in HF format (or the adapter in peft format) with the tokenizer files alongside.
+
+    Written into output_dir/.tmp-final first, then each file renamed into output_dir (safety.publish):
+    a save that fails (a full disk, non-finite weights) leaves the directory's previous model loadable.
+    """
+    staged = os.path.join(output_dir, safety.STAGING + "final")
+    trainer.save_model(staged)
     if trainer.args.should_save:
-        tokenizer.save_pretrained(output_dir)
+        tokenizer.save_pretrained(staged)
+        safety.publish(staged, output_dir)
         logger.info(f"Saved the final model and tokenizer to {output_dir}")
+    trainer.accelerator.wait_for_everyone()
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    done = [d for d in os.listdir(output_dir) if _CHECKPOINT.fullmatch(d)
+            and os.path.isfile(os.path.join(output_dir, d, "trainer_state.json"))] if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
 
 
 def train_and_save(trainer: Trainer, checkpoint: str | None, tokenizer, train_samples: int | None,
@@ -378,8 +557,22 @@ def train_and_save(trainer: Trainer, checkpoint: str | None, tokenizer, train_sa
     log and save the metrics and state, evaluate when there is a validation set, tear down.
     eval_extra(metrics) may add derived eval metrics (pretraining adds perplexity)."""
     logger.info("Starting training" + (f", resuming from {checkpoint}" if checkpoint else ""))
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, tokenizer, trainer.args.output_dir)
+    safe = safety.resume_safe_globals() if trainer.is_deepspeed_enabled else []
+    try:
+        with torch.serialization.safe_globals(safe):  # what DeepSpeed's checkpoints may unpickle, nothing more
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+            save_final(trainer, tokenizer, trainer.args.output_dir)
+    except pickle.UnpicklingError as e:
+        with trainer_pt_utils.safe_globals():  # numpy's RNG state, which the Trainer allow-lists for rng_state_*.pth
+            bad = safety.unloadable_files(checkpoint, safe) if checkpoint else []
+        fail(f"refusing to load {', '.join(bad) if bad else checkpoint}: it holds pickled objects other than "
+             f"tensors and plain data, and loading them could run code ({str(e).splitlines()[0][:200]})")
+    except Diverged as e:
+        last = last_checkpoint(trainer.args.output_dir)
+        teardown()
+        fail(f"{e}. Stopped; the final model was not saved"
+             + (f"; the last good checkpoint is {last}" if last else "; no checkpoint was saved before it")
+             + ". Try a lower --learning_rate")
     metrics = {**result.metrics, "peak_memory_mb": peak_memory_mb()}
     if train_samples is not None:
         metrics["train_samples"] = train_samples
@@ -411,12 +604,16 @@ def teardown() -> None:
 
 # ---- preprocessed-data cache ----------------------------------------------------------------------------------
 
+def cache_root(data_args: DataTrainingArguments) -> Path:
+    return Path(data_args.cache_dir or os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm")
+
+
 def cache_path(data_args: DataTrainingArguments, kind: str, files: list[str], tokenizer, **params: Any) -> Path:
     """Where preprocessed data lives, keyed by the files' identity (path, size, mtime), the tokenizer and params.
 
     A changed file, tokenizer or parameter gives a new key, so a stale cache is never read.
     """
-    root = Path(data_args.cache_dir or os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm")
+    root = cache_root(data_args)
     h = hashlib.sha256()
     for f in files:
         st = os.stat(f)
@@ -429,9 +626,16 @@ def cache_path(data_args: DataTrainingArguments, kind: str, files: list[str], to
 def cached(path: Path, build, training_args: TrainingArguments, desc: str):
     """Load `path` or build it (main process first; the others then read the file it wrote)."""
     with training_args.main_process_first(desc=desc):
+        if training_args.process_index == 0:
+            remove_dead_temporaries(path.parent)
         if path.exists():
-            logger.info(f"{desc}: using cache {path}")
-            return torch.load(path)
+            try:
+                data = torch.load(path, weights_only=True)
+                logger.info(f"{desc}: using cache {path}")
+                return data
+            except Exception as e:  # truncated or corrupt: the data can be rebuilt, so say so and rebuild
+                logger.warning(f"{desc}: the cache file {path} is unreadable ({str(e).splitlines()[0][:120]}); "
+                               "rebuilding it")
         data = build()
         if training_args.process_index == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -440,3 +644,12 @@ def cached(path: Path, build, training_args: TrainingArguments, desc: str):
             os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
             logger.info(f"{desc}: cached to {path}")
         return data
+
+
+def remove_dead_temporaries(cache_dir: Path) -> None:
+    """Delete `*.tmp<pid>` cache files whose writer is gone (a run killed while caching); a live one is kept."""
+    for tmp in cache_dir.glob("*.tmp*") if cache_dir.is_dir() else []:
+        pid = tmp.suffix.removeprefix(".tmp")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
+            logger.warning(f"Removed {tmp}: a partial cache file left by a killed run")

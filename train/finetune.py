@@ -24,8 +24,8 @@ from transformers import set_seed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
     DataTrainingArguments, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
-    cache_path, cached, check_args, check_zero3_lora, find_resume_checkpoint, load_tokenizer, logger, parse_args, read_or_fail,
-    setup_logging, train_and_save,
+    cache_path, cached, check_args, check_resume, check_zero3_lora, find_resume_checkpoint, load_tokenizer, logger,
+    parse_args, read_or_fail, run_record, setup_logging, train_and_save,
 )
 
 from minillm import corpus  # noqa: E402
@@ -87,10 +87,12 @@ def dataset(files, tokenizer, data_args, training_args, limit=None, desc="train"
 def main() -> None:
     model_args, data_args, lora_args, training_args = parse_args(
         (ModelArguments, DataTrainingArguments, LoraArguments, TrainingArguments), default_output_dir="out/sft")
-    check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_SFT))
+    check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_SFT), lora_args=lora_args)
     check_zero3_lora(training_args, model_args, lora_args.use_lora)
     setup_logging(training_args)
     checkpoint = find_resume_checkpoint(training_args)
+    record = run_record("finetune.py", model_args, data_args, {"max_len": data_args.max_len}, lora_args)
+    check_resume(training_args, checkpoint, record)
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(model_args)
@@ -107,7 +109,7 @@ def main() -> None:
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=SFTCollator(pad_token_id=pad), base_model_path=model_args.model_name_or_path)
+                      data_collator=SFTCollator(pad_token_id=pad), base_model_path=model_args.model_name_or_path, run_record=record)
     train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset))
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from transformers import default_data_collator, set_seed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
     DataTrainingArguments, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, cached, check_args,
-    find_resume_checkpoint, load_tokenizer, logger, parse_args, read_or_fail, setup_logging, train_and_save,
+    check_resume, fail, find_resume_checkpoint, load_tokenizer, logger, parse_args, read_or_fail, run_record,
+    setup_logging, train_and_save,
 )
 
 from minillm import corpus  # noqa: E402
@@ -122,8 +123,9 @@ def main() -> None:
     max_pos = getattr(model.config, "max_position_embeddings", 2048)
     block_size = data_args.block_size or min(512, max_pos)
     if block_size > max_pos:
-        raise SystemExit(f"pretrain.py: error: --block_size {block_size} exceeds the model's "
-                         f"max_position_embeddings {max_pos}")
+        fail(f"--block_size {block_size} exceeds the model's max_position_embeddings {max_pos}")
+    record = run_record("pretrain.py", model_args, data_args, {"block_size": block_size})
+    check_resume(training_args, checkpoint, record)
 
     train_dataset = dataset(data_args.train_files, tokenizer, block_size, data_args, training_args,
                             data_args.max_train_samples)
@@ -135,7 +137,7 @@ def main() -> None:
         logger.info(f"Training on {len(train_dataset)} blocks of {block_size} tokens from {data_args.train_files}")
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=default_data_collator)
+                      data_collator=default_data_collator, run_record=record)
     train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset),
                    eval_extra=lambda m: m.update(perplexity=math.exp(min(m["eval_loss"], 50))))
 

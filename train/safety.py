@@ -1,0 +1,231 @@
+"""What keeps a training run from hurting the user: no code from files, no silent divergence, no lost files.
+
+- Unpickling. DeepSpeed resumes with `torch.load(..., weights_only=False)`, so a planted
+  `global_stepN/*.pt` would run code. `forbid_unpickling_code()` sets torch's documented switch
+  TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 for this process: every torch.load (DeepSpeed's, the Trainer's, our
+  cache's) then uses the weights-only unpickler, whatever its caller passed. That unpickler accepts
+  tensors, containers and primitive values, plus exactly the classes in `resume_safe_globals()`: the
+  ones DeepSpeed's ZeRO checkpoints store (measured by listing the GLOBAL opcodes of every .pt file a
+  ZeRO-2/ZeRO-3 checkpoint holds) and numpy's RNG state, which the Trainer allow-lists itself.
+- Numbers. `check_numbers()` refuses nan/inf/negative values and sizes that cannot train, naming the flag.
+- Paths. `check_paths()` refuses an output directory that is, contains or lies inside an input.
+- The run record. `run.json` in the output directory says what a run trains on; a resume compares it
+  (`compare_run_record()`) and refuses a changed implementation, data set, model or sequence length
+  unless --allow_changed_resume.
+- Staging. Checkpoints and the final model are written under a `.tmp-` name in the same directory and
+  renamed when complete (`STAGING`); `clean_staging()` removes what a killed run left.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STAGING = ".tmp-"  # prefix of a save in progress; never a checkpoint a resume would pick
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss, gradient norm or weight: the run stops, nothing more is saved."""
+
+
+# ---- unpickling ------------------------------------------------------------------------------------------
+
+def forbid_unpickling_code() -> str | None:
+    """Make every torch.load in this process weights-only. Returns an error sentence, or None."""
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        return ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: it would let a checkpoint run code when it is loaded; "
+                "unset it (minillm loads tensors only)")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    return None
+
+
+def resume_safe_globals() -> list:
+    """The non-tensor classes a DeepSpeed ZeRO checkpoint pickles (its optimizer-state files).
+
+    Listed from the GLOBAL opcodes of the files a ZeRO-2 and a ZeRO-3 run wrote: the loss scaler
+    (pickled even in fp32), the ZeRO stage enum, and the fragment addresses of the flat partitions.
+    Each is rebuilt from plain data; none runs code of the file's choosing.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def unloadable_files(checkpoint: str, safe: list) -> list[str]:
+    """The pickle files in `checkpoint` that the weights-only unpickler refuses, with its reason (to name them).
+
+    training_args.bin is skipped: the Trainer writes it for the user and never loads it.
+    """
+    bad = []
+    for path in sorted(Path(checkpoint).rglob("*")):
+        if path.suffix not in (".pt", ".pth", ".bin") or path.name == "training_args.bin" or not path.is_file():
+            continue
+        try:
+            with torch.serialization.safe_globals(safe):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            reason = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+                          str(e).splitlines()[0] if str(e) else type(e).__name__)
+            bad.append(f"{path} ({reason[:160]})")
+    return bad
+
+
+# ---- numbers ---------------------------------------------------------------------------------------------
+
+def check_numbers(model_args, data_args, training_args, lora_args=None) -> str | None:
+    """The first numeric argument that cannot train, as a sentence naming the flag; None when all are fine."""
+    def finite(flag: str, v: float, lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False):
+        if v is None:
+            return None
+        if not math.isfinite(v):
+            return f"--{flag} {v}: must be a finite number"
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            return f"--{flag} {v}: must be {'>' if lo_open else '>='} {lo}"
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            return f"--{flag} {v}: must be {'<' if hi_open else '<='} {hi}"
+        return None
+
+    t = training_args
+    checks = [
+        finite("learning_rate", t.learning_rate, 0),
+        finite("weight_decay", t.weight_decay, 0),
+        finite("adam_beta1", t.adam_beta1, 0, 1, hi_open=True),
+        finite("adam_beta2", t.adam_beta2, 0, 1, hi_open=True),
+        finite("adam_epsilon", t.adam_epsilon, 0, lo_open=True),
+        finite("max_grad_norm", t.max_grad_norm, 0),
+        finite("num_train_epochs", t.num_train_epochs, 0, lo_open=True),
+        finite("warmup_steps", t.warmup_steps, 0),
+        finite("label_smoothing_factor", t.label_smoothing_factor, 0, 1, hi_open=True),
+        finite("per_device_train_batch_size", t.per_device_train_batch_size, 1),
+        finite("gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+        # one token has no next token to predict: the loss is 0 and nothing trains
+        None if data_args.block_size is None or data_args.block_size >= 2 else
+        f"--block_size {data_args.block_size}: cannot train (a block needs at least 2 tokens: an input and "
+        "the next token to predict)",
+        None if data_args.max_len >= 2 else
+        f"--max_len {data_args.max_len}: cannot train (a sample needs at least 2 tokens)",
+        finite("max_train_samples", data_args.max_train_samples, 1),
+        finite("preprocessing_num_workers", data_args.preprocessing_num_workers, 1),
+    ]
+    if lora_args is not None and lora_args.use_lora:
+        checks += [finite("lora_r", lora_args.lora_r, 1),
+                   finite("lora_alpha", lora_args.lora_alpha, 0, lo_open=True),
+                   finite("lora_dropout", lora_args.lora_dropout, 0, 1, hi_open=True)]
+    return next((c for c in checks if c), None)
+
+
+# ---- paths -----------------------------------------------------------------------------------------------
+
+def check_paths(output_dir: str, inputs: dict[str, str | None]) -> str | None:
+    """Refuse an output directory that is, contains, or lies inside an input (it would be overwritten or mixed)."""
+    out = Path(output_dir).resolve()
+    for flag, path in inputs.items():
+        if not path or not os.path.exists(path):
+            continue
+        p = Path(path).resolve()
+        p_dir = p if p.is_dir() else p.parent
+        if out == p_dir or out.is_relative_to(p_dir):
+            return (f"--output_dir {output_dir} is {'the same directory as' if out == p_dir else 'inside'} "
+                    f"--{flag} {path}: training would overwrite or mix with its files; choose another --output_dir")
+        if p.is_relative_to(out):
+            return (f"--output_dir {output_dir} contains --{flag} {path}: training (or --overwrite_output_dir) "
+                    "could overwrite it; choose another --output_dir")
+    return None
+
+
+def check_writable(flag: str, path: str | os.PathLike) -> str | None:
+    """Create `path` if needed and write a file in it: a read-only or full directory fails now, not hours later."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = Path(path, f"{STAGING}probe-{os.getpid()}")
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        return f"{flag} {path} is not writable: {e.strerror or e}"
+    return None
+
+
+# ---- the run record ----------------------------------------------------------------------------------------
+
+RUN_RECORD = "run.json"
+# Keys of the record whose change makes a resume train a different thing than the checkpoint did.
+MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora")
+
+
+def file_identity(paths: list[str] | None) -> list[dict] | None:
+    if not paths:
+        return None
+    return [{"path": os.path.abspath(p), "size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
+            for p in paths]
+
+
+def read_run_record(output_dir: str) -> dict | None:
+    path = Path(output_dir, RUN_RECORD)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable run record ({e}); delete it to resume without the check") from e
+
+
+def write_run_record(output_dir: str, record: dict[str, Any]) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = Path(output_dir, f"{STAGING}{RUN_RECORD}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, Path(output_dir, RUN_RECORD))
+
+
+def compare_run_record(old: dict | None, new: dict) -> list[str]:
+    """Lines naming what differs between the record a checkpoint was trained under and this run's."""
+    if old is None:
+        return ["no run record (run.json) in the output directory: what the checkpoint was trained on is unknown"]
+    changes = []
+    for key in MUST_MATCH:
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}")
+    return changes
+
+
+# ---- staging ---------------------------------------------------------------------------------------------
+
+def clean_staging(directory: str) -> list[str]:
+    """Remove `.tmp-*` entries a killed run left in `directory` (an interrupted save). Returns what was removed."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        if name.startswith(STAGING):
+            path = os.path.join(directory, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def publish(staged: str, directory: str) -> None:
+    """Move every entry of the finished `staged` directory into `directory`, replacing what is there.
+
+    Each file is renamed whole (same filesystem), so a reader never sees a half-written file, and a
+    save that fails while writing (a full disk) leaves `directory` as it was. The weights move last:
+    until then the old weights stay next to the old or new (same-architecture) config.
+    """
+    names = sorted(os.listdir(staged), key=lambda n: n.endswith((".safetensors", ".bin")))
+    for name in names:
+        src, dst = os.path.join(staged, name), os.path.join(directory, name)
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+    os.rmdir(staged)
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in tensors.items() if v.is_floating_point() and v.numel() and not torch.isfinite(v).all()]
