@@ -376,7 +376,7 @@ def rows(budget: float = 1.0) -> Iterator[Row]:
          ("packed rows: grads (sdpa)", ref, "grads"),
          ("packed rows = each document alone (rel.)", "minillm, one document per call", "packed_alone"),
          ("packed rows with a KVCache (no packing)", ref + " with its cache", "logits")],
-        packed_cases(), packed_deltas, n(10))
+        packed_cases(), packed_deltas, n(8))
     yield from property_rows(
         [("packed rows: logits (eager)", ref + " use_cache=False", "logits"), ("packed rows: loss (eager)", ref, "loss"),
          ("packed rows: grads (eager)", ref, "grads"),
@@ -387,9 +387,9 @@ def rows(budget: float = 1.0) -> Iterator[Row]:
                              mask_cases(), mask_delta, n(10))
     yield from property_rows(
         [("attention_dropout: loss, same seed (+eval)", ref + " train mode", "loss"),
-         ("attention_dropout: grads, same seed", ref, "grads")], cases(), dropout_deltas, n(5))
+         ("attention_dropout: grads, same seed", ref, "grads")], cases(), dropout_deltas, n(3))
     yield from property_rows([("dynamic RoPE over calls + cached decode", ref + " dynamic_rope_update", "logits")],
-                             dynamic_cases(), dynamic_delta, n(5))
+                             dynamic_cases(), dynamic_delta, n(4))
     # bf16 on CPU is ~200x slower than fp32 here, so only a few tiny cases; on GPU this would be the norm.
     yield from property_rows([("logits bf16 (tiny configs, CPU)", ref + " bf16", "bf16_logits")],
                              cases(), lambda c: [bf16_delta(c)], n(4))
