@@ -42,9 +42,26 @@ def _train(script: str, argv: list[str], tmp: Path) -> None:
         importlib.import_module(script.removesuffix(".py")).main()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster (10x on a busy 2-core machine); restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("trained")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_all(tmp_path_factory.mktemp("trained"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_all(tmp: Path) -> Path:
     with open(tmp / "pre.jsonl", "w") as f:
         for n, v, o in itertools.product(NAMES, ["likes", "sees", "buys", "finds"], OBJECTS):
             f.write(json.dumps({"text": f"{n} {v} {o}."}) + "\n")
