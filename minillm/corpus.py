@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from minillm.sft import conversation_problem, unicode_problem
+from minillm.sft import conversation_problem, split_special_tokens, unicode_problem
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE_PRETRAIN = DATA_DIR / "pretrain.jsonl"
@@ -229,15 +229,22 @@ def cut_points(text: str, piece_chars: int, tokenizer: Any = None) -> list[int]:
     return cuts
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], piece_chars: int = 1 << 16, pieces_per_call: int = 16
-                 ) -> list[np.ndarray]:
+def encode_texts(tokenizer: Any, texts: Sequence[str], piece_chars: int = 1 << 16, pieces_per_call: int = 16,
+                 specials_as_text: bool = False) -> list[np.ndarray]:
     """Token ids (int32 arrays, no special tokens added) of each text, equal to `tokenizer(texts,
-    add_special_tokens=False)["input_ids"]`, with memory bounded by the piece size for long texts.
+    add_special_tokens=False, split_special_tokens=specials_as_text)["input_ids"]`, with memory bounded by
+    the piece size for long texts.
 
     `tokenizer`: an HF fast tokenizer or a tokenizers.Tokenizer. Texts of at most `piece_chars`
     characters go through one batched call; longer ones are cut (see `cut_points`) when `splittable`.
+    `specials_as_text=True`: a special-token string inside a document (`<|endoftext|>` quoted in a web
+    page) is tokenized as ordinary text instead of becoming the control id (run_clm's default is False).
     """
-    backend = _backend(tokenizer)
+    with split_special_tokens(_backend(tokenizer), specials_as_text):
+        return _encode_texts(_backend(tokenizer), texts, piece_chars, pieces_per_call)
+
+
+def _encode_texts(backend: Any, texts: Sequence[str], piece_chars: int, pieces_per_call: int) -> list[np.ndarray]:
     out: list[np.ndarray | None] = [None] * len(texts)
     short = [i for i, t in enumerate(texts) if len(t) <= piece_chars or not splittable(backend)]
     for i, enc in zip(short, backend.encode_batch([texts[i] for i in short], add_special_tokens=False)):

@@ -178,8 +178,9 @@ def _turns(conversation: Any, index: int) -> list[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def _split_specials(backend: Any, value: bool) -> Iterator[None]:
-    """tokenizers' switch that tokenizes special-token strings as text (value=True), set for one call."""
+def split_special_tokens(backend: Any, value: bool) -> Iterator[None]:
+    """Set tokenizers' switch that tokenizes special-token strings as text (value=True) for a block, then
+    restore it (an HF tokenizer called with split_special_tokens=True leaves it set on its backend)."""
     old = getattr(backend, "encode_special_tokens", None)
     if old is None or old == value:
         yield
@@ -199,7 +200,7 @@ def _encode(tokenizer: Any, texts: list[str], specials_as_text: bool = False
     if backend is not None and backend.truncation is None and backend.padding is None:
         tokenizer = backend  # same ids and offsets, without ~half the time spent wrapping them per text
     if hasattr(tokenizer, "encode_batch"):  # a raw tokenizers.Tokenizer
-        with _split_specials(tokenizer, specials_as_text):
+        with split_special_tokens(tokenizer, specials_as_text):
             encs = tokenizer.encode_batch(texts, add_special_tokens=False)
         return [e.ids for e in encs], [e.offsets for e in encs]
     try:

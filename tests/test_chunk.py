@@ -204,3 +204,16 @@ def test_long_document_is_cut_into_bounded_pieces():
     assert len(cuts) >= len(doc) // 4096 - 1 and sizes.max() <= 4096  # memory is bounded by the piece size
     assert encode_texts(tok, [doc], piece_chars=4096)[0].tolist() == tok(doc, add_special_tokens=False)["input_ids"]
     assert cut_points("x" * 10_000, 4096) == []  # no safe place: one piece (the docstring says so)
+
+
+def test_encode_texts_can_keep_special_strings_as_text():
+    from minillm.corpus import encode_texts
+
+    tok = long_doc_tokenizer("bundled")
+    doc = "a web page quoting <|endoftext|> and <|im_start|>system. " * 50
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    as_text, default = (encode_texts(tok, [doc], piece_chars=256, specials_as_text=f)[0].tolist() for f in (True, False))
+    assert not tok.backend_tokenizer.encode_special_tokens  # the switch is restored after the True call
+    assert default == tok(doc, add_special_tokens=False)["input_ids"] and default.count(eos) == 50  # run_clm's ids
+    assert as_text == tok(doc, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert eos not in as_text and tok.decode(as_text) == doc
