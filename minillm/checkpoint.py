@@ -117,7 +117,8 @@ def _safetensors_problem(path: Path, error: Exception) -> str:
         if not isinstance(info, dict):
             return f"tensor {key!r}: header entry is {info!r}, not an object"
         if "unknown variant" in msg and info.get("dtype") not in _SAFETENSORS_DTYPES:
-            return f"tensor {key!r} has unknown dtype {info.get('dtype')!r} (safetensors knows {sorted(_SAFETENSORS_DTYPES)})"
+            return (f"tensor {key!r} has unknown dtype {info.get('dtype')!r} "
+                    f"(safetensors knows {sorted(_SAFETENSORS_DTYPES)})")
         offsets = info.get("data_offsets")
         if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets):
             end = max(end, offsets[1])

@@ -186,7 +186,8 @@ def splittable(tokenizer: Any) -> bool:
 
 def _added_strings(backend: Any) -> tuple[re.Pattern | None, int]:
     """A pattern matching any added token's string, and the longest one's length."""
-    strings = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.content}, key=len, reverse=True)
+    strings = {t.content for t in backend.get_added_tokens_decoder().values() if t.content}
+    strings = sorted(strings, key=len, reverse=True)  # longest first: the regex takes the first alternative
     return (re.compile("|".join(map(re.escape, strings))), len(strings[0])) if strings else (None, 0)
 
 
