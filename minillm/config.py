@@ -76,6 +76,8 @@ class ModelConfig:
             raise ValueError(f"initializer_range must be a number >= 0, not {self.initializer_range!r}")
         if not _is_number(self.attention_dropout) or not 0 <= self.attention_dropout <= 1:
             raise ValueError(f"attention_dropout must be a probability in [0, 1], not {self.attention_dropout!r}")
+        if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary (vocab_size {self.vocab_size})")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:

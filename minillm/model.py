@@ -308,14 +308,14 @@ class Attention(nn.Module):
         # fp32 results match bit for bit: GQA natively when there is no mask; with a mask, one decoding query
         # packs its heads per kv head ("pack_gqa"), longer queries repeat the kv heads.
         kw, B, H, D = {}, q.shape[0], q.shape[1], q.shape[3]
-        packed = False
+        pack_gqa = False
         if self.n_rep > 1:
             if mask is None and self.head_dim <= 256:
                 kw["enable_gqa"] = True
             elif T == 1:
-                packed = True
+                pack_gqa = True
                 q = q.reshape(B, H // self.n_rep, self.n_rep, D)  # (B, K, n_rep, D): heads sharing a kv head as queries
-                if mask.shape[1] != 1:
+                if mask is not None and mask.shape[1] != 1:
                     mask = mask.reshape(mask.shape[0], H // self.n_rep, self.n_rep, mask.shape[-1])
             else:
                 k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
@@ -324,7 +324,7 @@ class Attention(nn.Module):
             k, v = k[:, :, :T], v[:, :, :T]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, is_causal=is_causal,
                                            dropout_p=self.attention_dropout if self.training else 0.0, **kw)
-        return y.reshape(B, H, T, D) if packed else y
+        return y.reshape(B, H, T, D) if pack_gqa else y
 
 
 # `hidden_act` names as transformers' ACT2FN spells them, each the same torch call transformers makes

@@ -48,6 +48,7 @@ BAD = [
     ({**BASE, "tie_word_embeddings": "yes"}, "'tie_word_embeddings' must be true or false"),
     ({**BASE, "attention_bias": 1}, "'attention_bias' must be true or false"),
     ({**BASE, "eos_token_id": "2"}, "'eos_token_id' must be an integer"),
+    ({**BASE, "pad_token_id": 100}, "pad_token_id 100 is outside the vocabulary"),
     ({**BASE, "eos_token_id": [2, "3"]}, "'eos_token_id' must be an integer"),
     ({**BASE, "dtype": "float8"}, "key 'dtype': unknown dtype name \"float8\""),
     ({**BASE, "torch_dtype": "fp32"}, "key 'torch_dtype': unknown dtype name \"fp32\""),
