@@ -149,12 +149,47 @@ def test_resume_after_sigkill_matches_uninterrupted_run(runs):
     assert worst < 1e-6, f"final weights differ by {worst} after resume"
 
 
+class _Payload:
+    """Unpickling this runs a shell command (what a planted checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_unpickles_code_from_a_deepspeed_checkpoint(runs):
+    """A pickle payload planted in global_stepN/mp_rank_00_model_states.pt (which DeepSpeed loads with
+    weights_only=False) must not run: the resume stops with a sentence naming the file."""
+    import shutil
+
+    out, marker = runs / "planted", runs / "PAYLOAD-RAN"
+    out.mkdir()
+    shutil.copytree(runs / "pre-minillm" / "checkpoint-4", out / "checkpoint-4")
+    states = out / "checkpoint-4" / "global_step4" / "mp_rank_00_model_states.pt"
+    sd = torch.load(states, weights_only=True)
+    sd["extra"] = _Payload(marker)
+    torch.save(sd, states)
+    log = runs / "planted.log"
+    with open(log, "w") as f:
+        rc = subprocess.call(_cmd("pretrain.py", ["--impl", "minillm", "--output_dir", str(out), *PRETRAIN]),
+                             stdout=f, stderr=subprocess.STDOUT, env=_env(runs / "cache"), cwd=ROOT, timeout=600)
+    text = log.read_text()
+    assert not marker.exists(), "the planted pickle ran"
+    assert rc != 0
+    assert f"pretrain.py: error: refusing to load {states} (" in text and "could run code" in text, text[-3000:]
+    assert not (out / "model.safetensors").exists()
+
+
+SFT_ARGS = ["--use_lora", "--lora_target_modules", "all-linear", "--max_len", "64", "--per_device_train_batch_size",
+            "2", "--max_steps", "6", "--learning_rate", "5e-3", "--logging_steps", "1", "--seed", "7",
+            "--disable_tqdm", "true", "--report_to", "none"]
+
+
 def test_finetune_lora_two_ranks_both_impls_agree(runs):
     base = runs / "pre-minillm"
-    args = ["--model_name_or_path", str(base), "--use_lora", "--lora_target_modules", "all-linear",
-            "--max_len", "64", "--per_device_train_batch_size", "2", "--max_steps", "6", "--learning_rate", "5e-3",
-            "--logging_steps", "1", "--seed", "7", "--disable_tqdm", "true", "--report_to", "none",
-            "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+    args = ["--model_name_or_path", str(base), *SFT_ARGS, "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
     for impl in ("minillm", "hf"):
         _run("finetune.py", ["--impl", impl, "--output_dir", str(runs / f"sft-{impl}"), *args], runs / "cache",
              runs / f"sft-{impl}.log")
@@ -166,6 +201,28 @@ def test_finetune_lora_two_ranks_both_impls_agree(runs):
     b = load_file(runs / "sft-hf" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_finetune_lora_minillm_under_zero3_saves_a_complete_adapter(runs):
+    """ZeRO-3 partitions the adapter too: the saved adapter must hold the gathered tensors (not empty ones),
+    train like the ZeRO-2 run, and load in peft."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    out = runs / "sft-minillm-z3"
+    assert (runs / "sft-minillm").is_dir(), "runs after test_finetune_lora_two_ranks_both_impls_agree (its reference)"
+    _run("finetune.py", ["--impl", "minillm", "--output_dir", str(out), "--model_name_or_path", str(runs / "pre-minillm"),
+                         *SFT_ARGS,
+                         "--deepspeed", str(ROOT / "ds_configs" / "zero3.json")], runs / "cache", runs / "sft-z3.log")
+    z3 = load_file(out / "adapter_model.safetensors")
+    z2 = load_file(runs / "sft-minillm" / "adapter_model.safetensors")
+    assert z3.keys() == z2.keys() and all(z3[k].shape == z2[k].shape and z3[k].numel() > 0 for k in z3)
+    assert max((z3[k] - z2[k]).abs().max().item() for k in z3) < 1e-4
+    _assert_same_curve(_losses(out), _losses(runs / "sft-minillm"))
+    base = AutoModelForCausalLM.from_pretrained(runs / "pre-minillm")
+    model = peft.PeftModel.from_pretrained(base, out)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(z3) and all(v.abs().sum() > 0 for k, v in loaded.items() if "lora_B" in k)
 
 
 # ---- bad input: clear errors, in-process -----------------------------------------------------------------

@@ -465,7 +465,10 @@ class Trainer(transformers.Trainer):
             raise Diverged(f"refusing to save non-finite weights ({', '.join(bad[:3])}) at step "
                            f"{self.state.global_step}")
         if lora_layers(model):
-            save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path)
+            # Under ZeRO-3 the live adapter parameters are partitions (empty on this rank): take them from the
+            # consolidated state dict the Trainer gathered (stage3_gather_16bit_weights_on_model_save).
+            save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path,
+                         state_dict=state_dict if zero3(self) else None)
         else:
             config = model.config.to_hf()
             tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -518,16 +521,6 @@ class Trainer(transformers.Trainer):
 def zero3(trainer: transformers.Trainer) -> bool:
     return bool(trainer.is_deepspeed_enabled and
                 trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
-
-
-def check_zero3_lora(training_args: TrainingArguments, model_args: ModelArguments, use_lora: bool) -> None:
-    cfg = training_args.deepspeed
-    if not (use_lora and model_args.impl == "minillm" and cfg):
-        return
-    stage = (json.load(open(cfg)) if isinstance(cfg, str) else cfg).get("zero_optimization", {}).get("stage")
-    if stage == 3:
-        fail("--use_lora with --impl minillm under ZeRO-3 is not supported: use ds_configs/zero2.json "
-             "(a LoRA run keeps the frozen base whole on every rank anyway) or --impl hf")
 
 
 def save_final(trainer: Trainer, tokenizer, output_dir: str) -> None:

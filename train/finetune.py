@@ -24,7 +24,7 @@ from transformers import set_seed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
     DataTrainingArguments, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
-    cache_path, cached, check_args, check_resume, check_zero3_lora, find_resume_checkpoint, load_tokenizer, logger,
+    cache_path, cached, check_args, check_resume, find_resume_checkpoint, load_tokenizer, logger,
     parse_args, read_or_fail, run_record, setup_logging, train_and_save,
 )
 
@@ -88,7 +88,6 @@ def main() -> None:
     model_args, data_args, lora_args, training_args = parse_args(
         (ModelArguments, DataTrainingArguments, LoraArguments, TrainingArguments), default_output_dir="out/sft")
     check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_SFT), lora_args=lora_args)
-    check_zero3_lora(training_args, model_args, lora_args.use_lora)
     setup_logging(training_args)
     checkpoint = find_resume_checkpoint(training_args)
     record = run_record("finetune.py", model_args, data_args, {"max_len": data_args.max_len}, lora_args)
