@@ -52,7 +52,8 @@ def greedy_both(ours, ref, ids: torch.Tensor, mask: torch.Tensor, new_tokens: in
     """Greedy generation on both sides with identical stopping and padding rules."""
     # A fresh GenerationConfig: the checkpoint's generation_config.json may ask for sampling or a
     # repetition penalty, which minillm's generate does not have; eos and pad are passed explicitly.
-    ref.generation_config = transformers.GenerationConfig()
+    base = ref.get_base_model() if hasattr(ref, "get_base_model") else ref  # peft generates with the base's config
+    base.generation_config = transformers.GenerationConfig()
     ga = ours.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
     gb = ref.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos,
                       pad_token_id=pad)

@@ -160,3 +160,19 @@ def test_cli_with_adapter_exits_zero(trained, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "LoRA merged" in out and "eos [2]" in out
+
+
+def test_generation_config_json_sets_eos_and_nothing_else(trained, tmp_path):
+    """A checkpoint's generation_config.json (as published chat models ship) gives the eos ids both sides stop
+    at; its sampling and repetition settings, which minillm's generate does not have, are not applied (strong
+    values here, so that applying them on the transformers side would change tokens)."""
+    d = tmp_path / "with-generation-config"
+    shutil.copytree(trained / "pre-minillm", d)
+    (d / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "top_k": 3, "temperature": 0.6, "repetition_penalty": 100.0, "no_repeat_ngram_size": 1,
+         "eos_token_id": [0, 2]}))
+    rows = pc.compare(str(d), new_tokens=24, prompts=["Ada likes", "Eve"])
+    assert "eos [0, 2]" in rows[2].note
+    _check(rows, min_stops=2)
+    # without eos the rows run on into repeated tokens, where a repetition penalty would show
+    _check(pc.compare(str(d), new_tokens=24, prompts=["Ada likes", "Eve"], eos=[]), min_stops=0)
