@@ -106,6 +106,18 @@ def test_refused_with_a_sentence(case, script, argv, message, model_dir, tmp_pat
     assert _digest(model_dir) == before, f"{case}: the model directory changed"
 
 
+def test_zero3_config_that_would_save_no_weights_is_refused(tmp_path, monkeypatch):
+    # Called directly: parsing a ZeRO-3 config in-process would leave transformers' global ZeRO-3 flag set
+    # for the rest of the test session.
+    monkeypatch.syspath_prepend(str(TRAIN))
+    common = importlib.import_module("common")
+    cfg = tmp_path / "z3.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(SystemExit, match='ZeRO-3 needs "stage3_gather_16bit_weights_on_model_save": true'):
+        common.check_ds_config(str(cfg))
+    common.check_ds_config(str(ROOT / "ds_configs" / "zero3.json"))  # the bundled one is fine
+
+
 def test_unpickling_code_cannot_be_switched_back_on(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(SystemExit, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set"):

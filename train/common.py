@@ -150,6 +150,8 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
     """Fill the bundled defaults and refuse missing files / missing packages / bad numbers before any work."""
     if err := safety.forbid_unpickling_code():
         fail(err)
+    if training_args.deepspeed:
+        check_ds_config(training_args.deepspeed)
     mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
     if training_args.deepspeed and not mpi and not all(k in os.environ for k in _LAUNCHER_ENV):
         # DeepSpeed would fall back to MPI discovery and die in an mpi4py import
@@ -189,6 +191,18 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
         if r in _REPORTERS and not any(importlib.util.find_spec(m) for m in _REPORTERS[r]):
             fail(f"--report_to {r}: the {_REPORTERS[r][0]} package is not installed "
                  f"(pip install {_REPORTERS[r][0]}, or use --report_to none)")
+
+
+def check_ds_config(cfg: str | dict) -> None:
+    """ZeRO-3 must gather the weights for the final save, or the model / adapter written would be empty."""
+    try:
+        d = json.loads(Path(cfg).read_text()) if isinstance(cfg, str) else cfg
+    except (OSError, ValueError) as e:
+        fail(f"--deepspeed {cfg}: not a readable JSON config ({e})")
+    zero = d.get("zero_optimization", {}) if isinstance(d, dict) else {}
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        fail(f"--deepspeed {cfg}: ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
+             "zero_optimization, otherwise the saved model (or LoRA adapter) would hold no weights")
 
 
 def check_stale_op_lock(max_age_s: float = 600) -> None:
