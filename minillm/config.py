@@ -5,6 +5,12 @@ The three families differ in only a handful of switches, all derived in `__post_
   - Qwen2:  q/k/v bias always on, o_proj bias always off, no MLP bias (hard-coded in transformers).
   - Qwen3:  q/k/v/o bias = `attention_bias`, plus RMSNorm on each query/key head (`q_norm`, `k_norm`).
 RoPE scaling is one dict in transformers' v5 shape: {"rope_type": ..., "factor": ..., ...}.
+
+`from_hf` reads a config.json as transformers' Llama/Qwen2/Qwen3 configs do (their per-family defaults
+included): every key that changes the numerics is honoured or refused by name (sliding-window layers, partial
+RoPE, longrope, quantization, ...), keys that change nothing are listed in one warning, and a malformed file
+(not an object, wrong types, sizes <= 0, heads that do not divide, unknown dtype) is a ValueError naming the
+file and the key.
 """
 
 from __future__ import annotations
@@ -194,7 +200,8 @@ _HF_KEYS = {
 }
 # Family switches transformers does not read (Qwen2's biases are hard-coded; Qwen2/3 MLPs have none).
 _NOT_READ = {"llama": (), "qwen2": ("attention_bias", "mlp_bias"), "qwen3": ("mlp_bias",)}
-# Metadata every checkpoint carries: read elsewhere (dtype, generation ids) or meaningless to the numerics.
+# Keys checked further down (RoPE, refusals, dtype), and metadata every checkpoint carries that cannot change the
+# numerics (use_cache: minillm's cache is an explicit argument, `cache=None` being transformers' use_cache=False).
 _QUIET = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache", "_name_or_path",
           "return_dict", "output_attentions", "output_hidden_states", "rope_theta", "rope_scaling", "rope_parameters",
           "pretraining_tp", "partial_rotary_factor", "is_causal", "quantization_config"}
