@@ -313,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         raise fail("--raw needs --prompt TEXT (the interactive chat always uses the chat template)")
     if args.raw and any(not p for p in args.prompt):
         raise fail("--prompt '' with --raw: an empty prompt gives the model nothing to continue")
-    model, tok = _load(args.model, args.adapter)
+    try:
+        model, tok = _load(args.model, args.adapter)
+    except (OSError, ValueError) as e:  # the loaders' errors name the file and what is wrong with it
+        raise fail(str(e)) from None
     sampling = dict(do_sample=sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     generator=torch.Generator().manual_seed(args.seed))
     system = [{"role": "system", "content": args.system}]

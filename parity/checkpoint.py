@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         eos = [_token_id(e, _tokenizer(args.adapter, args.path)) for e in args.eos] if args.eos else None
         rows = compare(args.path, getattr(torch, args.dtype), args.new_tokens, args.seq_len, adapter=args.adapter,
                        prompts=args.prompt, eos=eos)
-    except ValueError as e:
+    except (OSError, ValueError) as e:  # a missing or broken file: the loaders' errors name it
         ap.error(str(e))
     print(format_table(rows))
     return 0 if all(r.passed for r in rows) else 1
