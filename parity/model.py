@@ -328,7 +328,9 @@ def dynamic_cases(draw) -> dict:
     max_position_embeddings, shrinking inside the grown range, and below it, which resets), then a cached
     decode that runs past max_position_embeddings token by token."""
     cfg = replace(draw(configs()), rope_scaling={"rope_type": "dynamic", "factor": draw(st.sampled_from([2.0, 4.0]))})
-    return {"cfg": cfg, "lengths": draw(st.lists(st.integers(2, 30), min_size=2, max_size=5)),
+    # drawn lengths, then a fixed tail that grows (20), keeps the grown base (15), resets (5) and grows again (13)
+    tail = [20, 15, 5, 13]  # with max_position_embeddings 12 (configs())
+    return {"cfg": cfg, "lengths": draw(st.lists(st.integers(2, 30), min_size=1, max_size=4)) + tail,
             "prompt": draw(st.integers(2, 10)), "new": draw(st.integers(4, 16)), "seed": draw(st.integers(0, 2**16))}
 
 
@@ -336,7 +338,8 @@ def dynamic_delta(case: dict) -> list[float]:
     ours = random_model(case["cfg"], case["seed"]).eval()
     ref = hf_copy(ours).eval()
     total = case["prompt"] + case["new"]
-    ids = torch.randint(1, case["cfg"].vocab_size, (1, max(30, total)), generator=torch.Generator().manual_seed(case["seed"]))
+    g = torch.Generator().manual_seed(case["seed"])
+    ids = torch.randint(1, case["cfg"].vocab_size, (1, max(30, total)), generator=g)
     d = 0.0
     with torch.no_grad():
         for n in case["lengths"]:
