@@ -232,6 +232,8 @@ def _main(script: str, argv: list[str], monkeypatch) -> None:
 
     monkeypatch.syspath_prepend(str(TRAIN))
     monkeypatch.setattr(sys, "argv", [script, *argv])
+    # the scripts make every torch.load in the process weights-only: undo that for the rest of the session
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")
     importlib.import_module(script.removesuffix(".py")).main()
 
 
