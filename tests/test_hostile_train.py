@@ -166,6 +166,8 @@ def test_resume_record_refuses_a_changed_run_and_says_what_it_continues(tmp_path
     assert record["impl"] == "minillm" and record["sequence_length"] == {"block_size": 32}
     assert record["data"][0]["size"] > 0
     assert json.loads((out / "checkpoint-2" / "run.json").read_text())["sequence_length"] == {"block_size": 32}
+    modes = {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    assert len(modes) == 1, f"weights and other files get different modes: {modes}"
     before = _digest(out)
     for change, msg in ([["--block_size", "16"], 'sequence_length: {"block_size": 32} -> {"block_size": 16}'],
                         [["--block_size", "32", "--impl", "hf"], 'impl: "minillm" -> "hf"']):

@@ -45,7 +45,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from transformers import trainer_pt_utils
 
 from minillm import corpus
-from minillm.checkpoint import DTYPES
+from minillm.checkpoint import DTYPES, staged_dir
 from minillm.config import PRESETS, ModelConfig
 from minillm.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
 from minillm.model import CausalLM
@@ -512,6 +512,7 @@ class Trainer(transformers.Trainer):
             safety.write_run_record(os.path.join(staged, name), self.run_record)
         self.accelerator.wait_for_everyone()  # DeepSpeed and the RNG files are written by every rank
         if self.args.should_save:
+            safety.normalise_modes(os.path.join(staged, name))
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staged, name), final)
@@ -540,15 +541,16 @@ def zero3(trainer: transformers.Trainer) -> bool:
 def save_final(trainer: Trainer, tokenizer, output_dir: str) -> None:
     """The final model in HF format (or the adapter in peft format) with the tokenizer files alongside.
 
-    Written into output_dir/.tmp-final first, then each file renamed into output_dir (safety.publish):
-    a save that fails (a full disk, non-finite weights) leaves the directory's previous model loadable.
+    Written into a staging directory beside output_dir, then each file renamed into it (minillm.checkpoint's
+    staged_dir): a save that fails (a full disk, non-finite weights) leaves the previous model loadable.
     """
-    staged = os.path.join(output_dir, safety.STAGING + "final")
-    trainer.save_model(staged)
     if trainer.args.should_save:
-        tokenizer.save_pretrained(staged)
-        safety.publish(staged, output_dir)
+        with staged_dir(output_dir) as staged:
+            trainer.save_model(str(staged))
+            tokenizer.save_pretrained(staged)
         logger.info(f"Saved the final model and tokenizer to {output_dir}")
+    else:
+        trainer.save_model(output_dir)  # its part of the collectives (ZeRO-3 gathers the weights); writes nothing
     trainer.accelerator.wait_for_everyone()
 
 

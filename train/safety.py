@@ -12,8 +12,9 @@
 - The run record. `run.json` in the output directory says what a run trains on; a resume compares it
   (`compare_run_record()`) and refuses a changed implementation, data set, model or sequence length
   unless --allow_changed_resume.
-- Staging. Checkpoints and the final model are written under a `.tmp-` name in the same directory and
-  renamed when complete (`STAGING`); `clean_staging()` removes what a killed run left.
+- Staging. Checkpoints are written under a `.tmp-` name in the output directory and renamed when every
+  rank has finished (`STAGING`); `clean_staging()` removes what a killed run left. (The final model goes
+  through minillm.checkpoint.staged_dir.)
 """
 
 from __future__ import annotations
@@ -211,20 +212,25 @@ def clean_staging(directory: str) -> list[str]:
     return removed
 
 
-def publish(staged: str, directory: str) -> None:
-    """Move every entry of the finished `staged` directory into `directory`, replacing what is there.
+def umask() -> int:
+    """This process's umask, read without changing it where /proc allows (changing it races other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
-    Each file is renamed whole (same filesystem), so a reader never sees a half-written file, and a
-    save that fails while writing (a full disk) leaves `directory` as it was. The weights move last:
-    until then the old weights stay next to the old or new (same-architecture) config.
-    """
-    names = sorted(os.listdir(staged), key=lambda n: n.endswith((".safetensors", ".bin")))
-    for name in names:
-        src, dst = os.path.join(staged, name), os.path.join(directory, name)
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            shutil.rmtree(dst)
-        os.replace(src, dst)
-    os.rmdir(staged)
+
+def normalise_modes(directory: str) -> None:
+    """Files 0666 & ~umask, directories 0777 & ~umask, as transformers leaves them: safetensors writes its
+    files 0600, torch.save and DeepSpeed 0644, and a checkpoint should not mix them."""
+    mask = umask()
+    for root, _, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
