@@ -45,9 +45,9 @@ def check_generation_args(max_new_tokens: int, do_sample: bool, temperature: flo
         if temperature < 0 or (do_sample and temperature == 0):
             # transformers' TemperatureLogitsWarper refuses these when sampling; a negative temperature would
             # sample from the reversed distribution, so it is refused for greedy decoding too
+            greedy = "leave out --temperature, --top_k and --top_p" if prefix else "use do_sample=False"
             raise ValueError(f"{prefix}temperature (={temperature}) has to be > 0 for sampling"
-                             + (f"; for greedy decoding {'leave out --temperature, --top_k and --top_p' if prefix else 'use do_sample=False'}"
-                                if temperature == 0 else ""))
+                             + (f"; for greedy decoding {greedy}" if temperature == 0 else ""))
     if top_k is not None and (not is_int(top_k) or top_k < 0):
         raise ValueError(f"{prefix}top_k must be an integer >= 0 (0: no top-k filtering), got {top_k!r}")
     if top_p is not None and (not is_num(top_p) or not 0.0 < top_p <= 1.0):
@@ -218,7 +218,8 @@ def _load(model_dir: str, adapter: str | None):
         from minillm.lora import load_adapter, merge_and_unload
         load_adapter(model, adapter)
         model = merge_and_unload(model)
-    tok_dir = next((d for d in (Path(adapter) if adapter else None, Path(model_dir)) if d and (d / "tokenizer.json").exists()), None)
+    dirs = [Path(adapter)] if adapter else []
+    tok_dir = next((d for d in dirs + [Path(model_dir)] if (d / "tokenizer.json").exists()), None)
     if tok_dir is None:
         raise FileNotFoundError(f"no tokenizer.json in {model_dir}" + (f" or {adapter}" if adapter else ""))
     return model.eval(), Tokenizer.from_file(str(tok_dir / "tokenizer.json"))

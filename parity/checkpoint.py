@@ -162,8 +162,8 @@ def compare(path: str, dtype: torch.dtype = torch.float32, new_tokens: int = 32,
                     [token_mismatches(ga, gb)], note=note),
     ]
     if adapter:
-        rows.append(fixed_check("LoRA merged: merge_and_unload logits", ref_name, "bf16_logits" if low else "lora_merged",
-                                [d_merged]))
+        rows.append(fixed_check("LoRA merged: merge_and_unload logits", ref_name,
+                                "bf16_logits" if low else "lora_merged", [d_merged]))
     return rows
 
 

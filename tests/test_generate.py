@@ -77,7 +77,8 @@ def test_empty_prompt_is_refused():
 
 def test_prompt_longer_than_max_position_embeddings_warns():
     m = _tiny(max_pos=16)
-    with pytest.warns(UserWarning, match=r"prompt alone \(20 tokens\) is longer than the model's max_position_embeddings \(16\)"):
+    with pytest.warns(UserWarning, match=r"prompt alone \(20 tokens\) is longer than the model's "
+                                         r"max_position_embeddings \(16\)"):
         m.generate(torch.randint(4, 64, (1, 20)), max_new_tokens=2, eos_token_id=[])
     with pytest.warns(UserWarning, match=r"prompt \+ max_new_tokens \(10 \+ 8\)"):
         m.generate(torch.randint(4, 64, (1, 10)), max_new_tokens=8, eos_token_id=[])
@@ -162,7 +163,8 @@ def test_cli_bad_arguments_are_one_line_errors(model_dir, argv, match):
 
 
 def test_cli_names_the_base_model_of_an_adapter_given_as_model(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "out/base"}))
+    config = {"peft_type": "LORA", "base_model_name_or_path": "out/base"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit) as e:
         mg.main(["--model", str(tmp_path)])
     assert str(e.value.code) == (f"python -m minillm.generate: error: --model {tmp_path} is a LoRA adapter, not a "
