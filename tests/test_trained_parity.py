@@ -37,6 +37,8 @@ def _train(script: str, argv: list[str], tmp: Path) -> None:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("TOKENIZERS_PARALLELISM", "false")
         mp.setenv("MINILLM_CACHE", str(tmp / "cache"))
+        # the scripts make every torch.load in the process weights-only: undo that for the rest of the session
+        mp.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")
         mp.syspath_prepend(str(ROOT / "train"))
         mp.setattr(sys, "argv", [script, *argv, "--cache_dir", str(tmp / "cache")])
         importlib.import_module(script.removesuffix(".py")).main()
