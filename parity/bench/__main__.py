@@ -19,6 +19,7 @@ from parity.bench import __doc__ as BENCH_DOC
 from parity.bench.data import chunker_cases, masker_case
 from parity.bench.generate import generate_case
 from parity.bench.measure import MEMORY_METHOD, matmul_gflops
+from parity.bench.preprocess import preprocess_case
 from parity.bench.report import format_table, table_rows
 from parity.bench.targets import CASES, TARGETS
 from parity.bench.train import FLOP_FORMULA, OPTIMIZER, TRAIN_SIZES, child_main, profile, step_cases
@@ -91,10 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         cases["masker"] = masker_case(args.quick)
         print(f"masker done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if "sft_epoch" in names:
+        from parity.bench.sft_epoch import sft_epoch_case
+        t0 = time.perf_counter()
+        cases["sft_epoch"] = sft_epoch_case(args.quick, args.threads)
+        print(f"sft_epoch done ({time.perf_counter() - t0:.0f}s)", flush=True)
     if "generate" in names:
         t0 = time.perf_counter()
         cases["generate"] = generate_case(args.quick, args.threads)
         print(f"generate done ({time.perf_counter() - t0:.0f}s)", flush=True)
+    if "preprocess" in names:
+        t0 = time.perf_counter()
+        cases["preprocess"] = preprocess_case(args.quick, workers=args.threads)
+        print(f"preprocess done ({time.perf_counter() - t0:.0f}s)", flush=True)
     mm_all.append(matmul_gflops(args.threads, mm_n))
     mm = max(mm_all)  # the rate the machine gave at its least loaded moment of this run
     for c in cases.values():

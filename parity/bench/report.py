@@ -53,9 +53,21 @@ def table_rows(cases: dict[str, dict]) -> list[dict]:
         elif name == "masker":
             t = c["conv_s"]
             add(name, "conv/s", t["minillm"], t["reference"], same)
+        elif name == "sft_epoch":  # learned tokens/s of one epoch; minillm = packed (parity/bench/sft_epoch.py)
+            r = c["runs"]
+            t = {k: v["learned_tokens_s"] for k, v in r.items()}
+            add(name, "vs course", t["packed"], t["course"], same)
+            add(name, "vs dyn. padding", t["packed"], t["dynpad"], same)
+            add(name, "hf packed vs dyn.", t["hf_packed"], t["dynpad"], note="transformers on the same packed rows")
+            add(name, "held-out loss", r["packed"]["eval_loss"], r["dynpad"]["eval_loss"],
+                note=f"padded seed spread {c['loss_noise']:.3f}; efficiency {c['packing_efficiency']:.3f}")
         elif name == "generate":
             t = c["tokens_s"]
             add(name, "tokens/s", t["minillm"], t["reference"], same)
+        elif name == "preprocess":
+            t, m = c["tokens_s"], c["peak_mb"]
+            add(name, "tokens/s", t["minillm"], t["reference"], same or f"{c['corpus_mb']:.0f} MB corpus, {c['workers']} workers")
+            add(name, "peak MiB", m["minillm"], m["reference"], "tree PSS, libraries included")
     return rows
 
 

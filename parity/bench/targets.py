@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 CASES = ("train_tiny", "train_v32k", "train_h512", "lora_qv", "lora_all", "chunker", "chunker_stream", "masker",
-         "generate")
+         "generate", "sft_epoch", "preprocess")
 
 
 class Target(NamedTuple):
@@ -29,4 +29,11 @@ TARGETS: list[Target] = [
     Target("chunker_stream", "tokens/s", ">=", 10.0, "ratio", "vs run_clm's group_texts through datasets.map"),
     Target("masker", "conv/s", ">=", 5.0, "ratio", "vs the course's SFT preprocess loop"),
     Target("generate", "tokens/s", ">=", 1.0, "ratio", "greedy generation vs transformers' generate"),
+    Target("sft_epoch", "vs course", ">=", 3.0, "ratio", "SFT epoch, learned tokens/s: packed vs padding to max_len"),
+    Target("sft_epoch", "vs dyn. padding", ">=", 1.7, "ratio", "SFT epoch, learned tokens/s: packed vs "
+           "DataCollatorForSeq2Seq"),
+    Target("sft_epoch", "held-out loss", "<=", 1.02, "ratio", "final loss, packed / padded (the note gives "
+           "the padded run's seed-to-seed spread)"),
+    Target("preprocess", "tokens/s", ">=", 1.5, "ratio", "jsonl -> blocks on disk vs the course's datasets.map pipeline"),
+    Target("preprocess", "peak MiB", "<=", 0.5, "ratio", "peak PSS of the process tree, same comparison"),
 ]
