@@ -237,7 +237,8 @@ def test_build_memory_does_not_grow_with_the_corpus(tmp_path):
     assert big["tokens"] > 3.5 * small["tokens"]  # the corpus did grow (~1 token per byte)
     for proc in ("main", "worker"):
         growth_mb = (big[proc] - small[proc]) / 1024
-        assert growth_mb < 8, (proc, growth_mb, peaks)  # measured: main 0.4, tokenizer process 3.2
+        # measured: main 0.4, tokenizer process 3.2 (tokenizers' BPE word cache filling up; it is capped)
+        assert growth_mb < 8, (proc, growth_mb, peaks)
 
 
 def test_streaming_every_block_once_over_2_ranks_x_2_workers(files, tok):
