@@ -17,13 +17,20 @@ What is unusual here:
   minillm does not, so peft's "all params" count is larger by those modules' size. A parameter that
   is tied to another module (tied embeddings) is cloned first, so training lm_head does not move
   embed_tokens: the same as peft, whose trained copy is untied as well.
+- LoRA on a tied lm_head (its weight is embed_tokens'): the adapter changes lm_head only, as in peft.
+  peft 0.21 then merges into the shared weight, moving the input embedding as well (merged logits
+  differ from unmerged ones; it warns and advises untying first). minillm unties at merge time (a
+  copy of the weight for lm_head, `config.tie_word_embeddings = False`), so merged == unmerged.
+  peft's `ensure_weight_tying` (a LoRA on the embedding tied to lm_head's) is not implemented.
 - bias="none" only (peft's default); other peft options (rank_pattern, layers_to_transform, ...)
-  are refused with an error when found in a saved adapter rather than silently ignored.
+  are refused with an error when found in a saved adapter rather than silently ignored, and every
+  key of adapter_config.json is type-checked (an error names the file and the key).
 
 Training: a LoRA'd model trains under the HF Trainer as is (only adapter parameters require grad;
 `Trainer.save_model` writes the whole state dict, base_layer and lora_* keys; `save_adapter` writes the
-small peft-format adapter). With re-entrant activation checkpointing call `enable_input_require_grads`
-(minillm.CausalLM checkpoints with use_reentrant=False and does not need it).
+small peft-format adapter). Activation checkpointing, re-entrant or not, works with the embedding
+frozen: `enable_input_require_grads` is hooked in by CausalLM.activation_checkpointing_enable (as
+transformers does) and by apply_lora on a model already checkpointing (as peft does).
 
 Imports only torch, safetensors and the standard library.
 """

@@ -527,3 +527,28 @@ def test_save_adapter_from_state_dict_and_refuses_empty(tmp_path):
     del full[key]
     with pytest.raises(ValueError, match=r"state_dict lacks 1 adapter tensors.*q_proj\.lora_A"):
         ml.save_adapter(model, tmp_path / "bad", state_dict=full)
+
+
+def test_trainer_reentrant_checkpointing_trains_like_plain(tmp_path):
+    """The user's path from issue 9: HF Trainer, `gradient_checkpointing_kwargs={"use_reentrant": True}`, a LoRA'd
+    minillm model with frozen embeddings. Two steps; the adapter must end bit-identical to a run without it."""
+    import transformers
+    x = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(3))
+    data = [{"input_ids": row, "labels": row} for row in x]
+    adapters = []
+    for ckpt in (False, True):
+        model = tiny_model(fused=False)
+        torch.manual_seed(0)
+        ml.apply_lora(model, ml.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), verbose=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated-alias FutureWarnings: this is the spelling users have
+            args = transformers.TrainingArguments(
+                output_dir=str(tmp_path / str(ckpt)), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+                gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={"use_reentrant": True} if ckpt else None,
+                report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0)
+            transformers.Trainer(model=model, args=args, train_dataset=data).train()
+        assert model.gradient_checkpointing is ckpt
+        adapters.append({k: v.detach().clone() for k, v in ml.adapter_state_dict(model).items()})
+    plain, checkpointed = adapters
+    assert all(not torch.equal(v, torch.zeros_like(v)) for k, v in checkpointed.items() if "lora_B" in k)  # trained
+    assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
