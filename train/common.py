@@ -16,6 +16,10 @@ logging). What is unusual here, and why:
   run hang silently; `check_args` refuses to start and names the file instead.
 - `teardown()` ends the process group explicitly: gloo's threads torn down at interpreter exit
   occasionally crash a finished run ("terminate called without an active exception").
+- What protects the user (train/safety.py): every torch.load is weights-only (DeepSpeed's resume
+  included), a non-finite loss or gradient norm stops the run, bad numbers and an output directory that
+  overlaps an input are refused, run.json records what a run trains on and a resume is checked against
+  it, and checkpoints and the final model are staged and renamed.
 """
 
 from __future__ import annotations
