@@ -32,7 +32,8 @@ small peft-format adapter). Activation checkpointing, re-entrant or not, works w
 frozen: `enable_input_require_grads` is hooked in by CausalLM.activation_checkpointing_enable (as
 transformers does) and by apply_lora on a model already checkpointing (as peft does).
 
-Imports only torch, safetensors and the standard library.
+Imports only torch, safetensors, the standard library and minillm.checkpoint (its safetensors reader and
+atomic save).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from minillm.checkpoint import read_safetensors_file, staged_dir
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -546,11 +549,10 @@ def save_adapter(model: nn.Module, save_dir: str | os.PathLike, base_model_name_
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "modules_to_save": config.modules_to_save,
         "init_lora_weights": True, **_PEFT_DEFAULTS_REQUIRED,
     }
-    os.makedirs(save_dir, exist_ok=True)
-    with open(os.path.join(save_dir, ADAPTER_CONFIG_NAME), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
-              os.path.join(save_dir, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    with staged_dir(save_dir) as tmp:  # atomic: a failed save leaves an older adapter in save_dir intact
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / ADAPTER_WEIGHTS_NAME,
+                  metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 # The type each key of adapter_config.json must have (JSON null is accepted where peft's default is None).
@@ -619,7 +621,7 @@ def load_adapter(model: nn.Module, save_dir: str | os.PathLike, verbose: bool = 
     wpath = os.path.join(save_dir, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"{wpath}: no adapter weights")
-    saved = load_file(wpath)
+    saved = read_safetensors_file(wpath)  # a corrupt file: ValueError naming it
     if not lora_layers(model):
         # A target module the model lacks must be an error here, before apply_lora adapts what it can find.
         names = {n for n, _ in model.named_modules()}

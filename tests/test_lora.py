@@ -552,3 +552,11 @@ def test_trainer_reentrant_checkpointing_trains_like_plain(tmp_path):
     plain, checkpointed = adapters
     assert all(not torch.equal(v, torch.zeros_like(v)) for k, v in checkpointed.items() if "lora_B" in k)  # trained
     assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+
+
+def test_corrupt_adapter_weights_name_the_file(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])  # truncated
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        ml.load_adapter(tiny_model(), tmp_path)
