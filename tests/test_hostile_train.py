@@ -69,6 +69,11 @@ REFUSED = [
     ("block_size 1", "pretrain.py", ["--block_size", "1"], "--block_size 1: cannot train"),
     ("block_size 0", "pretrain.py", ["--block_size", "0"], "--block_size 0: cannot train"),
     ("max_len 1", "finetune.py", ["--max_len", "1"], "--max_len 1: cannot train"),
+    ("save_steps 0", "pretrain.py", ["--save_steps", "0"], "--save_steps 0.0: must be > 0"),
+    ("logging_steps -1", "pretrain.py", ["--logging_steps=-1"], "--logging_steps -1.0: must be > 0"),
+    ("max_steps 0", "pretrain.py", ["--max_steps", "0"], "--max_steps 0: must be >= 1, or -1"),
+    ("eval without data", "pretrain.py", ["--eval_strategy", "steps", "--eval_steps", "5"],
+     "--eval_strategy steps: needs --validation_files"),
     ("batch size 0", "pretrain.py", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
     ("lora_alpha nan", "finetune.py", ["--use_lora", "--lora_alpha", "nan"], "--lora_alpha nan: must be a finite"),
     ("lora_alpha 0", "finetune.py", ["--use_lora", "--lora_alpha", "0"], "--lora_alpha 0.0: must be > 0"),
@@ -101,8 +106,10 @@ def test_refused_with_a_sentence(case, script, argv, message, model_dir, tmp_pat
         argv += ["--output_dir", str(tmp_path / "out")]
     if "--cache_dir" not in argv:
         argv += ["--cache_dir", str(tmp_path / "cache")]
+    if "--max_steps" not in argv:
+        argv += ["--max_steps", "1"]
     with pytest.raises(SystemExit) as e:
-        _main(script, argv + ["--max_steps", "1"], monkeypatch)
+        _main(script, argv, monkeypatch)
     assert message in str(e.value), f"{case}: {e.value}"
     assert str(e.value).count("\n") == 0, "one line"
     assert _digest(model_dir) == before, f"{case}: the model directory changed"

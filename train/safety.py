@@ -108,6 +108,14 @@ def check_numbers(model_args, data_args, training_args, lora_args=None) -> str |
         finite("label_smoothing_factor", t.label_smoothing_factor, 0, 1, hi_open=True),
         finite("per_device_train_batch_size", t.per_device_train_batch_size, 1),
         finite("gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+        # below 1 the Trainer reads these as a fraction of the run; 0 or less would log/save never or crash
+        finite("logging_steps", t.logging_steps, 0, lo_open=True),
+        finite("save_steps", t.save_steps, 0, lo_open=True),
+        finite("eval_steps", t.eval_steps, 0, lo_open=True),
+        None if t.max_steps == -1 or t.max_steps >= 1 else
+        f"--max_steps {t.max_steps}: must be >= 1, or -1 to train for --num_train_epochs",
+        None if str(t.eval_strategy.value if hasattr(t.eval_strategy, "value") else t.eval_strategy) == "no"
+        or data_args.validation_files else f"--eval_strategy {t.eval_strategy.value}: needs --validation_files",
         # one token has no next token to predict: the loss is 0 and nothing trains
         None if data_args.block_size is None or data_args.block_size >= 2 else
         f"--block_size {data_args.block_size}: cannot train (a block needs at least 2 tokens: an input and "
