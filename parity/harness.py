@@ -105,8 +105,9 @@ def property_rows(
 
 def property_check(check: str, reference: str, tol_name: str, strategy: st.SearchStrategy,
                    measure: Callable[[Any], float], max_examples: int) -> Row:
-    """One row: `measure(drawn)` returns max |Δ| for one hypothesis-drawn input."""
-    return property_rows([(check, reference, tol_name)], strategy, lambda d: [measure(d)], max_examples)[0]
+    """One row: `measure(drawn)` returns max |Δ| for one hypothesis-drawn input (a SKIP row if not selected)."""
+    rows = property_rows([(check, reference, tol_name)], strategy, lambda d: [measure(d)], max_examples)
+    return rows[0] if rows else Row(check, reference, 0, float("nan"), tol(tol_name), True, "skipped (not selected)")
 
 
 def fixed_check(check: str, reference: str, tol_name: str, deltas: list[float], note: str = "", t0: float | None = None) -> Row:
