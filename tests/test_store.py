@@ -215,8 +215,9 @@ BUILD_RSS = textwrap.dedent("""
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.add_special_tokens(["<eos>"])
     r = build_store(sys.argv[1], [sys.argv[2]], tok, 256, tok.token_to_id("<eos>"), workers=1, batch_docs=200)
-    print(json.dumps({"tokens": r.tokens, "main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+    # VmHWM of this process (ru_maxrss would carry pytest's own peak across exec); the pool's largest worker
+    hwm = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])
+    print(json.dumps({"tokens": r.tokens, "main": hwm, "worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """)
 
 

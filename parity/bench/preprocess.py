@@ -77,7 +77,10 @@ def _print(d: dict) -> None:
 
 
 def _peaks() -> dict:
-    return {"self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM, not RUSAGE_SELF: Linux carries ru_maxrss across exec, so it would include the launching parent's peak
+    with open("/proc/self/status") as f:
+        hwm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return {"self_maxrss_mb": hwm_kb / 1024,
             "largest_child_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
