@@ -109,7 +109,12 @@ def test_lora_linear_init_and_dropout():
     layer.eval()
     torch.testing.assert_close(layer(x), layer(x))  # dropout off in eval
     layer.train()
-    assert not torch.equal(layer(x), layer(x))  # on in train mode, LoRA branch only
+    assert not torch.equal(layer(x), layer(x))  # on in train mode
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)  # the same mask: dropout on the LoRA branch's input only (peft's placement)
+    expected = layer.base_layer(x) + layer.lora_B(layer.lora_A(torch.nn.functional.dropout(x, 0.5))) * layer.scaling
+    assert torch.equal(y, expected)
 
 
 # ---- on the model ---------------------------------------------------------------------------------------
