@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from minillm import CausalLM, ModelConfig
 from minillm.corpus import SAMPLE_SFT, TOKENIZER_DIR
 from minillm.pack import (IGNORE_INDEX, DocumentMaskCollator, PackedCollator, PackedDataset, StreamingPacker,
-                          best_fit_decreasing, document_positions, efficiency, pack_rows, pack_samples)
+                          best_fit, document_positions, efficiency, pack_rows, pack_samples)
 from minillm.sft import SFTCollator, mask_batch
 from parity.model import hf_copy
 
@@ -66,11 +66,13 @@ def test_pack_rows_places_every_sample_once(buffer):
         assert efficiency(lengths, rows, 128) > 0.9
 
 
-def test_best_fit_decreasing_fills_tightest_row_and_refuses_long_samples():
-    rows = best_fit_decreasing([7, 4, 6, 3], 10)  # sorted: 7, 6, 4, 3 -> [7, 3], [6, 4]
-    assert sorted(map(sorted, rows)) == [[0, 3], [1, 2]]
+def test_best_fit_fills_the_tightest_row_and_refuses_long_samples():
+    assert best_fit([6, 5, 4, 3], 10) == [[0, 2], [1, 3]]  # 4 goes to the row with 4 free, not the one with 5
+    assert best_fit([5, 6, 4, 3], 10) == [[0, 3], [1, 2]]
+    assert best_fit([3, 7, 4, 6], 10) == [[0, 1], [2, 3]]  # in the given order
+    assert best_fit([3, 7, 4, 6], 10, decreasing=True) == [[1, 0], [3, 2]]  # 7, 6, 4, 3 -> [7, 3], [6, 4]
     with pytest.raises(ValueError, match="sample 1 has 11 tokens"):
-        best_fit_decreasing([3, 11], 10)
+        best_fit([3, 11], 10)
 
 
 # ---- a packed step is the padded step ---------------------------------------------------------------------------

@@ -6,10 +6,14 @@ training scripts' default). On it, with the HF Trainer, AdamW, the same initial 
 
 - course:  transformers' model, every sample padded to max_len (the course's pipeline; its labels bugs fixed,
            so the losses compare),
-- dynpad:  transformers' model, DataCollatorForSeq2Seq (padding to the batch's longest), 8 conversations a step;
-           run twice (data order seeds 0 and 1): the spread of its final loss is the noise,
-- packed:  minillm's CausalLM on packed rows (minillm.pack, 1 row of max_len a step, ~7 conversations),
-- hf packed: transformers' model on the same packed rows (use_cache=False), for what packing alone gives.
+- dynpad:  transformers' model, DataCollatorForSeq2Seq (padding to the batch's longest), 8 conversations a step,
+- packed:  minillm's CausalLM on packed rows (minillm.pack, 1 row of max_len a step, ~7 conversations), packing
+           and data order seeds 0 and 1,
+- hf packed: transformers' model on the same packed rows (use_cache=False), for what packing alone gives,
+- unpacked: the loss reference: minillm's CausalLM, padding to the batch's longest (SFTCollator), each step a
+           random group of conversations of the size of a packed row's (same number of steps, same conversations
+           per step; only which conversations share a step differs), seeds 0 and 1.
+The spread between seeds is the noise the final losses are judged against.
 
 Figures: wall time of trainer.train(), learned tokens (labels that are trained on, the same set for all) per
 second, and the final loss on 200 held-out chats of the same mix (sum of CE / learned tokens, exact path).
@@ -78,6 +82,32 @@ def eval_loss(model, samples: list[dict], pad: int, packed: bool = False) -> flo
     return total / learned(samples)
 
 
+class RandomGroups(torch.utils.data.Dataset):
+    """Random groups of samples with the sizes of `rows` (the packed rows'): item i is a list of samples."""
+
+    def __init__(self, samples: list[dict], rows: list[list[int]], seed: int):
+        order = list(range(len(samples)))
+        random.Random(seed).shuffle(order)
+        cuts = [0]
+        for r in rows:
+            cuts.append(cuts[-1] + len(r))
+        self.groups = [[samples[j] for j in order[a:b]] for a, b in zip(cuts, cuts[1:])]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return self.groups[i]
+
+
+class GroupCollator:
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, groups: list[list[dict]]) -> dict:
+        return self.collator([s for g in groups for s in g])
+
+
 def _train(model, dataset, collator, batch: int, seed: int, out: str) -> float:
     import transformers
 
@@ -134,6 +164,8 @@ def sft_epoch_case(quick: bool, threads: int) -> dict:
     eff_by_buffer = {}
     for buf in (16, 64, 256, 1000, len(train)):
         eff_by_buffer[str(buf)] = PackedDataset(train, MAX_LEN, buffer=buf, lengths=lengths).efficiency()
+        eff_by_buffer[f"{buf} decreasing"] = PackedDataset(train, MAX_LEN, buf, lengths=lengths,
+                                                           decreasing=True).efficiency()
 
     runs = {
         "course": (hf_model, train, SFTCollator(pad, pad_to_multiple_of=MAX_LEN), PAD_BATCH, 0),
@@ -141,9 +173,12 @@ def sft_epoch_case(quick: bool, threads: int) -> dict:
                                                            return_tensors="pt"), PAD_BATCH, 0),
         "packed": (minillm_model, packed_ds, PackedCollator(pad), PACK_BATCH, 0),
         "hf_packed": (hf_model, packed_ds, PackedCollator(pad), PACK_BATCH, 0),
-        "dynpad_seed1": (hf_model, train, DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100,
-                                                                 return_tensors="pt"), PAD_BATCH, 1),
     }
+    runs["packed_seed1"] = (minillm_model, PackedDataset(train, MAX_LEN, buffer=1000, seed=1), PackedCollator(pad),
+                            PACK_BATCH, 1)
+    for seed in (0, 1):
+        runs[f"unpacked_seed{seed}"] = (minillm_model, RandomGroups(train, packed_ds.rows, seed),
+                                        GroupCollator(SFTCollator(pad)), 1, seed)
     result = {}
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="minillm-sft-epoch-") as tmp:
@@ -160,7 +195,8 @@ def sft_epoch_case(quick: bool, threads: int) -> dict:
             "efficiency_by_buffer": eff_by_buffer, "tokens_computed": padded_tokens,
             "mean_len": sum(lengths) / len(lengths), "max_sample_len": max(lengths),
             "batch": {"padded": PAD_BATCH, "packed_rows": PACK_BATCH}, "runs": result,
-            "loss_noise": abs(result["dynpad"]["eval_loss"] - result["dynpad_seed1"]["eval_loss"]),
+            "loss_noise": max(abs(result[f"{k}_seed1"]["eval_loss"] - result[k if k == "packed" else f"{k}_seed0"]
+                                  ["eval_loss"]) for k in ("packed", "unpacked")),
             "packed_vs_padded_initial_loss_rel": same, "loadavg": [load_start, os.getloadavg()], "same_output": all(v <= 1e-6 for v in same.values())}
 
 
