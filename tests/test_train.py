@@ -182,6 +182,27 @@ def test_resume_never_unpickles_code_from_a_deepspeed_checkpoint(runs):
     assert not (out / "model.safetensors").exists()
 
 
+def test_divergence_stops_every_rank(runs):
+    """2 ranks, --learning_rate 1e9: both ranks stop at the first non-finite step (no hang), exit non-zero, keep the
+    last good checkpoint and write no final model."""
+    out, log = runs / "diverged", runs / "diverged.log"
+    args = [a if a != "3e-3" else "1e9" for a in PRETRAIN]
+    args[args.index("--save_steps") + 1] = "1"
+    with open(log, "w") as f:
+        rc = subprocess.call(_cmd("pretrain.py", ["--output_dir", str(out), *args]), stdout=f,
+                             stderr=subprocess.STDOUT, env=_env(runs / "cache"), cwd=ROOT, timeout=600)
+    text = log.read_text()
+    assert rc != 0
+    # one line per rank (the ranks share the log, so a line may be interleaved with the other rank's output)
+    steps = re.findall(r"pretrain\.py: error: training diverged at step (\d+): ", text)
+    assert len(steps) == 2 and steps[0] == steps[1], text[-3000:]
+    step = int(steps[0])
+    assert f"the last good checkpoint is {out / f'checkpoint-{step - 1}'}" in text
+    assert not (out / "model.safetensors").exists() and not (out / f"checkpoint-{step}").exists()
+    weights = load_file(out / f"checkpoint-{step - 1}" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 SFT_ARGS = ["--use_lora", "--lora_target_modules", "all-linear", "--max_len", "64", "--per_device_train_batch_size",
             "2", "--max_steps", "6", "--learning_rate", "5e-3", "--logging_steps", "1", "--seed", "7",
             "--disable_tqdm", "true", "--report_to", "none"]
