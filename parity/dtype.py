@@ -154,27 +154,32 @@ def fused_loss_dtype(case: dict, dtype: torch.dtype, device: str | torch.device 
 # ---------------------------------------------------------------------------------------------
 # Whole models in bf16/fp16 (the exact path and the fused training path)
 # ---------------------------------------------------------------------------------------------
-def _forward_backward(model, ids, mask, pos, labels, keep):
-    out = model(ids, attention_mask=mask, position_ids=pos, labels=labels)
+def _forward_backward(model, ids, mask, pos, labels, keep, autocast: torch.dtype | None = None):
+    with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
+        out = model(ids, attention_mask=mask, position_ids=pos, labels=labels)
     out.loss.backward()
     logits = None if out.logits is None else out.logits.detach().float()[keep]
     grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
     return logits, out.loss.detach().float(), grads
 
 
-def model_dtype(case: dict, dtype: torch.dtype, fused: bool, device: str | torch.device = "cpu") -> dict[str, float]:
+def model_dtype(case: dict, dtype: torch.dtype, fused: bool, device: str | torch.device = "cpu",
+                autocast: bool = False) -> dict[str, float]:
     """minillm's model in `dtype` vs transformers' in `dtype` (same weights, exact in every dtype), training
     mode: "direct" = max over logits (absolute), loss (absolute) and every parameter's gradient (relative);
-    "ratio" = minillm's error / transformers' error against the fp32 model, worst of logits/loss/grads."""
+    "ratio" = minillm's error / transformers' error against the fp32 model, worst of logits/loss/grads.
+    autocast: both models keep fp32 weights and run under torch.autocast(dtype), as --bf16/--fp16 train."""
     ours32 = pm.random_model(case["cfg"], case["seed"], fused=fused)
     with torch.no_grad():
         for p in ours32.parameters():
             p.copy_(exact_in_low_precision(p))
-    ref, theirs = pm.hf_copy(ours32).to(device).train(), pm.hf_copy(ours32).to(device, dtype).train()
-    ours = ours32.to(device, dtype).train()
+    weights = torch.float32 if autocast else dtype
+    ref, theirs = pm.hf_copy(ours32).to(device).train(), pm.hf_copy(ours32).to(device, weights).train()
+    ours = ours32.to(device, weights).train()
     ids, mask, pos, labels = (None if x is None else x.to(device) for x in pm.batch(case))
     keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    R, A, B = (_forward_backward(m, ids, mask, pos, labels, keep) for m in (ref, ours, theirs))
+    R = _forward_backward(ref, ids, mask, pos, labels, keep)
+    A, B = (_forward_backward(m, ids, mask, pos, labels, keep, dtype if autocast else None) for m in (ours, theirs))
     if set(A[2]) != set(B[2]):
         raise AssertionError(f"gradients on different parameters: {sorted(set(A[2]) ^ set(B[2]))}")
     direct = [(A[1] - B[1]).abs().item(), max(_rel(A[2][k], B[2][k]) for k in B[2])]
@@ -187,8 +192,9 @@ def model_dtype(case: dict, dtype: torch.dtype, fused: bool, device: str | torch
     return {"direct": max(direct), "ratio": max(_ratio(a, b, _FLOOR) for a, b in zip(e_ours, e_ref))}
 
 
-def model_dtype_deltas(case: dict, dtype: torch.dtype, fused: bool, device: str | torch.device = "cpu") -> list[float]:
-    m = model_dtype(case, dtype, fused, device)
+def model_dtype_deltas(case: dict, dtype: torch.dtype, fused: bool, device: str | torch.device = "cpu",
+                       autocast: bool = False) -> list[float]:
+    m = model_dtype(case, dtype, fused, device, autocast)
     return [m["direct"], m["ratio"]]
 
 
@@ -259,13 +265,15 @@ def rows(budget: float = 1.0, device: str | torch.device = "cpu") -> Iterator[Ro
     yield from real_vocab_rows(device, tokens=256, hidden=16, dtypes=("fp16",))  # fp16 GEMMs: ~3 GFLOP/s here
     yield fp16_range_row(device)
     for d, dt in DTYPES.items():
-        for fused in (False, True):
-            path = "fused training path" if fused else "exact path"
-            yield from property_rows(
-                [(f"model {d}, {path}: logits, loss, grads" if not fused else f"model {d}, {path}: loss, grads",
-                  ref + f" {d}", f"{d}_model_fused" if fused else "lowp_exact"),
-                 (f"model {d}, {path}: err / transformers' err", "fp32 reference", "dtype_error_ratio")],
-                pm.cases(), lambda c, dt=dt, fused=fused: model_dtype_deltas(c, dt, fused, device), n(4))
+        for autocast in (False, True):  # weights in d, or fp32 weights under autocast(d) as --bf16/--fp16 train
+            for fused in (False, True):
+                what = f"model {d}" + (" autocast" if autocast else "") + (", fused path" if fused else ", exact path")
+                yield from property_rows(
+                    [(f"{what}: loss, grads" if fused else f"{what}: logits, loss, grads",
+                      ref + f" {d}", f"{d}_model_fused" if fused else "lowp_exact"),
+                     (f"{what}: err / transformers' err", "fp32 reference", "dtype_error_ratio")],
+                    pm.cases(), lambda c, dt=dt, f=fused, a=autocast: model_dtype_deltas(c, dt, f, device, a),
+                    n(2 if autocast else 4))
 
 
 def gpu_rows(device: str = "cuda", budget: float = 1.0) -> Iterator[Row]:

@@ -38,8 +38,8 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "fp16_fused_loss": (1e-6, "relative; the same fp16 logits, loss summed in fp32 in another order: measured <= 4.6e-7"),
     "fp16_fused_grads": (2.0**-11, "one fp16 ulp of the largest element: measured <= 4.0e-4"),
     "bf16_model_fused": (1e-2, "whole model, fused path: a one-ulp difference in d h grows through bf16 backward of "
-                         "the layers; measured <= 8.2e-3 (loss absolute, grads relative)"),
-    "fp16_model_fused": (4e-3, "as bf16_model_fused in fp16: measured <= 2.0e-3"),
+                         "the layers; measured <= 8.2e-3, under autocast 3.2e-3 (loss absolute, grads relative)"),
+    "fp16_model_fused": (4e-3, "as bf16_model_fused in fp16: measured <= 2.0e-3 (under autocast 8.3e-4)"),
     "lowp_exact": (0.0, "bf16/fp16 exact path: the same ops in the same order as transformers: bit-identical logits, "
                    "loss and gradients (measured 0); any rounding change (e.g. RMSNorm's cast order) fails"),
     "dtype_error_ratio": (1.5, "minillm's error against fp32 at most 1.5x transformers' in the same dtype (issue 9)"),

@@ -134,11 +134,11 @@ def test_fp32_real_vocab_closer_to_fp64_than_transformers():
         assert pd._ratio(pd._rel(a.double(), z), pd._rel(b.double(), z), pd._FLOOR) <= tol("dtype_error_ratio")
 
 
-@settings(max_examples=2, deadline=None, database=None, derandomize=True)
-@given(pm.cases(), st.sampled_from(["bf16", "fp16"]), st.booleans())
-def test_model_low_precision(case, dtype, fused):
-    """The whole model in bf16/fp16: the exact path bit-identical to transformers, the fused path within its
-    measured tolerance; both no less accurate than transformers against fp32."""
-    m = pd.model_dtype(case, pd.DTYPES[dtype], fused)
+@settings(max_examples=3, deadline=None, database=None, derandomize=True)
+@given(pm.cases(), st.sampled_from(["bf16", "fp16"]), st.booleans(), st.booleans())
+def test_model_low_precision(case, dtype, fused, autocast):
+    """The whole model in bf16/fp16 (or fp32 weights under autocast): the exact path bit-identical to
+    transformers, the fused path within its measured tolerance; both no less accurate than transformers."""
+    m = pd.model_dtype(case, pd.DTYPES[dtype], fused, autocast=autocast)
     assert m["direct"] <= tol(f"{dtype}_model_fused" if fused else "lowp_exact"), m
     assert m["ratio"] <= tol("dtype_error_ratio"), m
