@@ -163,6 +163,16 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_an_update_that_overflows_the_weights_is_never_saved(tmp_path, monkeypatch):
+    """--learning_rate 1e39: loss and gradient norm of step 1 are finite, the update makes the weights inf.
+    The checkpoint of step 1 must not be written."""
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit, match="training diverged at step 1: non-finite weights .*no checkpoint was saved"):
+        _main("pretrain.py", ["--learning_rate", "1e39", "--max_steps", "3", "--save_steps", "1", "--output_dir",
+                              str(out), "--cache_dir", str(tmp_path / "cache"), *TINY], monkeypatch)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
 def test_resume_record_refuses_a_changed_run_and_says_what_it_continues(tmp_path, monkeypatch, caplog):
     out, cache = tmp_path / "o", tmp_path / "cache"
     common = ["--max_steps", "2", "--save_steps", "1", "--output_dir", str(out), "--cache_dir", str(cache),

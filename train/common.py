@@ -462,6 +462,23 @@ class Trainer(transformers.Trainer):
             raise Diverged(f"training diverged at step {self.state.global_step + 1}: {loss}gradient norm {shown}")
         return norm
 
+    def check_weights_finite(self) -> None:
+        """Before a save, on every rank: the weights are finite (an update can overflow with a finite gradient).
+        Under ZeRO-3 a rank sees only its partitions' placeholders here; the save itself checks what it writes."""
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if p.numel() and not torch.isfinite(p).all()]
+        flag = torch.tensor([float(bool(bad))], device=self.args.device)
+        if self.args.world_size > 1:
+            flag = self.accelerator.gather(flag)
+        if flag.max().item() > 0:
+            raise Diverged(f"training diverged at step {self.state.global_step}: non-finite weights "
+                           f"({', '.join(bad[:3]) if bad else 'on another rank'})")
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        if self.control.should_save:  # set by the step's callbacks just before: a checkpoint is about to be written
+            self.check_weights_finite()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
     # ---- saving ----
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -574,6 +591,7 @@ def train_and_save(trainer: Trainer, checkpoint: str | None, tokenizer, train_sa
     try:
         with torch.serialization.safe_globals(safe):  # what DeepSpeed's checkpoints may unpickle, nothing more
             result = trainer.train(resume_from_checkpoint=checkpoint)
+            trainer.check_weights_finite()
             save_final(trainer, tokenizer, trainer.args.output_dir)
     except pickle.UnpicklingError as e:
         with trainer_pt_utils.safe_globals():  # numpy's RNG state, which the Trainer allow-lists for rng_state_*.pth
