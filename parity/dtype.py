@@ -12,9 +12,14 @@ Two kinds of rows:
 Gradient deltas and errors are relative (max |Δ| / max |reference|, per tensor; the worst tensor counts): they
 scale with 1/tokens and with the weights, an absolute bound would mean nothing.
 
+Low precision means weights and activations in bf16/fp16, or fp32 weights under torch.autocast (what the
+Trainer's --bf16/--fp16 do): both are drawn.
+
 Every measuring function takes `device` and sizes, so the GPU lane can run them at real sizes on CUDA:
-`fused_loss_deltas`, `fused_loss_dtype`, `model_dtype`, `real_vocab_rows`, and `gpu_rows` (all of it at real
-sizes, on one GPU in about a minute).
+`fused_loss_deltas`, `fused_loss_dtype`, `model_dtype`, `real_vocab_rows`, `fp16_range_row`, and `gpu_rows`
+(every row here on the device, plus the fused loss at Qwen2.5-0.5B's head size). The direct tolerances were
+measured on CPU; CUDA kernels (split-K GEMMs, flash SDPA) may round differently: the error-ratio rows are the
+criterion there.
 """
 
 from __future__ import annotations

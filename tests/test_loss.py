@@ -113,6 +113,15 @@ def test_frozen_lm_head_and_loss_scaling():
     assert W.grad is None and torch.allclose(3 * h1.grad, h2.grad, rtol=1e-6, atol=0)
 
 
+def test_gradients_in_the_inputs_dtypes():
+    """d W is summed in fp32 but handed back in the weight's dtype (an optimizer expects that), d h in h's."""
+    h, W, labels, _ = pd.fused_inputs(_case())
+    for dt in (torch.bfloat16, torch.float16):
+        hh, WW = h.to(dt).requires_grad_(), W.to(dt).requires_grad_()
+        linear_cross_entropy(hh, WW, labels, chunk_elems=97 * 4).backward()
+        assert hh.grad.dtype == WW.grad.dtype == dt
+
+
 def test_refusals():
     h, W, labels, _ = pd.fused_inputs(_case())
     with pytest.raises(ValueError, match="bfloat16"):
