@@ -9,9 +9,9 @@ On a machine without CUDA (and no --device) it says so and exits 0. Parts, each 
    (`torch.nn.attention.sdpa_kernel`; a case no such kernel runs falls back to the default and is counted in
    the note). minillm vs transformers in bf16, and each one's error against transformers in fp32:
    minillm's RMS error <= 1.5x transformers' (logits, loss, gradients).
-2. The fused training loss at a real vocabulary (151,936, Qwen) and 4,096 tokens, which spans ~150 chunks:
-   loss, d h and d W in bf16 and fp16 against transformers' path (lm_head GEMM + ForCausalLMLoss) in the same
-   dtype, each error against fp32; finite wherever transformers' is.
+2. parity/dtype.py's rows on the device (`gpu_rows`): the fused training loss over many chunks and at a real
+   vocabulary (151,936, Qwen) over 16k tokens with Qwen2.5-0.5B's hidden size, bf16 and fp16, fp16's range,
+   and the model in bf16/fp16 — each minillm vs transformers in the same dtype and as an error ratio vs fp32.
 3. A bf16 train step (autocast over fp32 weights, as the Trainer's bf16=True), minillm vs transformers, same
    weights and batch: tokens/s, peak memory, and MFU = model FLOPs/s (parity/bench/train.py's formula) /
    the device's bf16 matmul rate measured in this run.
@@ -30,15 +30,10 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from minillm import CausalLM, ModelConfig
-from minillm.loss import linear_cross_entropy
 from parity.harness import Row, format_table, property_rows
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -139,63 +134,22 @@ def model_rows(device: torch.device, tiny: bool, n: int) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Fused loss at a real vocabulary
+# 2. The dtype axis at real sizes (parity/dtype.py's rows, on the device)
 # ---------------------------------------------------------------------------------------------
 
-def _reference_loss(h, w, labels, n_items):
-    """transformers' unfused path: the lm_head GEMM in the activation dtype, then ForCausalLMLoss."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
+def dtype_rows(device: torch.device, tiny: bool, budget: float) -> list[Row]:
+    """parity/dtype.py's rows on `device`: the fused loss over many chunks in fp32/bf16/fp16 (drawn), at Qwen's
+    vocabulary over 16k tokens with Qwen2.5-0.5B's hidden size (bf16, fp16), fp16's range, and the model in
+    bf16/fp16 (exact and fused paths), each direct and as an error ratio against fp32. --tiny keeps only the
+    drawn fused-loss rows, one config each: the code path, not the sizes."""
+    from parity import dtype as pd
+    from parity.harness import select_rows, selected
 
-    logits = F.linear(h, w)
-    return ForCausalLMLoss(logits, labels, vocab_size=w.shape[0], num_items_in_batch=n_items)
-
-
-def fused_loss_deltas(V: int, B: int, T: int, C: int, dtype: torch.dtype, device: torch.device,
-                      chunk_elems: int | None = None, seed: int = 0) -> list[float]:
-    """[loss, d h, d W error ratios vs fp32, 1 if minillm is finite wherever transformers is else inf]."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    h32 = torch.randn(B, T, C, generator=g).to(device)
-    w32 = (torch.randn(V, C, generator=g) * 0.05).to(device)
-    w32[1] *= 8  # a dominant row (as a trained model's EOS): peaked softmax, large d W on that row
-    labels = torch.randint(0, V, (B, T), generator=g)
-    labels[:, : T // 8] = -100  # a masked prompt, as SFT batches have
-    labels = labels.to(device)
-    n_items = (labels[..., 1:] != -100).sum()
-
-    def run(fn, dt):
-        h, w = h32.to(dt).detach().requires_grad_(), w32.to(dt).detach().requires_grad_()
-        loss = fn(h, w)
-        loss.backward()
-        return loss.detach().float(), h.grad.float(), w.grad.float()
-
-    kw = {} if chunk_elems is None else {"chunk_elems": chunk_elems}
-    exact = run(lambda h, w: _reference_loss(h, w, labels, n_items), torch.float32)
-    ours = run(lambda h, w: linear_cross_entropy(h, w, labels, n_items, **kw), dtype)
-    ref = run(lambda h, w: _reference_loss(h, w, labels, n_items), dtype)
-    finite = all(torch.isfinite(a).all() or not torch.isfinite(b).all() for a, b in zip(ours, ref))
-    return [*(error_ratio(a, b, e) for a, b, e in zip(ours, ref, exact)), 1.0 if finite else float("inf")]
-
-
-def fused_loss_rows(device: torch.device, tiny: bool) -> list[Row]:
-    # Qwen's vocabulary, Qwen3-0.6B's hidden size, 2 x 2048 tokens: ~150 chunks of minillm's default size
-    V, B, T, C, chunk = (151_936, 2, 2048, 1024, None) if not tiny else (1000, 2, 32, 32, 4000)  # tiny: 16 chunks
-    rows = []
-    for name, dtype in DTYPES.items():
-        t0 = time.perf_counter()
-        d = fused_loss_deltas(V, B, T, C, dtype, device, chunk)
-        where = f"V={V:,}, {B * T} tokens"
-        rows += [Row(f"gpu fused loss {name}: {what} error ratio", f"transformers {name} ({where})", 1, x,
-                     _tol("gpu_error_ratio"), x <= _tol("gpu_error_ratio"), seconds=(time.perf_counter() - t0) / 4)
-                 for what, x in zip(("loss", "d h", "d W"), d[:3])]
-        rows.append(Row(f"gpu fused loss {name}: finite where reference is", f"transformers {name}", 1, d[3], 1.0,
-                        d[3] <= 1.0, seconds=(time.perf_counter() - t0) / 4))
-    return rows
-
-
-def _tol(name: str) -> float:
-    from parity.tolerances import tol
-
-    return tol(name)
+    select_rows(["many chunks", "(+autocast): err"] if tiny else None)
+    try:
+        return [r for r in pd.gpu_rows(str(device), 0.05 if tiny else budget) if selected(r.check)]
+    finally:
+        select_rows(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     n = max(1, int(round((2 if args.tiny else 40) * args.budget)))
     rows += model_rows(device, args.tiny, n) if left() > 0 else [_skip("gpu bf16 model rows", "time budget")]
     print(f"model rows done ({time.perf_counter() - t_start:.0f}s)", flush=True)
-    rows += fused_loss_rows(device, args.tiny) if left() > 0 else [_skip("gpu fused loss rows", "time budget")]
-    print(f"fused loss rows done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+    rows += dtype_rows(device, args.tiny, args.budget) if left() > 0 else [_skip("dtype rows", "time budget")]
+    print(f"dtype rows done ({time.perf_counter() - t_start:.0f}s)", flush=True)
     print()
     print(format_table(rows))
     same = True
