@@ -109,7 +109,7 @@ MUTANTS: list[Mutant] = [
     # ---- norms ----------------------------------------------------------------------------------------------
     Mutant("norm-cast-order", "minillm/model.py",
            "return self.weight * x32.to(dtype)", "return (self.weight * x32).to(dtype)",
-           (parity("model", "bf16"),),
+           (parity("dtype", "model bf16, exact path"),),
            "RMSNorm multiplies by the weight before casting back (changes bf16 only)"),
     Mutant("norm-eps-outside", "minillm/model.py",
            "x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)",
@@ -122,9 +122,11 @@ MUTANTS: list[Mutant] = [
     Mutant("cache-length", "minillm/model.py",
            "cache.length += T", "cache.length += 1",
            (parity("model", "greedy generate"),), "the cache advances one token per call, also after a prompt"),
-    Mutant("positions-off-by-one", "minillm/generate.py",
-           "position_ids = (mask.long().cumsum(-1) - 1)", "position_ids = mask.long().cumsum(-1)",
-           (parity("model", "greedy generate"),), "generation positions start at 1"),
+    # (positions shifted by a constant per row, e.g. off by one or left padding ignored, change nothing: RoPE
+    # attention depends on position differences only)
+    Mutant("positions-decode-slice", "minillm/generate.py",
+           ".masked_fill(mask == 0, 1)[:, -step_ids.shape[1]:]", ".masked_fill(mask == 0, 1)[:, :step_ids.shape[1]]",
+           (parity("model", "greedy generate"),), "decode steps take the first positions instead of the last"),
     # ---- sampling warpers and stopping ---------------------------------------------------------------------
     Mutant("sampling-temperature", "minillm/generate.py",
            "logits = logits / temperature", "logits = logits * temperature",
@@ -156,12 +158,12 @@ MUTANTS: list[Mutant] = [
            (parity("model", "loss fp32 (fused training path)"),), "fused loss divides by every token, ignored ones too"),
     Mutant("fused-dw-overwrite", "minillm/loss.py",
            "        acc.addmm_(a, b)\n    elif a.is_cuda:", "        acc.copy_(a @ b)\n    elif a.is_cuda:",
-           (parity("model", "grads of every parameter (fused path)"),),
+           (parity("dtype", "fused CE fp32, many chunks"),),
            "fused loss: each chunk overwrites d W instead of accumulating (only a multi-chunk row sees it)"),
     Mutant("fused-loss-overwrite", "minillm/loss.py",
            "total += ((sumexp.log() - z_target).squeeze(1) * valid).sum()",
            "total = ((sumexp.log() - z_target).squeeze(1) * valid).sum()",
-           (parity("model", "loss fp32 (fused training path)"),),
+           (parity("dtype", "fused CE fp32, many chunks"),),
            "fused loss keeps only the last chunk's sum"),
     # ---- chunker ------------------------------------------------------------------------------------------------
     Mutant("chunk-separator-mask", "minillm/chunk.py",
