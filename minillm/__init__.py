@@ -3,14 +3,14 @@
 from minillm.chunk import Chunker, group_texts
 from minillm.config import PRESETS, ModelConfig
 from minillm.corpus import SAMPLE_PRETRAIN, SAMPLE_SFT, TOKENIZER_DIR
-from minillm.lora import (LoraConfig, LoRALinear, apply_lora, load_adapter, merge_and_unload, merge_lora,
+from minillm.lora import (LoraConfig, LoRAEmbedding, LoRALinear, apply_lora, load_adapter, merge_and_unload, merge_lora,
                           save_adapter, unmerge_lora)
 from minillm.loss import causal_lm_loss, linear_cross_entropy
 from minillm.model import CausalLM, KVCache
 from minillm.sft import SFTCollator, SFTMasker, mask_batch, mask_conversation
 
 __all__ = [
-    "CausalLM", "Chunker", "KVCache", "LoRALinear", "LoraConfig", "ModelConfig", "PRESETS", "SAMPLE_PRETRAIN",
+    "CausalLM", "Chunker", "KVCache", "LoRAEmbedding", "LoRALinear", "LoraConfig", "ModelConfig", "PRESETS", "SAMPLE_PRETRAIN",
     "SAMPLE_SFT", "SFTCollator", "SFTMasker", "TOKENIZER_DIR", "apply_lora", "causal_lm_loss", "group_texts",
     "linear_cross_entropy", "load_adapter", "mask_batch", "mask_conversation", "merge_and_unload", "merge_lora",
     "save_adapter", "unmerge_lora",

@@ -255,6 +255,82 @@ class LoRALinear(nn.Module):
                 f"use_dora={self.use_dora}, merged={self.merged}")
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen nn.Embedding plus a trainable low-rank update: peft's `lora.Embedding`.
+
+    y = E[x] + (A^T[x] @ B^T) * s with A (r, num_embeddings), B (embedding_dim, r), peft's
+    `lora_embedding_A/B` layout. The init is the transpose of Linear's: A = 0, B ~ N(0, 1) (a lookup of
+    A's zero columns makes the update zero at init). As in peft, lora_dropout is not applied (there is
+    no input vector to drop out, only an index) and the lookup of A honours padding_idx (the pad
+    token's column of A receives no gradient).
+    """
+
+    def __init__(self, base_layer: nn.Embedding, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"LoRAEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
+        if use_dora:
+            raise ValueError("use_dora on an embedding (DoRA's embedding variant) is not implemented in minillm")
+        check_lora_args(r, lora_alpha, lora_dropout)
+        self.base_layer = base_layer
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, False
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        w = base_layer.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        # peft draws randn for A then B, then zeroes A and redraws B: the same four RNG uses, same seed -> same B
+        self.lora_embedding_A = nn.Parameter(torch.randn((r, self.in_features)))
+        self.lora_embedding_B = nn.Parameter(torch.randn((self.out_features, r)))
+        with torch.no_grad():
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+            self.lora_embedding_A.data = self.lora_embedding_A.data.to(device=w.device, dtype=dtype)
+            self.lora_embedding_B.data = self.lora_embedding_B.data.to(device=w.device, dtype=dtype)
+        self.merged = False
+        self.untie_on_merge = False  # set by apply_lora when the weight is shared with lm_head (tied embeddings)
+        base_layer.weight.requires_grad_(False)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(B A)^T s, shape (num_embeddings, embedding_dim): what merge() adds to the embedding table."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (B, T, C)
+        if self.merged:
+            return result
+        base = self.base_layer
+        after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                              norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                              sparse=base.sparse)  # (B, T, r)
+        return (result + (after_a @ self.lora_embedding_B.T) * self.scaling).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if self.untie_on_merge:  # see LoRALinear.merge: lm_head keeps the untouched table
+            self.base_layer.weight = nn.Parameter(self.base_layer.weight.detach().clone(), requires_grad=False)
+            self.untie_on_merge = False
+        w = self.base_layer.weight
+        w.data += self.delta_weight().to(w.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.data -= self.delta_weight().to(w.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+LORA_MODULES = (LoRALinear, LoRAEmbedding)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Matching target modules (peft's check_target_module_exists, minus the options minillm does not support)
 
@@ -311,8 +387,8 @@ def _split(name: str) -> tuple[str, str]:
 # Applying, merging, counting
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LORA_MODULES)}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -341,9 +417,11 @@ def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn
     names = find_targets(model, config)
     modules = dict(model.named_modules())
     for name in names:
-        if not isinstance(modules[name], nn.Linear):
+        if not isinstance(modules[name], (nn.Linear, nn.Embedding)):
             raise ValueError(f"LoRA target {name!r} is a {type(modules[name]).__name__}; minillm adapts nn.Linear "
-                             f"only (target_modules={config.target_modules!r})")
+                             f"and nn.Embedding only (target_modules={config.target_modules!r})")
+        if isinstance(modules[name], nn.Embedding) and config.use_dora:
+            raise ValueError(f"LoRA target {name!r} is an nn.Embedding: use_dora on embeddings is not implemented")
     if config.modules_to_save and not _modules_to_save(model, config.modules_to_save):
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of {type(model).__name__}")
     for p in model.parameters():
@@ -352,7 +430,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn
         parent, child = _split(name)
         base = modules[name]
         tied = _holders(model, base.weight, name)
-        layer = LoRALinear(base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora)
+        cls = LoRAEmbedding if isinstance(base, nn.Embedding) else LoRALinear
+        layer = cls(base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora)
         if tied:  # peft warns here too ("a tied layer is part of the adapter")
             warnings.warn(f"LoRA target {name!r} shares its weight with {tied} (tied embeddings): the adapter changes "
                           f"only {name!r}, and merging gives {name!r} its own copy of the weight first so that "
@@ -500,6 +579,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, nn.Parameter]:
         raise ValueError(f"{type(model).__name__} has no LoRA layers: call apply_lora first")
     state: dict[str, nn.Parameter] = {}
     for name, layer in layers.items():
+        if isinstance(layer, LoRAEmbedding):  # peft: lora_embedding_A.default -> lora_embedding_A
+            state[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = layer.lora_embedding_A
+            state[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = layer.lora_embedding_B
+            state[f"{PEFT_PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight  # save_embedding_layers
+            continue
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
         if layer.use_dora:
@@ -570,7 +654,7 @@ _CONFIG_TYPES: dict[str, tuple[str, Any]] = {
                           lambda v: isinstance(v, bool) or v == "gaussian"),
     "task_type": ("null or a string", lambda v: v is None or isinstance(v, str)),
     "base_model_name_or_path": ("null or a string", lambda v: v is None or isinstance(v, str)),
-    # peft 0.21 ties a LoRA on lm_head to one on embed_tokens with this; minillm has no LoRA for embeddings
+    # peft 0.21 ties a LoRA on lm_head to one on embed_tokens with this; minillm does not implement that tie
     "ensure_weight_tying": ("false", lambda v: v is False),
 }
 

@@ -41,6 +41,7 @@ TARGET_SETS = {
     "regex": r".*\.layers\.0\.self_attn\.(q|k)_proj",
     "all-linear": "all-linear",
     "qv+lm_head": ["q_proj", "v_proj", "lm_head"],  # lm_head may be tied to embed_tokens
+    "qv+embed_tokens": ["q_proj", "v_proj", "embed_tokens"],  # LoRA on nn.Embedding (lora_embedding_A/B)
 }
 
 
@@ -99,6 +100,7 @@ def peft_to_minillm_name(name: str) -> str | None:
         return None
     name = name.replace(".modules_to_save.default.", ".")
     name = name.replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector")
+    name = name.removesuffix(".default")  # lora_embedding_A.default is a ParameterDict entry, no ".weight"
     return name.replace(".default.", ".")
 
 
@@ -139,6 +141,11 @@ def tied_lm_head_target(case: Case) -> bool:
     return case.tie and isinstance(targets, list) and "lm_head" in targets and not saved
 
 
+def tied_embedding_target(case: Case) -> bool:
+    targets = TARGET_SETS[case.targets]
+    return case.tie and isinstance(targets, list) and "embed_tokens" in targets and not case.modules_to_save
+
+
 def enable_checkpointing(ours, pm, mode: str) -> None:
     """Activation checkpointing on both sides as the HF Trainer enables it (model.activation_checkpointing_enable)."""
     kwargs = {"use_reentrant": mode == "reentrant"}
@@ -177,6 +184,9 @@ def measure_all(case: Case, seed: int = 0) -> dict[str, float]:
         # lm_head first, as peft's own warning advises. minillm does that by itself (module docstring).
         lm_head = pm.base_model.model.lm_head.base_layer
         lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
+    if tied_embedding_target(case):  # the same for a LoRA on a tied embed_tokens: lm_head keeps the plain table
+        emb = pm.base_model.model.model.embed_tokens.base_layer
+        emb.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged_ref_model = pm.merge_and_unload()
@@ -204,8 +214,8 @@ def cases(draw) -> Case:
         layers=draw(st.integers(1, 2)), inter=draw(st.sampled_from([24, 40, 64])),
         vocab=draw(st.sampled_from([64, 97])),
         tie=draw(st.booleans()), r=draw(st.integers(1, 8)), alpha=draw(st.sampled_from([1, 4, 8, 16, 32])),
-        targets=targets,
-        modules_to_save=mts, rslora=draw(st.booleans()), dora=draw(st.booleans()),
+        targets=targets,  # DoRA's embedding variant is not implemented in minillm (refused)
+        modules_to_save=mts, rslora=draw(st.booleans()), dora=draw(st.booleans()) and "embed" not in targets,
         dropout=draw(st.sampled_from([0.0, 0.1])), train=draw(st.booleans()),
     )
 
@@ -222,6 +232,8 @@ NAMED = {
     "tied lm_head targeted": Case(targets="qv+lm_head", tie=True, train=True),
     "tied lm_head targeted, dora, qwen3": Case(model_type="qwen3", targets="qv+lm_head", tie=True, dora=True),
     "train mode dropout 0.2, dora all-linear": Case(targets="all-linear", dora=True, dropout=0.2, train=True),
+    "embed_tokens + q/v, train, dropout 0.1": Case(targets="qv+embed_tokens", train=True, dropout=0.1),
+    "embed_tokens tied, rslora, qwen3": Case(model_type="qwen3", targets="qv+embed_tokens", tie=True, rslora=True),
 }
 
 # Activation checkpointing with frozen embeddings (nothing before the first layer requires grad) in both
@@ -241,6 +253,7 @@ TIED = {
     "dora q/v + lm_head, qwen3": Case(model_type="qwen3", targets="qv+lm_head", tie=True, dora=True),
     "rslora q/v + lm_head, qwen2, vocab 97": Case(model_type="qwen2", targets="qv+lm_head", tie=True, rslora=True,
                                                   vocab=97),
+    "q/v + embed_tokens": Case(targets="qv+embed_tokens", tie=True),
 }
 
 
@@ -351,6 +364,7 @@ INTEROP = {
     "rslora regex qwen3, tied + lm_head": Case(model_type="qwen3", targets="regex", rslora=True, tie=True,
                                                modules_to_save=("lm_head",), dropout=0.1),
     "tied lm_head targeted": Case(targets="qv+lm_head", tie=True),
+    "embed_tokens targeted, tied": Case(targets="qv+embed_tokens", tie=True),
 }
 
 
@@ -406,7 +420,8 @@ def rows(budget: float = 1.0):
     yield _fixed("lora on tied lm_head: merged == unmerged", "lora_merge_gap", merge_gap, TIED,
                  "minillm unmerged")
     yield _fixed("lora init: same seed -> same A as peft", "lora_init", init_same_seed,
-                 {"all-linear dora": NAMED["dora all-linear + lm_head, qwen2"], "q/v": Case()})
+                 {"all-linear dora": NAMED["dora all-linear + lm_head, qwen2"], "q/v": Case(),
+                  "embed_tokens (B ~ N(0, 1))": Case(targets="qv+embed_tokens")})
     interop = INTEROP if budget >= 1 else dict(list(INTEROP.items())[1:2])
     yield _fixed("adapter minillm -> peft (trained, saved)", "lora_logits", minillm_to_peft, interop,
                  "peft.PeftModel.from_pretrained")

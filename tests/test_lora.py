@@ -368,7 +368,7 @@ def test_error_bad_config_and_targets():
         ml.LoraConfig(r=0)
     with pytest.raises(ValueError, match="bias"):
         ml.LoraConfig(bias="all")
-    with pytest.raises(ValueError, match="RMSNorm.*nn.Linear only"):
+    with pytest.raises(ValueError, match="RMSNorm.*nn.Linear and nn.Embedding only"):
         ml.apply_lora(tiny_model(), ml.LoraConfig(target_modules=["input_layernorm"]), verbose=False)
     model = ml.apply_lora(tiny_model(), ml.LoraConfig(), verbose=False)
     with pytest.raises(ValueError, match="already has LoRA"):
@@ -565,3 +565,68 @@ def test_corrupt_adapter_weights_name_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])  # truncated
     with pytest.raises(ValueError, match=re.escape(str(path))):
         ml.load_adapter(tiny_model(), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA on nn.Embedding (peft's lora.Embedding: lora_embedding_A (r, vocab), lora_embedding_B (dim, r))
+
+
+@settings(max_examples=20, deadline=None, database=None, derandomize=True)
+@given(st.integers(2, 30), st.integers(1, 12), st.integers(1, 6), st.sampled_from([1, 8, 16]), st.booleans(),
+       st.sampled_from([None, 0, 1]))
+def test_lora_embedding_matches_formula_and_merge(vocab, dim, r, alpha, rslora, padding_idx):
+    torch.manual_seed(0)
+    layer = ml.LoRAEmbedding(nn.Embedding(vocab, dim, padding_idx=padding_idx), r, alpha, use_rslora=rslora)
+    x = torch.randint(0, vocab, (3, 5))
+    assert torch.equal(layer(x), layer.base_layer(x))  # A = 0 at init: no change
+    assert layer.lora_embedding_A.abs().sum() == 0 and layer.lora_embedding_B.abs().sum() > 0
+    with torch.no_grad():
+        layer.lora_embedding_A.normal_()
+    s = alpha / (r ** 0.5 if rslora else r)
+    want = layer.base_layer.weight[x] + (layer.lora_embedding_A.T[x] @ layer.lora_embedding_B.T) * s
+    got = layer(x)
+    assert (got - want).abs().max() <= 1e-5
+    got.sum().backward()
+    if padding_idx is not None:  # the pad token's column of A gets no gradient, as in nn.Embedding
+        assert layer.lora_embedding_A.grad[:, padding_idx].abs().sum() == 0
+    base = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert (layer(x) - want).abs().max() <= 1e-5
+    layer.unmerge()
+    assert (layer.base_layer.weight - base).abs().max() <= 1e-5
+
+
+def test_lora_embedding_tied_merge_keeps_lm_head(tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml.apply_lora(model, ml.LoraConfig(target_modules=["embed_tokens", "q_proj"]), verbose=False)
+    randomize_adapters(model)
+    assert isinstance(model.model.embed_tokens, ml.LoRAEmbedding)
+    x = torch.randint(0, model.config.vocab_size, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        before = model(x).logits
+        ml.save_adapter(model, tmp_path)
+        keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+        assert {"base_model.model.model.embed_tokens.lora_embedding_A",
+                "base_model.model.model.embed_tokens.lora_embedding_B",
+                "base_model.model.model.embed_tokens.base_layer.weight"} <= keys  # peft's save_embedding_layers
+        lm_head = model.lm_head.weight.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged = ml.merge_and_unload(model)
+        assert torch.equal(merged.lm_head.weight, lm_head)  # the merge did not move the output layer
+        assert (merged(x).logits - before).abs().max() <= 1e-6
+    other = tiny_model(tie_word_embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ml.load_adapter(other, tmp_path)
+    other.eval()
+    with torch.no_grad():
+        assert torch.equal(other(x).logits, before)
+
+
+def test_lora_embedding_refuses_dora():
+    with pytest.raises(ValueError, match="use_dora"):
+        ml.apply_lora(tiny_model(), ml.LoraConfig(target_modules=["embed_tokens"], use_dora=True), verbose=False)
