@@ -15,11 +15,14 @@ training scripts' default). On it, with the HF Trainer, AdamW, the same initial 
            per step; only which conversations share a step differs), seeds 0 and 1.
 The spread between seeds is the noise the final losses are judged against.
 
-Figures: wall time of trainer.train(), learned tokens (labels that are trained on, the same set for all) per
+Each pipeline runs the steps the HF Trainer would (without accumulation), in a plain loop (`Run`), and the
+pipelines' epochs are cut into ROUNDS slices that alternate (A B C ..., then ... C B A), so that load from other
+jobs on a shared CPU falls on all of them alike (one after the other, the same pipeline measured 54 s and 21 s).
+The Trainer path itself is checked in tests/test_pack.py.
+Figures: summed wall time of each pipeline's slices, learned tokens (labels that are trained on, the same set for all) per
 second, and the final loss on 200 held-out chats of the same mix (sum of CE / learned tokens, exact path).
 `same_output`: on the initial weights the packed rows' loss equals the padded loss over the same chats, both
-models (relative 1e-6). Runs in this process one pipeline after another: on a shared CPU the order and the
-load matter; the load average is in bench.json.
+models (relative 1e-6). The load average is in bench.json.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 
 import torch
@@ -36,6 +38,7 @@ import torch
 MAX_LEN = 512
 PAD_BATCH = 8  # conversations per step, padded pipelines (the issue's "batch 8")
 PACK_BATCH = 1  # rows per step, packed (about as many conversations per step as PAD_BATCH)
+ROUNDS = 20  # each pipeline's epoch is cut into this many slices, run in alternation (ABBA order)
 
 
 def chat_mix(n: int, seed: int = 0, max_pairs: int = 12, mean_pairs: float = 2.0) -> list[list[dict]]:
@@ -108,17 +111,35 @@ class GroupCollator:
         return self.collator([s for g in groups for s in g])
 
 
-def _train(model, dataset, collator, batch: int, seed: int, out: str) -> float:
-    import transformers
+class Run:
+    """One pipeline's epoch: its model, AdamW (lr 2e-3, linear decay to 0 over its steps, as the Trainer's
+    defaults) and its steps (each a list of items for the collator), taken a slice at a time so that the pipelines'
+    slices can alternate on a shared CPU. A step is what the Trainer does without accumulation: collate, forward,
+    the loss (mean over the batch's learned tokens), backward, optimizer and scheduler step."""
 
-    args = transformers.TrainingArguments(
-        output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=2e-3, warmup_steps=0,
-        optim="adamw_torch", use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, seed=seed, data_seed=seed)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
-    t0 = time.perf_counter()
-    trainer.train()
-    return time.perf_counter() - t0
+    def __init__(self, model, steps: list[list], collator):
+        self.model, self.steps, self.collator = model.train(), steps, collator
+        self.opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+        n = len(steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: max(0.0, (n - i) / n))
+        self.done, self.seconds = 0, 0.0
+
+    def run(self, until: int) -> None:
+        t0 = time.perf_counter()
+        for items in self.steps[self.done:until]:
+            loss = self.model(**self.collator(items)).loss
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.done = max(self.done, until)
+        self.seconds += time.perf_counter() - t0
+
+
+def _steps(items: list, per_step: int, seed: int) -> list[list]:
+    """The items in a seeded random order, `per_step` a step (the last step may be short)."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [[items[j] for j in order[i:i + per_step]] for i in range(0, len(order), per_step)]
 
 
 def sft_epoch_case(quick: bool, threads: int) -> dict:
@@ -167,28 +188,31 @@ def sft_epoch_case(quick: bool, threads: int) -> dict:
         eff_by_buffer[f"{buf} decreasing"] = PackedDataset(train, MAX_LEN, buf, lengths=lengths,
                                                            decreasing=True).efficiency()
 
+    rows = [packed_ds[i] for i in range(len(packed_ds))]
+    rows1 = PackedDataset(train, MAX_LEN, buffer=1000, seed=1)
+    rows1 = [rows1[i] for i in range(len(rows1))]
+    dynpad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100, return_tensors="pt")
     runs = {
-        "course": (hf_model, train, SFTCollator(pad, pad_to_multiple_of=MAX_LEN), PAD_BATCH, 0),
-        "dynpad": (hf_model, train, DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100,
-                                                           return_tensors="pt"), PAD_BATCH, 0),
-        "packed": (minillm_model, packed_ds, PackedCollator(pad), PACK_BATCH, 0),
-        "hf_packed": (hf_model, packed_ds, PackedCollator(pad), PACK_BATCH, 0),
+        "course": Run(hf_model(), _steps(train, PAD_BATCH, 0), SFTCollator(pad, pad_to_multiple_of=MAX_LEN)),
+        "dynpad": Run(hf_model(), _steps(train, PAD_BATCH, 0), dynpad),
+        "packed": Run(minillm_model(), _steps(rows, PACK_BATCH, 0), PackedCollator(pad)),
+        "hf_packed": Run(hf_model(), _steps(rows, PACK_BATCH, 0), PackedCollator(pad)),
+        "packed_seed1": Run(minillm_model(), _steps(rows1, PACK_BATCH, 1), PackedCollator(pad)),
     }
-    runs["packed_seed1"] = (minillm_model, PackedDataset(train, MAX_LEN, buffer=1000, seed=1), PackedCollator(pad),
-                            PACK_BATCH, 1)
     for seed in (0, 1):
-        runs[f"unpacked_seed{seed}"] = (minillm_model, RandomGroups(train, packed_ds.rows, seed),
-                                        GroupCollator(SFTCollator(pad)), 1, seed)
-    result = {}
+        groups = RandomGroups(train, packed_ds.rows, seed)
+        runs[f"unpacked_seed{seed}"] = Run(minillm_model(), _steps(groups.groups, 1, seed), GroupCollator(SFTCollator(pad)))
     load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="minillm-sft-epoch-") as tmp:
-        for name, (make, ds, collator, batch, seed) in runs.items():
-            model = make()
-            seconds = _train(model, ds, collator, batch, seed, tmp)
-            result[name] = {"seconds": seconds, "learned_tokens_s": n_learned / seconds,
-                            "eval_loss": eval_loss(model, held_out, pad)}
-            print(f"  sft_epoch {name}: {seconds:.1f}s, {n_learned / seconds:,.0f} learned tokens/s, "
-                  f"held-out loss {result[name]['eval_loss']:.4f}", flush=True)
+    rounds = 4 if quick else ROUNDS
+    for k in range(1, rounds + 1):  # the pipelines' slices alternate, so load from other jobs falls on all alike
+        for r in (runs.values() if k % 2 else reversed(runs.values())):
+            r.run(len(r.steps) * k // rounds)
+    result = {}
+    for name, r in runs.items():
+        result[name] = {"seconds": r.seconds, "steps": len(r.steps), "learned_tokens_s": n_learned / r.seconds,
+                        "eval_loss": eval_loss(r.model, held_out, pad)}
+        print(f"  sft_epoch {name}: {r.seconds:.1f}s, {len(r.steps)} steps, {n_learned / r.seconds:,.0f} learned "
+              f"tokens/s, held-out loss {result[name]['eval_loss']:.4f}", flush=True)
     padded_tokens = {"course": len(train) * MAX_LEN, "packed": len(packed_ds) * MAX_LEN}
     return {"conversations": len(train), "learned_tokens": n_learned, "real_tokens": sum(lengths),
             "max_len": MAX_LEN, "rows": len(packed_ds), "packing_efficiency": packed_ds.efficiency(),
