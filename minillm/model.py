@@ -419,10 +419,11 @@ class CausalLM(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, num_items_in_batch: int | torch.Tensor | None = None,
-                logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutput:
+                logits_to_keep: int = 0, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: Any) -> CausalLMOutput:
         """Logits (B, T, V) and, with `labels`, transformers' causal-LM loss.
 
         `**kwargs` is accepted on purpose: the HF Trainer passes `num_items_in_batch` (the token count of the
@@ -434,15 +435,23 @@ class CausalLM(nn.Module):
         `use_cache=False`), `position_ids` that restart mark document boundaries and each token attends only
         within its own document (`packed_documents`); with a cache, transformers does not look for packing and
         neither do we.
+
+        `inputs_embeds` (B, T, C) replaces the embedding lookup (prompt tuning prepends trained vectors there).
+        `cache` may also be any object with `length` and `update(layer, k, v) -> (k, v)`; one whose
+        `recompute_safe` is True (its update does not mutate it, e.g. minillm.prefix.PrefixCache) is passed
+        to checkpointed layers too, the others are not (a KVCache would be written twice).
         """
-        B, T = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
         past = 0 if cache is None else cache.length
         if position_ids is None:  # as transformers: ignores padding; left-padded callers pass cumsum(mask) - 1
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+            position_ids = torch.arange(past, past + T, device=device)[None]
         elif position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != T:
             raise ValueError(f"position_ids of shape {tuple(position_ids.shape)} for input_ids of shape {(B, T)}; "
                              f"expected ({B} or 1, {T})")
-        h = self.model.embed_tokens(input_ids)  # (B, T, C)
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         eager = self.attn_implementation == "eager"
         fuse = self.fused and self.training and torch.is_grad_enabled()
         docs = None
@@ -455,7 +464,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and i % self._ckpt_every == 0:
                 # recompute this layer in backward instead of storing its activations
-                h = checkpoint(layer, h, cos, sin, mask, None, eager, docs is not None, **self._ckpt_kwargs)
+                ckpt_cache = cache if getattr(cache, "recompute_safe", False) else None
+                h = checkpoint(layer, h, cos, sin, mask, ckpt_cache, eager, docs is not None, **self._ckpt_kwargs)
             else:
                 h = layer(h, cos, sin, mask, cache, eager, docs is not None)
         if cache is not None:

@@ -1,0 +1,136 @@
+"""Prompt tuning (Lester et al. 2021) by hand, interchangeable with peft 0.21's PROMPT_TUNING.
+
+The model is frozen; P trainable "virtual token" vectors (P, C) are prepended to the input embeddings:
+
+    h0 = [prompt (P, C); embed_tokens(input_ids) (T, C)]   -> the usual decoder over P + T positions
+
+exactly as peft's PeftModelForCausalLM.forward does it: the attention mask gets P leading ones, the labels
+P leading -100 (the virtual tokens are never predicted), and the logits come back for all P + T positions.
+position_ids are dropped (peft warns "Position ids are not supported" and drops them), so positions are
+0 .. P+T-1 whatever the padding; in generation the prompt is fed once, at prefill, and later steps take
+positions from the cache length, as transformers does when peft pops them.
+
+Init as peft: nn.Embedding(P, C)'s own N(0, 1) ("RANDOM"); "SAMPLE_VOCAB": rows of the word embedding at
+random token ids; "TEXT": rows of the word embedding at the tokenizer ids of a text, cut or repeated to P
+(the caller tokenizes: minillm does not import transformers; peft calls `tokenizer(text)["input_ids"]`).
+The nn.Embedding is built (and draws its init) first in every case, as peft does, so a seed gives the same
+prompt on both sides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from minillm.model import KVCache
+
+INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+
+@dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = 8
+    prompt_tuning_init: str = "RANDOM"  # peft's PromptTuningInit values
+    prompt_tuning_init_text: str | None = None  # what the ids came from (saved in adapter_config.json)
+    init_token_ids: list[int] | None = field(default=None, repr=False)  # tokenizer(prompt_tuning_init_text) ids
+    tokenizer_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
+                or self.num_virtual_tokens <= 0:
+            raise ValueError(f"PromptTuningConfig.num_virtual_tokens must be a positive int, "
+                             f"got {self.num_virtual_tokens!r}")
+        if self.prompt_tuning_init not in INITS:
+            raise ValueError(f"PromptTuningConfig.prompt_tuning_init must be one of {INITS}, "
+                             f"got {self.prompt_tuning_init!r}")
+        if self.prompt_tuning_init == "TEXT" and not self.init_token_ids:
+            raise ValueError("PromptTuningConfig: prompt_tuning_init='TEXT' needs init_token_ids (the tokenizer ids "
+                             "of prompt_tuning_init_text)")
+
+
+def text_init_ids(ids: list[int], n: int) -> list[int]:
+    """peft's rule: the first n ids, or the ids repeated until there are n."""
+    if len(ids) < n:
+        ids = ids * math.ceil(n / len(ids))
+    return list(ids[:n])
+
+
+def ensure_capacity(cache: KVCache, extra: int) -> None:
+    """Grow a preallocated KVCache by `extra` slots (before its first write): generate() sized it for the
+    prompt + new tokens, but the virtual tokens / prefix occupy cache slots too."""
+    if cache.length != 0:
+        raise ValueError("ensure_capacity on a cache that already holds tokens")
+    L, B, K, S, D = cache.k.shape
+    cache.k = cache.k.new_zeros((L, B, K, S + extra, D))
+    cache.v = cache.v.new_zeros((L, B, K, S + extra, D))
+
+
+class PromptTuningLM(nn.Module):
+    """A frozen CausalLM behind P trainable input vectors. `forward` and `generate` take what CausalLM's do."""
+
+    peft_type = "PROMPT_TUNING"
+    loss_type = "ForCausalLM"  # the HF Trainer counts shifted labels for num_items_in_batch
+
+    def __init__(self, model: nn.Module, config: PromptTuningConfig) -> None:
+        super().__init__()
+        self.base_model, self.peft_config = model, config
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.model.embed_tokens
+        emb = getattr(emb, "base_layer", emb)  # a LoRA'd embedding: its frozen table
+        P, C = config.num_virtual_tokens, model.config.hidden_size
+        self.prompt_encoder = nn.Embedding(P, C)  # draws N(0, 1) first, as peft's PromptEmbedding
+        ids = None
+        if config.prompt_tuning_init == "SAMPLE_VOCAB":
+            ids = torch.randint(0, emb.num_embeddings, (P,), dtype=torch.long)
+        elif config.prompt_tuning_init == "TEXT":
+            ids = torch.tensor(text_init_ids(config.init_token_ids, P), dtype=torch.long)
+        with torch.no_grad():
+            if ids is not None:
+                self.prompt_encoder.weight.copy_(emb(ids.to(emb.weight.device)).float())
+        self.prompt_encoder.to(emb.weight.device)  # fp32 whatever the base dtype (peft casts at use)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def prompt(self, batch: int) -> torch.Tensor:
+        """(B, P, C): peft's get_prompt (an embedding lookup of 0..P-1, so the gradient flows as in peft)."""
+        idx = torch.arange(self.peft_config.num_virtual_tokens, device=self.prompt_encoder.weight.device)
+        return self.prompt_encoder(idx[None].expand(batch, -1))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None, **kwargs: Any):
+        B, P = input_ids.shape[0], self.peft_config.num_virtual_tokens
+        del position_ids  # as peft: not supported with virtual tokens, positions come from the cache length
+        if attention_mask is not None:  # the virtual tokens are always attended
+            attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
+        if cache is not None and cache.length > 0:  # decode step: the prompt is already in the cache
+            return self.base_model(input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
+        embeds = self.base_model.model.embed_tokens(input_ids)  # (B, T, C)
+        h = torch.cat([self.prompt(B).to(embeds.dtype), embeds], dim=1)  # (B, P + T, C)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
+        if cache is not None:
+            ensure_capacity(cache, P)
+        return self.base_model(inputs_embeds=h, attention_mask=attention_mask, labels=labels, cache=cache, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs: Any) -> torch.Tensor:
+        from minillm.generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """peft's adapter_model.safetensors: one tensor, prompt_embeddings (P, C)."""
+        return {"prompt_embeddings": self.prompt(1)[0]}
+
+    # pass-throughs the HF Trainer calls
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw: Any) -> None:
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
