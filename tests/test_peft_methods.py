@@ -1,0 +1,217 @@
+"""Prompt tuning, prefix tuning, Houlsby adapters and the one peft-format save/load pair (minillm/peft_format.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minillm
+from minillm import adapter as ha
+from minillm import peft_format
+from minillm.config import ModelConfig
+from minillm.model import CausalLM
+from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
+from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM, text_init_ids
+from parity import peft_methods as pm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny(seed: int = 0, **overrides) -> CausalLM:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+    cfg.update(overrides)
+    return CausalLM(ModelConfig(**cfg), fused=False).eval()
+
+
+def randomize(model, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def batch(B: int = 2, T: int = 6, vocab: int = 64):
+    x = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0  # left padding
+    return x, mask
+
+
+def wrap(kind: str, model: CausalLM, P: int = 3):
+    if kind == "prompt":
+        return PromptTuningLM(model, PromptTuningConfig(num_virtual_tokens=P))
+    if kind == "prefix-proj":
+        return PrefixTuningLM(model, PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=True,
+                                                        encoder_hidden_size=16))
+    return PrefixTuningLM(model, PrefixTuningConfig(num_virtual_tokens=P))
+
+
+# ---- parity with peft (a few rows of `python -m parity --only peft_methods`) ----------------------------
+
+@pytest.mark.parametrize("label", ["prefix, no projection, GQA 4/2", "prompt, SAMPLE_VOCAB, qwen3 tied",
+                                   "prefix, projection E=24, MQA, position_ids"])
+def test_forward_matches_peft(label):
+    logits, loss, grads, init = pm.measure(pm.NAMED[label])
+    assert logits <= 1e-6 and loss <= 1e-6 and grads <= 1e-6 and init == 0.0
+
+
+def test_generation_matches_peft_forward():
+    assert pm.generation_delta(pm.PCase(projection=True)) == 0.0
+
+
+def test_parity_check_can_fail(monkeypatch):
+    # a prefix whose positions are off by one from peft's (+P) must show up in the logits
+    orig = PrefixTuningLM.forward
+    assert pm.measure(pm.NAMED["prefix, projection E=24, MQA, position_ids"])[0] == 0.0
+    monkeypatch.setattr(PrefixTuningLM, "forward", lambda self, input_ids, attention_mask=None, position_ids=None,
+                        **kw: orig(self, input_ids, attention_mask=attention_mask,
+                                   position_ids=None if position_ids is None else position_ids - 1, **kw))
+    assert pm.measure(pm.NAMED["prefix, projection E=24, MQA, position_ids"])[0] > 1e-4
+
+
+def test_houlsby_vs_equations_and_identity():
+    for args in [(0, 4, "gelu", 2, 2, "zero"), (1, 8, "relu", 1, 1, "houlsby")]:
+        vs_equations, identity = pm.houlsby_measure(*args)
+        assert vs_equations <= 1e-5 and identity == 0.0
+
+
+# ---- prompt tuning --------------------------------------------------------------------------------------
+
+def test_prompt_tuning_shapes_labels_and_frozen_base():
+    model = tiny()
+    w = wrap("prompt", model, P=3)
+    assert [n for n, p in w.named_parameters() if p.requires_grad] == ["prompt_encoder.weight"]
+    x, mask = batch()
+    w.train()
+    out = w(x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100))
+    assert out.logits.shape == (2, 3 + 6, 64)
+    out.loss.backward()
+    assert w.prompt_encoder.weight.grad.abs().sum() > 0
+    # the virtual tokens are never predicted (labels -100), but the last one predicts the first real token
+    with torch.no_grad():
+        logits = w(x, attention_mask=mask).logits[:, 3 - 1:-1]  # (B, T, V): positions P-1 .. P+T-2
+        labels = x.masked_fill(mask == 0, -100)
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels.reshape(-1), ignore_index=-100)
+        assert (w(x, attention_mask=mask, labels=labels).loss - want).abs() < 1e-6
+
+
+def test_text_init_ids_rule_and_init():
+    assert text_init_ids([5, 6, 7], 7) == [5, 6, 7, 5, 6, 7, 5]
+    assert text_init_ids([5, 6, 7], 2) == [5, 6]
+    model = tiny()
+    w = PromptTuningLM(model, PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT",
+                                                 init_token_ids=[9, 10, 11]))
+    assert torch.equal(w.prompt_encoder.weight, model.model.embed_tokens.weight[[9, 10, 11, 9]])
+    with pytest.raises(ValueError, match="init_token_ids"):
+        PromptTuningConfig(prompt_tuning_init="TEXT")
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        PromptTuningConfig(num_virtual_tokens=0)
+
+
+# ---- prefix tuning --------------------------------------------------------------------------------------
+
+@settings(max_examples=4, deadline=None, database=None, derandomize=True)
+@given(st.sampled_from(["prompt", "prefix", "prefix-proj"]), st.integers(1, 4), st.sampled_from([1, 2, 4]))
+def test_cached_generation_equals_full_recompute(kind, P, kv):
+    """generate() (prefix/prompt prefilled into the KV cache, left padding) vs argmax of full forwards."""
+    w = wrap(kind, tiny(num_key_value_heads=kv), P)
+    randomize(w)
+    w.eval()
+    x, mask = batch()
+    with torch.no_grad():
+        out = w.generate(x, max_new_tokens=5, attention_mask=mask, eos_token_id=[])
+        seq, m = x, mask
+        for _ in range(5):
+            pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 1)
+            nxt = w(seq, attention_mask=m, position_ids=pos).logits[:, -1].argmax(-1)
+            seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, m.new_ones(2, 1)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_prefix_kv_layout_and_no_rope():
+    w = wrap("prefix", tiny(), P=2)
+    keys, values = w.past_key_values(3)
+    cfg = w.config
+    assert len(keys) == len(values) == cfg.num_hidden_layers
+    assert keys[0].shape == (3, cfg.num_key_value_heads, 2, cfg.head_dim)
+    table = w.prefix_table().view(2, cfg.num_hidden_layers * 2, cfg.num_key_value_heads, cfg.head_dim)
+    assert torch.equal(keys[1][0], table[:, 2].transpose(0, 1))  # layer 1 keys = slot 2, values = slot 3
+    assert torch.equal(values[1][0], table[:, 3].transpose(0, 1))
+
+
+def test_prefix_checkpointing():
+    w = wrap("prefix-proj", tiny())
+    x, mask = batch()
+    w.train()
+    w.gradient_checkpointing_enable({"use_reentrant": True})
+    with pytest.raises(NotImplementedError, match="use_reentrant"):
+        w(x, attention_mask=mask, labels=x)
+    assert pm.prefix_ckpt(pm.PCase(projection=True)) == 0.0
+
+
+# ---- Houlsby adapters -----------------------------------------------------------------------------------
+
+def test_houlsby_placement_counts_and_errors(capsys):
+    model = tiny()
+    ha.apply_adapters(model, ha.HoulsbyConfig(bottleneck=4))
+    line = capsys.readouterr().out.strip()
+    per = 2 * (32 * 4 + 4 + 4 * 32 + 32)  # two adapters per layer: down (m, d) + m, up (d, m) + d
+    assert line.startswith(f"trainable params: {2 * per:,d} ||")
+    assert isinstance(model.model.layers[0].self_attn.o_proj, ha.AdaptedLinear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, ha.AdaptedLinear)
+    with pytest.raises(ValueError, match="smaller than the hidden size"):
+        ha.apply_adapters(tiny(), ha.HoulsbyConfig(bottleneck=32), verbose=False)
+    with pytest.raises(ValueError, match="already has adapters"):
+        ha.apply_adapters(model, ha.HoulsbyConfig(), verbose=False)
+
+
+# ---- one save/load pair, every method -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "prefix-proj", "houlsby", "lora-embedding"])
+def test_save_load_roundtrip(kind, tmp_path):
+    model = tiny()
+    if kind == "houlsby":
+        w = ha.apply_adapters(model, ha.HoulsbyConfig(bottleneck=4), verbose=False)
+    elif kind == "lora-embedding":
+        w = minillm.apply_lora(model, minillm.LoraConfig(target_modules=["embed_tokens", "v_proj"]), verbose=False)
+    else:
+        w = wrap(kind, model)
+    randomize(w)
+    w.eval()
+    x, mask = batch()
+    with torch.no_grad():
+        want = w(x, attention_mask=mask).logits
+    minillm.save_adapter(w, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == {"houlsby": ha.PEFT_TYPE, "lora-embedding": "LORA"}.get(
+        kind, "PROMPT_TUNING" if kind == "prompt" else "PREFIX_TUNING")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = minillm.load_adapter(tiny(), tmp_path).eval()
+    with torch.no_grad():
+        assert (loaded(x, attention_mask=mask).logits - want).abs().max() <= 1e-6
+
+
+def test_load_errors_name_file_and_key(tmp_path):
+    w = wrap("prefix", tiny())
+    peft_format.save_adapter(w, tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_config.json: key 'num_layers' is 2, this model needs 3"):
+        peft_format.load_adapter(tiny(num_hidden_layers=3), tmp_path)
+    with pytest.raises(ValueError, match=r"key 'token_dim' is 16, this model needs 32"):
+        peft_format.load_adapter(tiny(num_key_value_heads=4), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="peft_type 'IA3' is not one minillm implements"):
+        peft_format.load_adapter(tiny(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "num_virtual_tokens": 5}))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: prompt_embeddings has shape \(3, 64\)"):
+        peft_format.load_adapter(tiny(), tmp_path)
