@@ -28,8 +28,8 @@ order, into the open row of its window whose free space it fills most tightly (b
 has room); then shuffle that window's rows. Measured on the bundled long-tailed chat mix (2,000 chats of 1-12
 turn pairs, mean 73 tokens, max 330; rows of 512; parity/bench/sft_epoch.py):
 
-    real tokens / row capacity    buffer 64: 0.937   256: 0.966   1000: 0.977   all: 0.982
-    best-fit *decreasing* (longest first) packs tighter (0.945 / 0.979 / 0.989 / 0.991) but builds
+    real tokens / row capacity    buffer 16: 0.799   64: 0.938   256: 0.969   1000: 0.976   all: 0.979
+    best-fit *decreasing* (longest first) packs tighter (0.810 / 0.947 / 0.979 / 0.989 / 0.989) but builds
     length-stratified rows (conversations per row: sd 4.1 vs 1.8; rows of one long chat plus fillers, rows of
     only one-turn chats), and one epoch (HF Trainer, tiny model) ended at a held-out loss of 1.383-1.396 (3 seeds)
     against 1.286-1.309 for the shuffled order: it is available (`decreasing=True`), not the default.
