@@ -177,6 +177,11 @@ class LoRALinear(nn.Module):
         # L2 norm of each output row of W + s * B A (peft's DoraLinearLayer.get_weight_norm)
         return torch.linalg.norm(weight + scaling * lora_weight, dim=1).to(weight.dtype)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        # the frozen base weight, as peft's tuner layers expose it (e.g. CausalLM.num_parameters reads lm_head.weight)
+        return self.base_layer.weight
+
     def delta_weight(self) -> torch.Tensor:
         """B A s, shape (out, in): what merge() adds to the base weight for plain LoRA."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
@@ -290,6 +295,11 @@ class LoRAEmbedding(nn.Module):
         self.merged = False
         self.untie_on_merge = False  # set by apply_lora when the weight is shared with lm_head (tied embeddings)
         base_layer.weight.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # the frozen table, as peft's tuner layers expose it (code that reads `embed_tokens.weight` keeps working)
+        return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
         """(B A)^T s, shape (num_embeddings, embedding_dim): what merge() adds to the embedding table."""

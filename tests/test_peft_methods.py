@@ -215,3 +215,23 @@ def test_load_errors_name_file_and_key(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "num_virtual_tokens": 5}))
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: prompt_embeddings has shape \(3, 64\)"):
         peft_format.load_adapter(tiny(), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix-proj", "houlsby"])
+def test_hf_trainer_trains_each_with_checkpointing(kind, tmp_path):
+    """The HF Trainer (as train/finetune.py uses it) trains every wrapper, activation checkpointing on."""
+    import transformers
+
+    model = tiny()
+    w = ha.apply_adapters(model, ha.HoulsbyConfig(bottleneck=4), verbose=False) if kind == "houlsby" \
+        else wrap(kind, model)
+    data = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+            for x in torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))]
+    before = [p.detach().clone() for p in w.parameters() if p.requires_grad]
+    args = transformers.TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                                          report_to=[], save_strategy="no", use_cpu=True, gradient_checkpointing=True,
+                                          disable_tqdm=True)
+    transformers.Trainer(model=w, args=args, train_dataset=data).train()
+    after = [p for p in w.parameters() if p.requires_grad]
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(before, after))  # every trainable tensor moved
+    assert not any(p.requires_grad for p in model.model.embed_tokens.parameters())  # the base stayed frozen
