@@ -14,10 +14,10 @@ documents (tests/test_store.py checks it). The final tail (< block_size tokens) 
 Building, in bounded memory (peak RSS independent of the corpus size):
 - documents stream from the jsonl files (minillm.corpus readers: a bad line stops with file:line) in
   batches of at most `batch_docs` documents / `batch_chars` characters;
-- a pool of `workers` tokenizer processes (tokenizers' own Rust threads off, one core each) tokenizes
-  them with `corpus.encode_texts` (a huge document is tokenized in pieces); at most 2 x workers batches
-  are in flight, and results are written in submission order, so the store is byte-identical for any
-  number of workers;
+- a pool of `workers` tokenizer processes (tokenizers' own Rust threads off, one core each; 0: this process
+  with the Rust threads) tokenizes them with `corpus.encode_texts` (a huge document is tokenized in pieces);
+  at most 2 x workers batches are in flight, and results are written in submission order, so the store
+  is byte-identical for any number of workers;
 - each source file becomes a part (`<path>.partial/part-NNNNN.bin` + a `.json` marker written after it),
   so a killed build restarts without redoing finished files; when all are done the parts are joined into
   `tokens.bin`, `index.json` (with `"complete": true`) is written last, and the directory is renamed to
@@ -137,17 +137,18 @@ def _ordered_map(fn: Callable, items: Iterator, pool: Any, in_flight: int) -> It
 
 
 class _Tokenizers:
-    """`workers` tokenizer processes (0: this process), TOKENIZERS_PARALLELISM=false while they run."""
+    """`workers` tokenizer processes, TOKENIZERS_PARALLELISM=false while they run; 0: this process, where
+    tokenizers' own Rust threads parallelize each batch (the default of an HF tokenizer call)."""
 
     def __init__(self, tokenizer: Any, eos: int | None, dtype: np.dtype, workers: int, specials_as_text: bool):
         self.args = (_backend(tokenizer).to_str(), eos, dtype.str, specials_as_text)
         self.workers, self.pool = workers, None
 
     def __enter__(self) -> "_Tokenizers":
-        # One core per process: the Rust thread pool would otherwise oversubscribe the cores the pool already uses.
         self.old_env = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         if self.workers > 0:
+            # One core per process: the Rust thread pool would otherwise oversubscribe the cores the pool uses.
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
             self.pool = get_context("fork").Pool(self.workers, initializer=_init_worker, initargs=self.args)
         else:
             _init_worker(*self.args)
