@@ -284,3 +284,17 @@ def test_resume_lands_on_the_same_next_block(store):
     resumed = next(iter(skip_first_batches(loader(), 5)))["input_ids"]
     assert torch.equal(resumed, first[5])
     assert not torch.equal(first[4], first[5])
+
+
+def test_huge_document_tokenized_in_pieces_same_ids(tmp_path, tok):
+    """A 300k-character document between two small ones: the store holds exactly the whole-text ids (encode_texts
+    cuts it into pieces of 64k characters) followed by EOS."""
+    texts = list(corpus.iter_pretrain_texts(corpus.SAMPLE_PRETRAIN, limit=3000))
+    huge = "\n".join(texts)[:300_000]
+    docs = ["short one", huge, "short two"]
+    src = tmp_path / "huge.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs), encoding="utf-8")
+    build_store(tmp_path / "h", [str(src)], tok, BLOCK, tok.eos_token_id, workers=1, batch_chars=1000)
+    want = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    got = np.fromfile(tmp_path / "h" / TOKENS, dtype=np.uint16)
+    assert got.tolist() == want
