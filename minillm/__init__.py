@@ -6,7 +6,7 @@ from minillm.config import PRESETS, ModelConfig
 from minillm.corpus import SAMPLE_PRETRAIN, SAMPLE_SFT, TOKENIZER_DIR
 from minillm.adapter import HoulsbyConfig, apply_adapters
 from minillm.lora import LoraConfig, LoRAEmbedding, LoRALinear, apply_lora, merge_and_unload, merge_lora, unmerge_lora
-from minillm.peft_format import load_adapter, save_adapter
+from minillm.peft_format import load_adapter, print_trainable_parameters, save_adapter
 from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
 from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
 from minillm.loss import causal_lm_loss, linear_cross_entropy
@@ -15,6 +15,7 @@ from minillm.sft import SFTCollator, SFTMasker, mask_batch, mask_conversation
 
 __all__ = [
     "HoulsbyConfig", "PrefixTuningConfig", "PrefixTuningLM", "PromptTuningConfig", "PromptTuningLM", "apply_adapters",
+    "print_trainable_parameters",
     "CausalLM", "Chunker", "KVCache", "LoRAEmbedding", "LoRALinear", "LoraConfig", "ModelConfig", "PRESETS", "SAMPLE_PRETRAIN",
     "SAMPLE_SFT", "SFTCollator", "SFTMasker", "TOKENIZER_DIR", "apply_lora", "causal_lm_loss", "group_texts",
     "linear_cross_entropy", "load_adapter", "mask_batch", "mask_conversation", "merge_and_unload", "merge_lora",

@@ -22,6 +22,9 @@ What is unusual here:
   differ from unmerged ones; it warns and advises untying first). minillm unties at merge time (a
   copy of the weight for lm_head, `config.tie_word_embeddings = False`), so merged == unmerged.
   peft's `ensure_weight_tying` (a LoRA on the embedding tied to lm_head's) is not implemented.
+- LoRA on nn.Embedding (`target_modules` naming embed_tokens): `LoRAEmbedding`, peft's `lora.Embedding`
+  (`lora_embedding_A` (r, vocab) = 0, `lora_embedding_B` (dim, r) ~ N(0, 1), no dropout); as peft's
+  `save_embedding_layers="auto"`, a targeted embedding's base table is saved with the adapter.
 - bias="none" only (peft's default); other peft options (rank_pattern, layers_to_transform, ...)
   are refused with an error when found in a saved adapter rather than silently ignored, and every
   key of adapter_config.json is type-checked (an error names the file and the key).
@@ -491,7 +494,8 @@ def _untie_config(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
     config = getattr(model, "config", None)
     if untied and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
-        warnings.warn(f"merging LoRA into tied {untied}: untied from the input embedding, "
+        other = "output layer" if all(n.endswith("embed_tokens") for n in untied) else "input embedding"
+        warnings.warn(f"merging LoRA into tied {untied}: untied from the {other}, "
                       f"config.tie_word_embeddings set to False", stacklevel=3)
 
 

@@ -34,6 +34,11 @@ CONFIG, WEIGHTS = lora.ADAPTER_CONFIG_NAME, lora.ADAPTER_WEIGHTS_NAME
 PEFT_TYPES = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING", houlsby.PEFT_TYPE)
 
 
+def print_trainable_parameters(model: nn.Module) -> None:
+    """peft's line: `trainable params: X || all params: Y || trainable%: Z` (parity/peft_methods.py compares it)."""
+    print(lora.trainable_summary(model))
+
+
 def _prompt_learning_config(model: PromptTuningLM | PrefixTuningLM, name: str | None) -> dict[str, Any]:
     cfg, pc = model.config, model.peft_config
     common = {"peft_type": model.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": name,
