@@ -225,6 +225,19 @@ def interop(c: PCase, direction: str, seed: int = 0) -> float:
     return delta if torch.equal(g_o, g_r) else float("inf")
 
 
+def bf16_measure(c: PCase) -> float:
+    """bf16 base model, fp32 prompt/prefix (cast at use, as peft): max |Δ| over logits, loss and grads."""
+    w, pm, _ = pair(c)
+    w.base_model.to(torch.bfloat16)
+    pm.base_model.to(torch.bfloat16)
+    x, mask, labels, _ = _batch(c)
+    out_o, out_r = w(x, attention_mask=mask, labels=labels), pm(input_ids=x, attention_mask=mask, labels=labels)
+    out_o.loss.backward()
+    out_r.loss.backward()
+    grads = max(_max_abs(a.grad, b.grad) for a, b in zip(_trainable(w), _trainable(pm)))
+    return max(_max_abs(out_o.logits, out_r.logits), _max_abs(out_o.loss, out_r.loss), grads)
+
+
 def trainable_line(c: PCase) -> float:
     """peft's print_trainable_parameters line vs minillm's: 0 when the same text."""
     import contextlib
@@ -366,6 +379,8 @@ def rows(budget: float = 1.0):
     for direction in ("minillm -> peft", "peft -> minillm"):
         yield _fixed(f"prompt/prefix files {direction}, trained", "peft from_pretrained / save_pretrained",
                      "lora_logits", lambda c, d=direction: interop(c, d), files)
+    yield _fixed("prompt/prefix bf16 base: logits, loss, grads", PEFT + " bf16", "lowp_exact", bf16_measure,
+                 {"prompt": PCase(kind="prompt"), "prefix proj": PCase(projection=True)})
     yield _fixed("trainable-params line == peft's", "print_trainable_parameters", "generate", trainable_line,
                  {"prompt": PCase(kind="prompt"), "prefix proj": PCase(projection=True)})
     yield _fixed("prefix: checkpointing == none", "minillm without checkpointing", "lora_ckpt", prefix_ckpt,
