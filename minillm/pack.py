@@ -171,7 +171,7 @@ class PackedCollator:
     def __call__(self, rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("empty batch")
-        width = max(len(r["input_ids"]) for r in rows)
+        width = max(1, *(len(r["input_ids"]) for r in rows))  # >= 1: a batch of empty rows is one pad token wide
         if self.pad_to is not None:
             if width > self.pad_to:
                 raise ValueError(f"a row of {width} tokens does not fit pad_to={self.pad_to}")
@@ -244,14 +244,24 @@ class StreamingPacker(torch.utils.data.IterableDataset):
     `rank`/`world`: the process's place among the data-parallel ranks. Under the HF Trainer, accelerate
     already splits an IterableDataset between processes (rank 0 reads and dispatches batches, by default), so
     pass rank=0, world=1 there; shard by rank here only when each process iterates its own DataLoader.
+
+    `rows_multiple_of`: each shard ends its pass with empty rows ({} lists: all padding, labels -100, nothing
+    learned) up to a multiple of this many rows. accelerate's dispatcher concatenates `world` loader batches and
+    cuts them into equal slices: a short batch mid-stream (a DataLoader worker's last) loses its odd rows, and a
+    last batch that does not divide by `world` is completed with rows of the epoch's first batch, learned twice.
+    With every shard's row count a multiple of per_device_batch x world, every batch it sees is full.
     """
 
     def __init__(self, source: Iterable[Any], max_len: int, transform: Callable[[list], list[dict]] | None = None,
-                 batch: int = 1000, buffer: int = 1000, seed: int = 0, rank: int = 0, world: int = 1):
+                 batch: int = 1000, buffer: int = 1000, seed: int = 0, rank: int = 0, world: int = 1,
+                 rows_multiple_of: int = 1):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in 0..world-1 (world={world})")
+        if rows_multiple_of < 1:
+            raise ValueError(f"rows_multiple_of must be >= 1, got {rows_multiple_of}")
         self.source, self.max_len, self.transform = source, max_len, transform
         self.batch, self.buffer, self.seed, self.rank, self.world = batch, buffer, seed, rank, world
+        self.rows_multiple_of = rows_multiple_of
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -278,13 +288,20 @@ class StreamingPacker(torch.utils.data.IterableDataset):
         shard, shards = self._shard()
         seed = hash((self.seed, self.epoch, shard)) & 0xFFFFFFFF  # ints hash to themselves: reproducible
         window: list[dict] = []
+        rows = 0
         for sample in self._samples(shard, shards):
             window.append(sample)
             if len(window) == self.buffer:
-                yield from self._pack(window, seed)
+                for row in self._pack(window, seed):
+                    rows += 1
+                    yield row
                 seed, window = seed + 1, []
         if window:
-            yield from self._pack(window, seed)
+            for row in self._pack(window, seed):
+                rows += 1
+                yield row
+        for _ in range(-rows % self.rows_multiple_of):
+            yield {"input_ids": [], "labels": [], "position_ids": []}  # PackedCollator fills it with padding
 
     def _pack(self, window: list[dict], seed: int) -> Iterator[dict[str, list[int]]]:
         rows = pack_rows([len(s["input_ids"]) for s in window], self.max_len, len(window), seed)

@@ -8,12 +8,19 @@
 Data: BelleGroup-style conversations rendered in ChatML, only the assistant replies (and their
 <|im_end|>) labelled (minillm.sft); dropped or truncated samples are counted and logged. The masked
 samples are cached; batches are padded per batch by minillm.sft.SFTCollator (labels -100 by position).
+--packing packs the masked conversations into rows of --max_len tokens instead (minillm.pack: best fit over a
+shuffled buffer of --packing_buffer conversations, positions restarting per conversation, each conversation's
+first label -100, no attention_mask, so both implementations attend within each conversation only). The Trainer
+divides the summed loss by the learned tokens of the whole optimizer step (num_items_in_batch), so a packed step
+learns exactly what the unpacked step over the same conversations learns. Evaluation stays unpacked.
+With --streaming --packing the rows are packed on the fly (minillm.pack.StreamingPacker) and padded to --max_len.
 LoRA: minillm.lora for --impl minillm, peft for --impl hf; the adapter is saved in peft's format
 (adapter_config.json + adapter_model.safetensors) either way, with the tokenizer files alongside.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -25,10 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next 
 from common import (  # noqa: E402
     DataTrainingArguments, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
     cache_path, cached, check_args, check_resume, find_resume_checkpoint, load_tokenizer, logger,
-    parse_args, read_or_fail, run_record, setup_logging, train_and_save,
+    fail, parse_args, read_or_fail, run_record, setup_logging, train_and_save,
 )
 
 from minillm import corpus  # noqa: E402
+from minillm.pack import PackedCollator, PackedDataset, StreamingPacker  # noqa: E402
 from minillm.sft import MaskStats, SFTCollator, mask_batch  # noqa: E402
 
 BATCH_CONVERSATIONS = 1000
@@ -75,6 +83,48 @@ class StreamingSFT(torch.utils.data.IterableDataset):
                 yield {"input_ids": ids, "labels": labels}
 
 
+class Conversations:
+    """The raw conversations of `files`, read afresh on every iteration (a StreamingPacker source)."""
+
+    def __init__(self, files: list[str]):
+        self.files = files
+
+    def __iter__(self):
+        return read_or_fail(corpus.iter_sft_conversations, self.files)
+
+
+def mask_conversations(batch: list, tokenizer, max_len: int) -> list[dict[str, list[int]]]:
+    """StreamingPacker's transform (module level: DataLoader workers pickle it). Drops are logged per batch."""
+    stats = MaskStats()
+    out = mask_batch(batch, tokenizer, max_len, stats=stats)
+    if stats.kept < stats.conversations:
+        logger.warning(f"streamed SFT batch: {stats}")
+    return [{"input_ids": i, "labels": l} for i, l in zip(out["input_ids"], out["labels"])]
+
+
+def streaming_packer(files, tokenizer, data_args, training_args) -> StreamingPacker:
+    """Packed rows streamed from `files`. accelerate dispatches an IterableDataset (rank 0 reads, every rank gets
+    its slice), so the packer itself is not sharded by rank; each shard's rows are completed with empty rows to
+    a multiple of per-device batch x ranks, which keeps accelerate from dropping or repeating rows."""
+    if training_args.accelerator_config.dispatch_batches is False:
+        fail("--streaming --packing needs accelerate's batch dispatching (the default): with dispatch_batches "
+             "false every rank would read and train on the whole stream")
+    return StreamingPacker(Conversations(files), data_args.max_len,
+                           transform=functools.partial(mask_conversations, tokenizer=tokenizer,
+                                                       max_len=data_args.max_len),
+                           batch=BATCH_CONVERSATIONS, buffer=data_args.packing_buffer, seed=training_args.seed,
+                           rows_multiple_of=training_args.per_device_train_batch_size * training_args.world_size)
+
+
+def packed(ds: SFTDataset, data_args, training_args) -> PackedDataset:
+    offsets = ds.samples["offsets"][:ds.n + 1]
+    rows = PackedDataset(ds, data_args.max_len, data_args.packing_buffer, training_args.seed,
+                         lengths=(offsets[1:] - offsets[:-1]).tolist())
+    logger.info(f"Packed {len(ds)} conversations into {len(rows)} rows of {data_args.max_len} tokens "
+                f"(real tokens / row capacity {rows.efficiency():.3f}; buffer {data_args.packing_buffer})")
+    return rows
+
+
 def dataset(files, tokenizer, data_args, training_args, limit=None, desc="train"):
     if data_args.streaming:
         return StreamingSFT(files, tokenizer, data_args.max_len)
@@ -88,6 +138,8 @@ def main() -> None:
     model_args, data_args, lora_args, training_args = parse_args(
         (ModelArguments, DataTrainingArguments, LoraArguments, TrainingArguments), default_output_dir="out/sft")
     check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_SFT), lora_args=lora_args)
+    if data_args.document_mask:
+        fail("--document_mask is for pretrain.py; finetune.py's --packing keeps conversations apart")
     setup_logging(training_args)
     checkpoint = find_resume_checkpoint(training_args)
     record = run_record("finetune.py", model_args, data_args, {"max_len": data_args.max_len}, lora_args)
@@ -99,17 +151,28 @@ def main() -> None:
     if lora_args.use_lora:
         model = add_lora(model, model_args, lora_args, training_args.seed)
 
-    train_dataset = dataset(data_args.train_files, tokenizer, data_args, training_args, data_args.max_train_samples)
+    if data_args.streaming and data_args.packing:
+        train_dataset = streaming_packer(data_args.train_files, tokenizer, data_args, training_args)
+    else:
+        train_dataset = dataset(data_args.train_files, tokenizer, data_args, training_args,
+                                data_args.max_train_samples)
     eval_dataset = None
     if data_args.validation_files:
         eval_dataset = dataset(data_args.validation_files, tokenizer, data_args, training_args, desc="validation")
-    if not data_args.streaming:
-        logger.info(f"Training on {len(train_dataset)} conversations (<= {data_args.max_len} tokens each)")
+    n_train = None if data_args.streaming else len(train_dataset)
+    if n_train is not None:
+        logger.info(f"Training on {n_train} conversations (<= {data_args.max_len} tokens each)")
+        if data_args.packing:
+            train_dataset = packed(train_dataset, data_args, training_args)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if data_args.packing:  # no attention_mask: documents are told apart by position_ids (use_cache is off)
+        collator = PackedCollator(pad, pad_to=data_args.max_len if data_args.streaming else None)
+    else:
+        collator = SFTCollator(pad_token_id=pad)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=SFTCollator(pad_token_id=pad), base_model_path=model_args.model_name_or_path, run_record=record)
-    train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset))
+                      data_collator=collator, base_model_path=model_args.model_name_or_path, run_record=record)
+    train_and_save(trainer, checkpoint, tokenizer, n_train)
 
 if __name__ == "__main__":
     main()

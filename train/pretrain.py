@@ -10,6 +10,8 @@ Data: every document is tokenized and followed by EOS, the stream is cut into bl
 `block_size` tokens (minillm.chunk; only the final tail is dropped), and the blocks are cached
 (keyed by the files, the tokenizer and block_size) so a second run skips preprocessing.
 `--streaming` reads and chunks lazily instead (no cache; needs --max_steps).
+`--document_mask`: attention stops at each EOS, as Llama 3 trains (minillm.pack.DocumentMaskCollator: positions
+restart after each EOS, no attention_mask, each document's first label -100); off by default.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from common import (  # noqa: E402
 
 from minillm import corpus  # noqa: E402
 from minillm.chunk import Chunker  # noqa: E402
+from minillm.pack import DocumentMaskCollator  # noqa: E402
 
 BATCH_DOCS = 1000  # documents tokenized per call (and per worker task)
 
@@ -114,6 +117,9 @@ def main() -> None:
     model_args, data_args, training_args = parse_args(
         (ModelArguments, DataTrainingArguments, TrainingArguments), default_output_dir="out/pretrain")
     check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_PRETRAIN))
+    if data_args.packing:
+        fail("--packing is for finetune.py; pretraining blocks are full already (--document_mask keeps their "
+             "documents apart)")
     setup_logging(training_args)
     checkpoint = find_resume_checkpoint(training_args)
     set_seed(training_args.seed)
@@ -137,7 +143,8 @@ def main() -> None:
         logger.info(f"Training on {len(train_dataset)} blocks of {block_size} tokens from {data_args.train_files}")
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=default_data_collator, run_record=record)
+                      data_collator=DocumentMaskCollator(tokenizer.eos_token_id) if data_args.document_mask
+                      else default_data_collator, run_record=record)
     train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset),
                    eval_extra=lambda m: m.update(perplexity=math.exp(min(m["eval_loss"], 50))))
 

@@ -167,7 +167,7 @@ def check_writable(flag: str, path: str | os.PathLike) -> str | None:
 
 RUN_RECORD = "run.json"
 # Keys of the record whose change makes a resume train a different thing than the checkpoint did.
-MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora")
+MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "packing")
 
 
 def file_identity(paths: list[str] | None) -> list[dict] | None:
