@@ -20,6 +20,7 @@ help:
 	@echo "make bench     - minillm vs transformers/peft/datasets/the course, side by side: table + bench.json"
 	@echo "make gpu-check - bf16 parity rows, fused loss at vocab 151,936 and a bf16 train-step benchmark on CUDA"
 	@echo "make mutants   - plant realistic one-line bugs one at a time; every one must be caught by a check"
+	@echo "make doctor RUN=out/sft - is my loss normal? a run's loss against the demo's reference band, likely causes"
 
 install: $(STAMP)
 
@@ -69,3 +70,9 @@ gpu-check: $(STAMP)
 .PHONY: mutants
 mutants: $(STAMP)
 	$(PY) -m parity.mutants
+
+# Is my loss normal? RUN's trainer_state.json against the demo's reference band (train/reference_curves.json).
+.PHONY: doctor
+RUN ?= out/demo/sft-full-minillm
+doctor: $(STAMP)
+	$(PY) train/doctor.py $(RUN)
