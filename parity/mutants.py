@@ -206,7 +206,8 @@ MUTANTS: list[Mutant] = [
            "A drawn with another gain than peft's"),
     Mutant("lora-tied-merge-moves-embedding", "minillm/lora.py",
            "            layer.untie_on_merge = True\n", "",
-           (parity("lora", "tied lm_head"),), "merging LoRA on a tied lm_head moves the input embedding too"),
+           (pytest("tests/test_lora.py::test_tied_lm_head_layer_merge_and_unmerge"), parity("lora", "tied lm_head")),
+           "merging LoRA on a tied lm_head moves the input embedding too"),
     # ---- checkpoints: tying and sharding ---------------------------------------------------------------------------
     Mutant("ckpt-shards-overwrite", "minillm/checkpoint.py",
            "            tensors.update(found)\n", "            tensors = found\n",
