@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minillm.store import is_complete
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train"
 TINY = ["--block_size", "32", "--per_device_train_batch_size", "2", "--disable_tqdm", "true", "--logging_steps", "1",
@@ -211,15 +213,18 @@ def test_overwrite_removes_old_checkpoints_temporaries_and_a_corrupt_cache_is_re
     (old / "trainer_state.json").write_text("{}")
     (out / ".tmp-checkpoint-9").mkdir()
     (out / ".tmp-checkpoint-9" / "big.bin").write_bytes(b"\0" * 1000)
-    [blocks] = list(cache.glob("pretrain-*.pt"))
-    blocks.write_bytes(blocks.read_bytes()[:100])  # truncated cache
-    dead = cache / f"{blocks.stem}.tmp999999999"
+    [store] = list(cache.glob("pretrain-*.store"))  # the token store (minillm.store)
+    tokens = store / "tokens.bin"
+    size = tokens.stat().st_size
+    tokens.write_bytes(tokens.read_bytes()[:100])  # truncated
+    dead = cache / f"{store.stem}.tmp999999999"
     dead.write_bytes(b"partial")
     caplog.set_level(logging.WARNING, logger="minillm.train")
     _main("pretrain.py", [*args, "--overwrite_output_dir"], monkeypatch)
     assert not old.exists() and not (out / ".tmp-checkpoint-9").exists() and not dead.exists()
     assert "is unreadable" in caplog.text and "rebuilding it" in caplog.text
-    assert torch.load(blocks, weights_only=True).shape[1] == 32  # rebuilt
+    assert is_complete(store) and tokens.stat().st_size == size  # rebuilt
+    assert json.loads((store / "index.json").read_text())["block_size"] == 32
 
 
 def test_a_failing_final_save_leaves_the_previous_model_loadable(tmp_path, monkeypatch):

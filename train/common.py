@@ -106,6 +106,9 @@ class DataTrainingArguments:
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for tokenization"})
     streaming: bool = field(
         default=False, metadata={"help": "read and chunk the data lazily (needs --max_steps); no cache"})
+    validation_split_percentage: float = field(
+        default=0, metadata={"help": "pretrain, without --validation_files: the first N% of the training blocks "
+                                     "are held out for evaluation (as run_clm); 0: none"})
     cache_dir: str | None = field(
         default=None, metadata={"help": "preprocessed-data cache (default $MINILLM_CACHE or ~/.cache/minillm)"})
     packing: bool = field(
@@ -175,19 +178,6 @@ def parse_args(dataclasses: tuple, default_output_dir: str, argv: list[str] | No
         fail(str(e).strip().splitlines()[0])
 
 
-_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
-               default_train: str, lora_args: LoraArguments | None = None) -> None:
-    """Fill the bundled defaults and refuse missing files / missing packages / bad numbers before any work."""
-    if err := safety.forbid_unpickling_code():
-        fail(err)
-    if training_args.deepspeed:
-        check_ds_config(training_args.deepspeed)
-    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
-    if training_args.deepspeed and not mpi and not all(k in os.environ for k in _LAUNCHER_ENV):
-        # DeepSpeed would fall back to MPI discovery and die in an mpi4py import
 def default_learning_rate(parsed: tuple) -> float:
     """The learning rate for a run given none (DEFAULT_LR): by mode (from scratch, full SFT, LoRA) and width."""
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
@@ -211,6 +201,19 @@ def default_learning_rate(parsed: tuple) -> float:
     return lr
 
 
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
+               default_train: str, lora_args: LoraArguments | None = None) -> None:
+    """Fill the bundled defaults and refuse missing files / missing packages / bad numbers before any work."""
+    if err := safety.forbid_unpickling_code():
+        fail(err)
+    if training_args.deepspeed:
+        check_ds_config(training_args.deepspeed)
+    mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if training_args.deepspeed and not mpi and not all(k in os.environ for k in _LAUNCHER_ENV):
+        # DeepSpeed would fall back to MPI discovery and die in an mpi4py import
         fail("--deepspeed needs a launcher: run `deepspeed --num_gpus N train/...` or `torchrun --nproc_per_node N "
              "train/...`, or set " + ", ".join(k for k in _LAUNCHER_ENV) + " for a single process "
              "(e.g. RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500)")
@@ -235,6 +238,12 @@ def default_learning_rate(parsed: tuple) -> float:
         # transformers looks for document boundaries in position_ids only without a cache
         fail("--packing/--document_mask need --use_cache false: with a cache transformers' model would attend "
              "across documents")
+    pct = data_args.validation_split_percentage
+    if not 0 <= pct < 100:
+        fail(f"--validation_split_percentage must be in [0, 100), got {pct}")
+    if data_args.streaming and pct > 0:
+        fail("--validation_split_percentage needs the token store: a stream cannot hold its first blocks out; "
+             "use --validation_files with --streaming")
     if data_args.streaming and training_args.max_steps <= 0:
         fail("--streaming needs --max_steps (a stream has no length to derive the number of steps from)")
     inputs = {"model_name_or_path": model_args.model_name_or_path, "tokenizer_name": model_args.tokenizer_name,
@@ -249,6 +258,7 @@ def default_learning_rate(parsed: tuple) -> float:
             fail(err)
     if training_args.deepspeed:
         check_stale_op_lock()
+        announce_op_build(training_args)
     for r in training_args.report_to or []:
         if r in _REPORTERS and not any(importlib.util.find_spec(m) for m in _REPORTERS[r]):
             how = "pip install -e '.[swanlab]'" if r == "swanlab" else f"pip install {_REPORTERS[r][0]}"
@@ -267,6 +277,16 @@ def check_ds_config(cfg: str | dict) -> None:
              "zero_optimization, otherwise the saved model (or LoRA adapter) would hold no weights")
 
 
+def announce_op_build(training_args: TrainingArguments) -> None:
+    """Say before a silent 1-3 min wait that DeepSpeed is about to compile its CPU communication op, and why."""
+    if not training_args.use_cpu or os.environ.get("RANK", "0") != "0":
+        return
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if not list(root.glob("deepspeed_shm_comm/*.so")):
+        print(f"DeepSpeed on CPU first compiles its C++ op deepspeed_shm_comm (shared-memory collectives between "
+              f"ranks) into {root}: 1-3 minutes, once; later runs reuse it", flush=True)
+
+
 def check_stale_op_lock(max_age_s: float = 600) -> None:
     """Refuse to start when a DeepSpeed op's build lock is stale: the run would hang forever.
 
@@ -274,7 +294,6 @@ def check_stale_op_lock(max_age_s: float = 600) -> None:
     `<TORCH_EXTENSIONS_DIR>/<op>/lock` while ninja checks the compiled op (~1 s; a real compile takes
     1-3 min). A process killed in that window leaves the file behind, and every later run waits on it
     silently.
-        announce_op_build(training_args)
     """
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -293,16 +312,6 @@ def setup_logging(training_args: TrainingArguments) -> None:
     """The course's logging setup: one format for our logger, transformers' and datasets'."""
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-def announce_op_build(training_args: TrainingArguments) -> None:
-    """Say before a silent 1-3 min wait that DeepSpeed is about to compile its CPU communication op, and why."""
-    if not training_args.use_cpu or os.environ.get("RANK", "0") != "0":
-        return
-    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    if not list(root.glob("deepspeed_shm_comm/*.so")):
-        print(f"DeepSpeed on CPU first compiles its C++ op deepspeed_shm_comm (shared-memory collectives between "
-              f"ranks) into {root}: 1-3 minutes, once; later runs reuse it", flush=True)
-
-
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
@@ -373,7 +382,10 @@ def run_record(script: str, model_args: ModelArguments, data_args: DataTrainingA
             # None when off, so a record written before these flags existed still matches an unpacked run
             "packing": {"packing": data_args.packing, "buffer": data_args.packing_buffer if data_args.packing else None,
                         "document_mask": data_args.document_mask}
-            if data_args.packing or data_args.document_mask else None}
+            if data_args.packing or data_args.document_mask else None,
+            # the held-out share changes which blocks train; None when unused (records from before the flag match)
+            "validation_split": data_args.validation_split_percentage
+            if data_args.validation_split_percentage and not data_args.validation_files else None}
 
 
 def check_resume(training_args: TrainingArguments, checkpoint: str | None, record: dict[str, Any]) -> None:
@@ -393,6 +405,11 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
         except (OSError, ValueError, KeyError):
             where = "an unknown step"
         logger.warning(f"RESUMING from {checkpoint} ({where}); use --overwrite_output_dir to start afresh")
+        old_lr = (old or {}).get("learning_rate")
+        if old_lr is not None and old_lr != training_args.learning_rate:
+            logger.warning(f"--learning_rate {training_args.learning_rate:g} has no effect on this resume: the "
+                           f"optimizer and scheduler restored from {checkpoint} keep its run's peak {old_lr:g}. Use "
+                           "--overwrite_output_dir to start afresh with the new learning rate")
         changes = safety.compare_run_record(old, record)
         if changes and not training_args.allow_changed_resume:
             fail(f"resuming {checkpoint} would continue a different run: " + "; ".join(changes) +
@@ -400,6 +417,9 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
         for c in changes:
             logger.warning(f"--allow_changed_resume: the resumed run differs from {checkpoint}'s: {c}")
         record = {**record, "resumed_from": os.path.abspath(checkpoint), "changed_on_resume": changes}
+        if old_lr is not None:
+            record["learning_rate"] = old_lr  # what the resumed optimizer and schedule actually use
+    record.setdefault("learning_rate", training_args.learning_rate)
     if training_args.should_save:
         safety.write_run_record(training_args.output_dir, record)
 
@@ -425,11 +445,6 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerFast:
 
 
 def model_config(model_args: ModelArguments, tokenizer) -> ModelConfig:
-        old_lr = (old or {}).get("learning_rate")
-        if old_lr is not None and old_lr != training_args.learning_rate:
-            logger.warning(f"--learning_rate {training_args.learning_rate:g} has no effect on this resume: the "
-                           f"optimizer and scheduler restored from {checkpoint} keep its run's peak {old_lr:g}. Use "
-                           "--overwrite_output_dir to start afresh with the new learning rate")
     name = model_args.config_name or "tiny"
     cfg = ModelConfig.preset(name) if name in PRESETS else ModelConfig.from_hf(name)
     # The config carries the tokenizer's special ids, so generation knows where to stop.
@@ -437,9 +452,6 @@ def model_config(model_args: ModelArguments, tokenizer) -> ModelConfig:
     if tokenizer.pad_token_id != tokenizer.eos_token_id:
         # pad becomes the embedding's padding_idx (zero row, no gradient): never do that to EOS
         ids["pad_token_id"] = tokenizer.pad_token_id
-        if old_lr is not None:
-            record["learning_rate"] = old_lr  # what the resumed optimizer and schedule actually use
-    record.setdefault("learning_rate", training_args.learning_rate)
     cfg = ModelConfig.from_hf({**cfg.to_hf(), **{k: v for k, v in ids.items() if v is not None}})
     if len(tokenizer) > cfg.vocab_size:
         fail(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}")

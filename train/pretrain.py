@@ -7,9 +7,13 @@
     python train/pretrain.py                                 # no arguments: bundled data, tiny model
 
 Data: every document is tokenized and followed by EOS, the stream is cut into blocks of
-`block_size` tokens (minillm.chunk; only the final tail is dropped), and the blocks are cached
-(keyed by the files, the tokenizer and block_size) so a second run skips preprocessing.
-`--streaming` reads and chunks lazily instead (no cache; needs --max_steps).
+`block_size` tokens (only the final tail is dropped), and the ids are written once into a token store on
+disk (minillm.store: tokens.bin + index.json, keyed by the files, the tokenizer and block_size) that every
+rank reads block by block: a rank's memory does not grow with the corpus, and a second run skips
+preprocessing. The main process of each node builds it (--preprocessing_num_workers tokenizer processes;
+a killed build resumes from its finished files), the node's other ranks wait for it.
+`--validation_split_percentage N` (without --validation_files): the first N% of the blocks validate, as run_clm.
+`--streaming` reads and chunks lazily instead (no store; needs --max_steps), split over DataLoader workers.
 `--document_mask`: attention stops at each EOS, as Llama 3 trains (minillm.pack.DocumentMaskCollator: positions
 restart after each EOS, no attention_mask, each document's first label -100); off by default.
 """
@@ -19,98 +23,57 @@ from __future__ import annotations
 import math
 import os
 import sys
-from multiprocessing import Pool
 
-import numpy as np
-import torch
 from transformers import default_data_collator, set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
-    DataTrainingArguments, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, cached, check_args,
-    check_resume, fail, find_resume_checkpoint, load_tokenizer, logger, parse_args, read_or_fail, run_record,
-    setup_logging, train_and_save,
+    DataTrainingArguments, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, check_args,
+    check_resume, fail, find_resume_checkpoint, load_tokenizer, logger, parse_args, remove_dead_temporaries,
+    run_record, setup_logging, train_and_save,
 )
 
 from minillm import corpus  # noqa: E402
-from minillm.chunk import Chunker  # noqa: E402
 from minillm.pack import DocumentMaskCollator  # noqa: E402
+from minillm.store import StoreDataset, StreamingBlocks, is_complete, open_store, store_splits  # noqa: E402
 
-BATCH_DOCS = 1000  # documents tokenized per call (and per worker task)
+def dataset(files: list[str], tokenizer, block_size: int, data_args: DataTrainingArguments,
+            training_args: TrainingArguments, validation_split: float = 0, desc: str = "train"):
+    """(blocks, the first `validation_split`% of them held out or None) of `files`.
 
-
-def _tokenize(args: tuple) -> list[list[int]]:
-    tokenizer, texts = args
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def doc_batches(files: list[str], tokenizer, workers: int | None):
-    """Token-id lists of the documents, BATCH_DOCS at a time (in parallel with --preprocessing_num_workers)."""
-    def text_batches():
-        batch = []
-        for text in read_or_fail(corpus.iter_pretrain_texts, files):
-            batch.append(text)
-            if len(batch) == BATCH_DOCS:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
-    if workers and workers > 1:
-        with Pool(workers) as pool:
-            yield from pool.imap(_tokenize, ((tokenizer, b) for b in text_batches()))
-    else:
-        yield from map(_tokenize, ((tokenizer, b) for b in text_batches()))
-
-
-def build_blocks(files: list[str], tokenizer, block_size: int, workers: int | None) -> torch.Tensor:
-    chunker = Chunker(block_size=block_size, eos_token_id=tokenizer.eos_token_id)
-    blocks = [b["input_ids"] for b in chunker.blocks({"input_ids": ids} for ids in doc_batches(files, tokenizer, workers))]
-    blocks = np.concatenate(blocks) if blocks else np.zeros((0, block_size), np.int64)
-    logger.info(f"{len(blocks)} blocks of {block_size} tokens from {chunker.tokens_in} tokens "
-                f"(EOS after each document; {chunker.tokens_dropped} tail tokens dropped)")
-    if len(blocks) == 0:
-        raise SystemExit(f"pretrain.py: error: {files} hold fewer than block_size={block_size} tokens")
-    return torch.from_numpy(blocks.astype(np.int32))
-
-
-class BlockDataset(torch.utils.data.Dataset):
-    """Rows of a (N, block_size) token tensor as causal-LM examples (labels = input_ids)."""
-
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = self.blocks[i].long()
-        return {"input_ids": ids, "labels": ids.clone()}
-
-
-class StreamingBlocks(torch.utils.data.IterableDataset):
-    """The same blocks, produced lazily from the files (one pass per epoch, no cache)."""
-
-    def __init__(self, files: list[str], tokenizer, block_size: int):
-        self.files, self.tokenizer, self.block_size = files, tokenizer, block_size
-
-    def __iter__(self):
-        chunker = Chunker(block_size=self.block_size, eos_token_id=self.tokenizer.eos_token_id)
-        for blocks in chunker.blocks({"input_ids": ids} for ids in doc_batches(self.files, self.tokenizer, None)):
-            for row in blocks["input_ids"]:
-                ids = torch.from_numpy(row.astype(np.int64))
-                yield {"input_ids": ids, "labels": ids.clone()}
-
-
-def dataset(files, tokenizer, block_size, data_args, training_args, limit=None, desc="train"):
+    A token store on disk that every rank reads (minillm.store): the main process of each node builds it
+    (or reuses it), the node's other ranks wait for it and read the same file. --streaming: blocks made
+    lazily, no store (rank 0 of 1: accelerate splits an iterable dataset over the ranks itself; the
+    DataLoader workers are split by StreamingBlocks).
+    """
+    eos = tokenizer.eos_token_id
     if data_args.streaming:
-        return StreamingBlocks(files, tokenizer, block_size)
-    path = cache_path(data_args, "pretrain", files, tokenizer, block_size=block_size, eos=tokenizer.eos_token_id)
-    blocks = cached(path, lambda: build_blocks(files, tokenizer, block_size, data_args.preprocessing_num_workers),
-                    training_args, desc=f"chunking {desc} data")
-    if limit is not None:
-        blocks = blocks[:limit]
-    return BlockDataset(blocks)
+        return StreamingBlocks(files, tokenizer, block_size, eos), None
+    path = cache_path(data_args, "pretrain", files, tokenizer, block_size=block_size, eos=eos).with_suffix(".store")
+    builder = training_args.local_process_index == 0
+    if builder:
+        remove_dead_temporaries(path.parent)
+        if is_complete(path):
+            logger.info(f"{desc} data: using the token store {path}")
+        elif path.exists():  # a finished store always has its index: this one was damaged, and can be rebuilt
+            logger.warning(f"{desc} data: the token store {path} is unreadable (incomplete or truncated); rebuilding it")
+        else:
+            logger.info(f"{desc} data: tokenizing {len(files)} file(s) into the token store {path}")
+    try:
+        full = open_store(path, files, tokenizer, block_size, eos, build=builder,
+                          workers=data_args.preprocessing_num_workers or 0, log=logger.info)
+        if len(full) == 0:
+            fail(f"{files} hold fewer than block_size={block_size} tokens ({full.index['n_tokens']} in all)")
+        logger.info(f"{desc} data: {len(full)} blocks of {block_size} tokens from {full.index['n_tokens']} tokens "
+                    f"({full.index['documents']} documents, EOS after each; the last "
+                    f"{full.index['n_tokens'] % block_size} tokens unused)")
+        train, val = store_splits(path, validation_split)
+    except (ValueError, TimeoutError) as e:  # a malformed line (file:line), a split that leaves nothing, a dead builder
+        fail(str(e))
+    if val is not None:
+        logger.info(f"--validation_split_percentage {validation_split:g}: blocks [0, {len(val)}) validate, "
+                    f"[{len(val)}, {len(full)}) train")
+    return train, val
 
 
 def main() -> None:
@@ -133,12 +96,14 @@ def main() -> None:
     record = run_record("pretrain.py", model_args, data_args, {"block_size": block_size})
     check_resume(training_args, checkpoint, record)
 
-    train_dataset = dataset(data_args.train_files, tokenizer, block_size, data_args, training_args,
-                            data_args.max_train_samples)
-    eval_dataset = None
+    train_dataset, eval_dataset = dataset(data_args.train_files, tokenizer, block_size, data_args, training_args,
+                                          0 if data_args.validation_files else data_args.validation_split_percentage)
+    if data_args.max_train_samples is not None and not data_args.streaming:
+        t = train_dataset
+        train_dataset = StoreDataset(t.path, t.start, min(t.stop, t.start + data_args.max_train_samples))
     if data_args.validation_files:
-        eval_dataset = dataset(data_args.validation_files, tokenizer, block_size, data_args, training_args,
-                               desc="validation")
+        eval_dataset, _ = dataset(data_args.validation_files, tokenizer, block_size, data_args, training_args,
+                                  desc="validation")
     if not data_args.streaming:
         logger.info(f"Training on {len(train_dataset)} blocks of {block_size} tokens from {data_args.train_files}")
 

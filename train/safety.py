@@ -157,7 +157,7 @@ def check_writable(flag: str, path: str | os.PathLike) -> str | None:
         os.makedirs(path, exist_ok=True)
         probe = Path(path, f"{STAGING}probe-{os.getpid()}")
         probe.write_bytes(b"x")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # another rank's clean_staging may have removed it already: written is enough
     except OSError as e:
         return f"{flag} {path} is not writable: {e.strerror or e}"
     return None
@@ -167,7 +167,7 @@ def check_writable(flag: str, path: str | os.PathLike) -> str | None:
 
 RUN_RECORD = "run.json"
 # Keys of the record whose change makes a resume train a different thing than the checkpoint did.
-MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "packing")
+MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "packing", "validation_split")
 
 
 def file_identity(paths: list[str] | None) -> list[dict] | None:
