@@ -353,6 +353,28 @@ def dynamic_delta(case: dict) -> list[float]:
     return [d]
 
 
+def rope_delta(cfg: ModelConfig) -> float:
+    """RoPE tables straight from the formulas: minillm's `rope_inv_freq` vs the function transformers' rotary
+    embedding calls (`ROPE_INIT_FUNCTIONS[rope_type]`, or the default one): max |Δ| over the inverse frequencies
+    and the cos/sin scale, at init and, for dynamic, at a grown length. No model is built, so hundreds of draws
+    cost a second: rare key combinations (YaRN's mscale with mscale_all_dim) get drawn, which the whole-model rows
+    above reach about once in a hundred configs."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from minillm.model import rope_inv_freq
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+    kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+    init = ROPE_INIT_FUNCTIONS.get(kind)
+    if init is None:
+        init = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters
+    lengths = [None, torch.tensor(3 * cfg.max_position_embeddings)] if kind == "dynamic" else [None]
+    worst = 0.0
+    for seq_len in lengths:
+        ours, our_scale = rope_inv_freq(cfg, seq_len)
+        ref, ref_scale = init(hf_cfg, device="cpu", seq_len=seq_len)
+        worst = max(worst, (ours.float() - ref.float()).abs().max().item(), abs(float(our_scale) - float(ref_scale)))
+    return worst
+
+
 def rows(budget: float = 1.0) -> Iterator[Row]:
     n = lambda k: max(1, int(round(k * budget)))
     ref = f"transformers {transformers.__version__}"
@@ -360,6 +382,8 @@ def rows(budget: float = 1.0) -> Iterator[Row]:
         [("logits fp32 (sdpa)", ref + " sdpa", "logits"), ("loss fp32 (sdpa)", ref, "loss"),
          ("grads of every parameter (sdpa)", ref, "grads")],
         cases(), forward_backward_deltas, n(40))
+    yield from property_rows([("RoPE tables: every rope_scaling key (no model)", ref + " ROPE_INIT_FUNCTIONS",
+                               "logits")], configs(), lambda c: [rope_delta(c)], n(400))
     yield from property_rows(
         [("logits fp32 (eager)", ref + " eager", "logits"), ("loss fp32 (eager)", ref, "loss"),
          ("grads of every parameter (eager)", ref, "grads")],
