@@ -230,7 +230,7 @@ MUTANTS: list[Mutant] = [
     Mutant("glue-fused-drops-num-items", "minillm/model.py",
            "linear_cross_entropy(h, self.lm_head.weight, labels, num_items_in_batch)",
            "linear_cross_entropy(h, self.lm_head.weight, labels)",
-           (pytest("tests/test_pack.py::test_packed_loss_curves_of_both_implementations_agree"),),  # fused + num_items
+           (pytest(f"{T_MODEL}::test_num_items_in_batch_on_the_fused_training_path"),),
            "the fused training loss ignores num_items_in_batch (wrong under gradient accumulation)"),
 ]
 

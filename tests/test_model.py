@@ -9,6 +9,7 @@ import transformers
 from minillm import CausalLM, KVCache, ModelConfig
 from parity import model as pm
 from parity.checkpoint import compare
+from parity.tolerances import tol
 
 BUDGET = 0.2  # x the standard `python -m parity` draws: ~8 sdpa configs, 3 eager, 3 generations
 
@@ -165,6 +166,22 @@ def test_num_items_in_batch_matches_transformers():
     b = hf(ids, labels=labels, num_items_in_batch=torch.tensor(37)).loss
     assert torch.equal(a, b)
     assert not torch.allclose(a, m(ids, labels=labels).loss)  # sum/37 differs from the mean
+
+
+def test_num_items_in_batch_on_the_fused_training_path():
+    """The Trainer's gradient-accumulation denominator on the default training path (train mode, grad on):
+    the fused loss must divide by num_items_in_batch as transformers' loss does, not by its own token count."""
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    m = pm.random_model(cfg, 0, fused=True).train()
+    hf = pm.hf_copy(m).train()
+    ids = torch.randint(0, 64, (2, 8))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    out = m(ids, labels=labels, num_items_in_batch=torch.tensor(37))
+    assert out.logits is None  # the fused path was taken
+    b = hf(ids, labels=labels, num_items_in_batch=torch.tensor(37)).loss
+    torch.testing.assert_close(out.loss, b, rtol=0, atol=tol("fused_loss"))
+    assert not torch.allclose(out.loss, m(ids, labels=labels).loss)  # sum/37 differs from the mean
 
 
 def test_gradient_checkpointing_same_loss_and_grads():
