@@ -56,6 +56,12 @@ def _losses(out: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in _log_history(out) if "loss" in e}
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """One preprocessed-data cache for the in-process runs (masking the bundled SFT set once)."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
 def _main(script: str, argv: list[str], monkeypatch) -> None:
     import importlib
 
@@ -79,6 +85,7 @@ def test_packed_finetune_two_ranks_both_impls_agree(tmp_path):
     a, b = _losses(tmp_path / "minillm"), _losses(tmp_path / "hf")
     assert a.keys() == b.keys() and len(a) == 8
     worst = max(abs(a[s] - b[s]) for s in a)
+    print(f"packed 2-rank ZeRO-2 loss curves, minillm vs hf: max |diff| {worst:.3g} over {len(a)} steps")
     assert worst <= LOSS_TOL, f"packed loss curves differ by {worst:.3g}: {a} vs {b}"
     assert a[8] < a[1] - 0.3, f"the loss did not go down: {a[1]} -> {a[8]}"
     log = (tmp_path / "minillm.log").read_text()
@@ -91,24 +98,27 @@ def test_packed_finetune_two_ranks_both_impls_agree(tmp_path):
 
 # ---- one step, packed = unpacked (in-process, single process) --------------------------------------------
 
-@pytest.mark.parametrize("impl,lora", [("minillm", []), ("hf", []), ("hf", ["--use_lora"])])
-def test_first_packed_step_equals_unpacked_step(impl, lora, tmp_path, monkeypatch):
+@pytest.mark.parametrize("impl,lora", [("minillm", []), ("hf", ["--use_lora"])])
+def test_first_packed_step_equals_unpacked_step(impl, lora, cache, tmp_path, monkeypatch):
     """12 conversations in one step: as 12 padded rows, or packed into fewer rows. The Trainer divides by the
-    learned tokens of the step either way, so loss and gradient norm agree."""
+    learned tokens of the step either way, so loss and gradient norm agree. (hf through peft's LoRA: the packed
+    path must survive the wrapper; the bare hf model is covered by the 2-rank curves above.)"""
     first = []
     for packing in ([], ["--packing"]):
         out = tmp_path / f"p{len(packing)}"
         _main("finetune.py", ["--impl", impl, *lora, *packing, "--output_dir", str(out), "--max_len", "64",
                               "--max_train_samples", "12", "--per_device_train_batch_size", "12", "--max_steps", "1",
-                              "--learning_rate", "1e-3", "--cache_dir", str(tmp_path / "cache"), *COMMON],
+                              "--learning_rate", "1e-3", "--cache_dir", cache, *COMMON],
               monkeypatch)
         first.append(next(e for e in _log_history(out) if "loss" in e))
     unpacked, packed = first
+    print(f"{impl}{' LoRA' if lora else ''}: first step loss {unpacked['loss']} unpacked vs {packed['loss']} packed, "
+          f"grad norm {unpacked['grad_norm']} vs {packed['grad_norm']}")
     assert abs(packed["loss"] - unpacked["loss"]) <= STEP_TOL, (packed, unpacked)
     assert abs(packed["grad_norm"] - unpacked["grad_norm"]) <= STEP_TOL * unpacked["grad_norm"], (packed, unpacked)
 
 
-def test_packed_step_differs_when_conversations_attend_across(tmp_path, monkeypatch):
+def test_packed_step_differs_when_conversations_attend_across(cache, tmp_path, monkeypatch):
     """The check above can fail: the same packed rows with positions counting through the row (no restart,
     one document per row) give another loss."""
     import torch
@@ -121,7 +131,7 @@ def test_packed_step_differs_when_conversations_attend_across(tmp_path, monkeypa
 
     tok = load_tokenizer(ModelArguments())
     data_args = DataTrainingArguments(train_files=[str(ROOT / "minillm" / "data" / "sft.jsonl")], max_len=64,
-                                      packing=True, cache_dir=str(tmp_path / "cache"))
+                                      packing=True, cache_dir=cache)
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", seed=7)
     rows = finetune.packed(finetune.dataset(data_args.train_files, tok, data_args, args, 12), data_args, args)
     batch = PackedCollator(tok.pad_token_id)([rows[i] for i in range(len(rows))])
@@ -206,17 +216,19 @@ def test_streaming_packing_trains_single_process(tmp_path, monkeypatch):
 
 # ---- pretraining: --document_mask ------------------------------------------------------------------------
 
-def test_pretrain_document_mask_both_impls_agree_and_mask_matters(tmp_path, monkeypatch):
+def test_pretrain_document_mask_both_impls_agree_and_mask_matters(cache, tmp_path, monkeypatch):
     curves = {}
     for impl, mask in (("minillm", ["--document_mask"]), ("hf", ["--document_mask"]), ("minillm", [])):
         out = tmp_path / f"{impl}{len(mask)}"
-        _main("pretrain.py", ["--impl", impl, *mask, "--output_dir", str(out), "--max_steps", "4", "--block_size",
+        _main("pretrain.py", ["--impl", impl, *mask, "--output_dir", str(out), "--max_steps", "3", "--block_size",
                               "128", "--per_device_train_batch_size", "2", "--learning_rate", "3e-3",
-                              "--cache_dir", str(tmp_path / "cache"), *COMMON], monkeypatch)
+                              "--cache_dir", cache, *COMMON], monkeypatch)
         curves[impl, len(mask)] = _losses(out)
     a, b, plain = curves["minillm", 1], curves["hf", 1], curves["minillm", 0]
-    assert a.keys() == b.keys() and len(a) == 4
-    assert max(abs(a[s] - b[s]) for s in a) <= LOSS_TOL, (a, b)
+    assert a.keys() == b.keys() and len(a) == 3
+    worst = max(abs(a[s] - b[s]) for s in a)
+    print(f"--document_mask minillm vs hf: max |diff| {worst:.3g}; first loss masked {a[1]} vs plain {plain[1]}")
+    assert worst <= LOSS_TOL, (a, b)
     assert abs(a[1] - plain[1]) > 1e-3, "the document mask changed nothing: no EOS inside a block?"
     assert json.loads((tmp_path / "minillm1" / "run.json").read_text())["packing"]["document_mask"] is True
 
