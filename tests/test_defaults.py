@@ -1,0 +1,64 @@
+"""train/common.py: the learning rate chosen when none is given (mode and width), kept when given, and the
+DeepSpeed config's "auto" lr follows it; TORCH_EXTENSIONS_DIR defaults next to the venv."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "train"))
+import common  # noqa: E402
+
+PRE = (common.ModelArguments, common.DataTrainingArguments, common.TrainingArguments)
+SFT = (common.ModelArguments, common.DataTrainingArguments, common.LoraArguments, common.TrainingArguments)
+
+
+def lr(dataclasses, argv, tmp_path) -> float:
+    return common.parse_args(dataclasses, str(tmp_path / "o"), argv)[-1].learning_rate
+
+
+@pytest.mark.parametrize("argv,sft,want", [
+    ([], False, 3e-3),                                   # from scratch, tiny preset
+    (["--config_name", "small"], False, 3e-3),
+    (["--config_name", "qwen3-0.6b"], False, 3e-4),      # wider than CPU scale: the published value
+    (["--model_name_or_path", "WIDE"], True, 2e-5),      # full fine-tuning of a wide checkpoint
+    (["--model_name_or_path", "NARROW"], True, 3e-3),
+    (["--model_name_or_path", "NARROW", "--use_lora"], True, 5e-3),
+    (["--model_name_or_path", "WIDE", "--use_lora", "true"], True, 2e-4),
+    (["--learning_rate", "1e-4"], False, 1e-4),          # given: kept
+    (["--learning_rate=7e-4", "--use_lora"], True, 7e-4),
+])
+def test_default_learning_rate(argv, sft, want, tmp_path, capsys):
+    for name, hidden in (("WIDE", 1024), ("NARROW", 64)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+    argv = [str(tmp_path / a) if a in ("WIDE", "NARROW") else a for a in argv]
+    assert lr(SFT if sft else PRE, argv, tmp_path) == pytest.approx(want)
+    said = "--learning_rate not given" in capsys.readouterr().out
+    assert said == (not any(a.startswith("--learning_rate") for a in argv))
+
+
+def test_default_lr_reaches_deepspeed_auto(tmp_path):
+    """DeepSpeed's "auto" optimizer lr is filled in TrainingArguments.__post_init__: it must see the default."""
+    args = common.parse_args(PRE, str(tmp_path / "o"), ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")])[-1]
+    assert args.hf_deepspeed_config.config["optimizer"]["params"]["lr"] == pytest.approx(3e-3)
+
+
+def test_json_args_file_gets_the_default_too(tmp_path):
+    f = tmp_path / "args.json"
+    f.write_text(json.dumps({"output_dir": str(tmp_path / "o"), "use_lora": True}))
+    assert common.parse_args(SFT, "x", [str(f)])[-1].learning_rate == pytest.approx(5e-3)
+
+
+def test_extensions_dir_defaults_next_to_the_venv():
+    """Unset, the scripts use <venv>/torch_extensions (as the Makefile): a launch outside make reuses the build."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    code = "import sys, os; sys.path.insert(0, 'train'); import common; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == os.path.join(sys.prefix, "torch_extensions")
