@@ -131,7 +131,7 @@ def test_streaming_with_two_dataloader_workers_trains_on_every_block_once(data, 
         per_worker.append([tuple(b["input_ids"].tolist()) for b in ds])
     monkeypatch.undo()
     assert all(per_worker) and not set(per_worker[0]) & set(per_worker[1])
-    batch = 32
+    batch = 64
     steps = sum(math.ceil(len(p) / batch) for p in per_worker)  # one epoch: each worker makes its own batches
 
     monkeypatch.syspath_prepend(str(TRAIN))
