@@ -64,11 +64,12 @@ logger = logging.getLogger("minillm.train")
 # Keep them next to the venv, as the Makefile does, so a launch outside `make` reuses the same build.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
-# --learning_rate when none is given: the Trainer's 5e-5 barely moves a from-scratch or LoRA run
-# (tiny preset, 300 SFT steps: full 6.29 -> 3.48, LoRA -> 4.22). Measured on the bundled data (train/lr_curves.json,
-# `python train/lr_curves.py`): from scratch 3e-3 reaches 1.35 in 200 steps; full SFT 3e-3 reaches 0.70 in 300 steps
-# and answers the frequent questions; LoRA plateaus at ~3.0 for 2e-3..5e-3 and stalls at 2e-2. For models wider
-# than CPU scale (hidden > 512) the usual published values are used instead (not measured here).
+# --learning_rate when none is given: the Trainer's 5e-5 barely moves a from-scratch or LoRA run. Measured on the
+# bundled data, tiny preset, batch 16, cosine (train/lr_curves.py -> lr_curves.json/.png; mean of the last 10 steps):
+#   from scratch, 200 steps:  5e-5 8.35 -> 7.73   1e-3 -> 2.84   3e-3 -> 1.46
+#   full SFT, 300 steps:      5e-5 5.99 -> 3.44 (0/6 frequent questions right)   1e-3 -> 1.01 (4/6)   3e-3 -> 0.74 (6/6)
+#   LoRA r=32, 300 steps:     5e-5 -> 4.15 (0/6)   2e-3 -> 3.01 (1/6)   5e-3 -> 2.99 (1/6)   2e-2 -> 5.08 (0/6)
+# For models wider than CPU scale (hidden > 512) the usual published values are used instead (not measured here).
 DEFAULT_LR = {"scratch": (3e-3, 3e-4), "full": (3e-3, 2e-5), "lora": (5e-3, 2e-4)}  # (hidden <= 512, wider)
 
 _CHECKPOINT = re.compile(r"checkpoint-[0-9]+")  # the Trainer's checkpoint directory names
@@ -172,7 +173,8 @@ def parse_args(dataclasses: tuple, default_output_dir: str, argv: list[str] | No
         parsed = parser.parse_args_into_dataclasses(args=argv)
         if not any(a.split("=")[0] in ("--learning_rate", "--learning-rate") for a in argv):
             # re-parsed rather than patched: DeepSpeed's "auto" lr is filled in TrainingArguments.__post_init__
-            parsed = parser.parse_args_into_dataclasses(args=[*argv, "--learning_rate", str(default_learning_rate(parsed))])
+            lr = default_learning_rate(parsed)
+            parsed = parser.parse_args_into_dataclasses(args=[*argv, "--learning_rate", str(lr)])
         return parsed
     except ValueError as e:  # TrainingArguments.__post_init__ refusing a combination: a sentence, not a traceback
         fail(str(e).strip().splitlines()[0])

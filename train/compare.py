@@ -77,7 +77,8 @@ def build_ops() -> float:
     print(f"compiling DeepSpeed's CPU op deepspeed_shm_comm (shared-memory collectives between ranks) into {root}: "
           "1-3 minutes, once; later runs reuse it", flush=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"],
+    build = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
+    subprocess.run([sys.executable, "-c", build],
                    check=True, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}, cwd=ROOT)
     took = time.perf_counter() - t0
     print(f"compiled in {took:.0f} s (not counted in the timings below)", flush=True)

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--pretrain_steps", type=int, default=200)
     ap.add_argument("--sft_steps", type=int, default=300)
-    ap.add_argument("--sft", choices=["full", "lora"], default="full", help="SFT kind (default full: see the docstring)")
+    ap.add_argument("--sft", choices=["full", "lora"], default="full", help="SFT kind (full: see the docstring)")
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "chat.md").write_text(scored + "\n")
     (out / "chat.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     took = time.perf_counter() - t0
-    print(f"\ndemo done in {took:.0f} s" + (f" (+ {compile_s:.0f} s compiling DeepSpeed's op, once)" if compile_s else "")
+    once = f" (+ {compile_s:.0f} s compiling DeepSpeed's op, once)" if compile_s else ""
+    print(f"\ndemo done in {took:.0f} s{once}"
           + f"; everything is in {out}. Chat yourself: {chat}")
     (out / "timing.json").write_text(json.dumps({"demo_s": took, "compile_s": compile_s,
                                                  "load_1min": os.getloadavg()[0]}))

@@ -137,8 +137,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mode} lr {lr:g}: {losses[0]:.2f} -> {np.mean(losses[-10:]):.2f}, answered {right}/{len(answers)}",
                   flush=True)
     Path(args.out).write_text(json.dumps(result) + "\n")
-    print(f"wrote {args.out}")
+    plot(result, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and its plot")
     return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    """One panel per mode: each learning rate's loss (9-step moving average), the chosen default drawn thick."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from common import DEFAULT_LR
+
+    titles = {"scratch": "pretraining from scratch", "full": "full SFT", "lora": "LoRA SFT (r=32, all-linear)"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, mode in zip(axes, titles):
+        for c in (c for c in result["curves"] if c["mode"] == mode):
+            loss = np.convolve(c["loss"], np.ones(9) / 9, mode="valid")
+            chosen = c["lr"] == DEFAULT_LR[mode][0]
+            label = f"lr {c['lr']:g}" + (f", {c['answered']} answered" if "answered" in c else "") + \
+                (" (default)" if chosen else "")
+            ax.plot(range(9, 9 + len(loss)), loss, lw=2.5 if chosen else 1, label=label)
+        ax.set_title(titles[mode])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (9-step mean)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":
