@@ -1,0 +1,91 @@
+"""train/doctor.py: a run inside the reference band is normal; typical mistakes are far off and named."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "train"))
+import doctor  # noqa: E402
+
+
+def curve(start: float, end: float, n: int, wiggle: float = 0.0, phase: int = 0) -> list[float]:
+    """An exponential-ish fall from start to end over n steps, with a deterministic wiggle (batch noise)."""
+    return [end + (start - end) * math.exp(-i / (n / 6)) + wiggle * math.sin(1.7 * i + phase) for i in range(n)]
+
+
+REF = {"pretrain": {"seeds": {str(s): curve(8.3, 1.1 + 0.05 * s, 200, 0.2, s) for s in (1, 2, 3)}},
+       "sft": {"seeds": {str(s): curve(6.3, 0.7 + 0.05 * s, 300, 0.2, s) for s in (1, 2, 3)}}}
+
+
+def write_run(tmp: Path, losses: list[float], script: str, lr: float = 3e-3, lora=None,
+              data: str = "minillm/data/sft.jsonl", model: str = "tiny") -> Path:
+    history = [{"step": i + 1, "loss": l, "learning_rate": lr, "grad_norm": 1.0} for i, l in enumerate(losses)]
+    (tmp / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (tmp / "run.json").write_text(json.dumps({"script": script, "model": model, "lora": lora,
+                                              "data": [{"path": str(ROOT / data)}]}))
+    return tmp
+
+
+def run(tmp: Path, capsys, ref=REF) -> tuple[int, str]:
+    path = tmp / "ref.json"
+    path.write_text(json.dumps(ref))
+    rc = doctor.main([str(tmp), "--reference", str(path)])
+    return rc, capsys.readouterr().out
+
+
+def test_a_curve_like_the_references_is_normal(tmp_path, capsys):
+    write_run(tmp_path, curve(8.3, 1.15, 200, 0.25, 7), "pretrain.py", data="minillm/data/pretrain.jsonl")
+    rc, out = run(tmp_path, capsys)
+    assert rc == 0 and "normal" in out and "ABOVE" not in out and "BELOW" not in out, out
+
+
+def test_trainer_default_lr_is_named(tmp_path, capsys):
+    write_run(tmp_path, curve(8.3, 7.9, 200, 0.05), "pretrain.py", lr=5e-5, data="minillm/data/pretrain.jsonl")
+    rc, out = run(tmp_path, capsys)
+    assert rc == 1 and "learning rate too low" in out and "Trainer's default" in out, out
+
+
+def test_sft_far_below_names_masking_and_padding(tmp_path, capsys):
+    write_run(tmp_path, curve(3.0, 0.1, 300, 0.02), "finetune.py")
+    rc, out = run(tmp_path, capsys)
+    assert rc == 1 and "masking" in out and "padding" in out and "BELOW" in out, out
+
+
+def test_sft_high_start_names_template_and_lora(tmp_path, capsys):
+    write_run(tmp_path, curve(9.5, 5.0, 300, 0.05), "finetune.py", lora={"r": 8})
+    rc, out = run(tmp_path, capsys)
+    assert rc == 1 and "template" in out and "LoRA" in out, out
+
+
+def test_diverging_and_nan_runs(tmp_path, capsys):
+    write_run(tmp_path, [6.0 + 0.02 * i for i in range(100)], "finetune.py")
+    rc, out = run(tmp_path, capsys)
+    assert rc == 1 and "too high" in out, out
+    write_run(tmp_path, [6.0, 5.0, float("nan")], "finetune.py")
+    rc, out = run(tmp_path, capsys)
+    assert rc == 1 and "NaN" in out, out
+
+
+def test_other_setup_is_noted_and_missing_state_is_an_error(tmp_path, capsys):
+    write_run(tmp_path, curve(6.3, 0.75, 300, 0.2), "finetune.py", data="mydata/belle.jsonl")
+    rc, out = run(tmp_path, capsys)
+    assert "not the demo's tiny model" in out, out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no trainer_state.json"):
+        doctor.main([str(empty)])
+
+
+def test_shipped_reference_has_both_stages_from_several_seeds():
+    ref = json.loads(doctor.REFERENCE.read_text())
+    for stage, n in (("pretrain", 200), ("sft", 300)):
+        seeds = ref[stage]["seeds"]
+        assert len(seeds) >= 3 and all(len(c) == n for c in seeds.values()), (stage, [len(c) for c in seeds.values()])
+        lo, mid, hi = doctor.band(ref, stage)
+        assert lo[-1] <= mid[-1] <= hi[-1] < lo[0]  # the band falls: the reference runs trained
