@@ -62,3 +62,30 @@ def test_extensions_dir_defaults_next_to_the_venv():
     code = "import sys, os; sys.path.insert(0, 'train'); import common; print(os.environ['TORCH_EXTENSIONS_DIR'])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == os.path.join(sys.prefix, "torch_extensions")
+
+
+def test_resume_with_a_changed_learning_rate_warns_that_it_has_no_effect(tmp_path, monkeypatch, caplog):
+    """The resumed optimizer and scheduler keep the checkpoint's lr: a new --learning_rate is named as ineffective,
+    and the lr the run actually continues with is what the log shows."""
+    import importlib
+    import logging
+
+    out = tmp_path / "o"
+    args = ["--max_steps", "2", "--save_steps", "2", "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"),
+            "--block_size", "32", "--per_device_train_batch_size", "2", "--disable_tqdm", "true",
+            "--logging_steps", "1", "--report_to", "none", "--lr_scheduler_type", "constant"]
+
+    def main(argv):
+        monkeypatch.setattr(sys, "argv", ["pretrain.py", *argv])
+        monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")  # undo the script's process-wide switch afterwards
+        importlib.import_module("pretrain").main()
+
+    main(args)
+    assert json.loads((out / "run.json").read_text())["learning_rate"] == pytest.approx(3e-3)  # the default
+    caplog.set_level(logging.WARNING, logger="minillm.train")
+    main([*args[:1], "4", *args[2:], "--learning_rate", "1e-4"])
+    assert "RESUMING from" in caplog.text and "--overwrite_output_dir" in caplog.text
+    assert "--learning_rate 0.0001 has no effect on this resume" in caplog.text and "peak 0.003" in caplog.text
+    lrs = [e["learning_rate"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+           if "learning_rate" in e and e["step"] > 2]
+    assert lrs and all(x == pytest.approx(3e-3) for x in lrs), lrs  # the warning is true: 1e-4 was not used
