@@ -28,11 +28,15 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
     for name, case in result["cases"].items():
         assert "error" not in case, (name, case.get("error"))
         assert case["same_output"] is True, (name, case)
-    for name in ("train_tiny", "train_v32k", "train_h512", "lora_qv", "lora_all"):
+    for name in ("train_tiny", "train_v32k", "train_h512", "train_v152k", "lora_qv", "lora_all"):
         case = result["cases"][name]
         assert case["loss_rel_diff"]["first"] <= 1e-5
         assert case["peak_mb"]["minillm"] > 0 and case["peak_mb"]["reference"] > 0
         assert set(case["tokens_s"]) == {"minillm", "reference"}
+    # the loss alone at Qwen's vocabulary: both sides measured, same loss (checked in same_output above)
+    loss_only = result["cases"]["train_v152k"]["loss_only"]
+    assert loss_only["loss_rel_diff"] <= 1e-5 and result["cases"]["train_v152k"]["config"]["vocab"] == 151936
+    assert loss_only["peak_mb"]["minillm"] > 0 and loss_only["peak_mb"]["reference"] > 0
     assert result["cases"]["masker"]["same_as_corrected_course"] is True
     # the printed table names every case and has the documented columns
     for col in ("case", "metric", "minillm", "reference", "ratio", "target", "met?"):
@@ -41,6 +45,7 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
         assert name in proc.stdout
     rows = {(r["case"], r["metric"]) for r in result["rows"]}
     assert ("train_v32k", "peak MiB") in rows and ("masker", "conv/s") in rows
+    assert ("train_v152k", "loss peak MiB") in rows
 
 
 def test_gpu_lane_without_cuda_says_so_and_passes():

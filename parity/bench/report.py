@@ -42,6 +42,11 @@ def table_rows(cases: dict[str, dict]) -> list[dict]:
                 note=f"peak minus grads+AdamW state ({g:.0f} MiB)")
             f = c["flop_rate_fraction"]
             add(name, "FLOP/matmul", f["minillm"], f["reference"])
+            if "loss_only" in c:  # lm_head + cross-entropy alone, from a fixed hidden state (train.StepWorker)
+                lo = c["loss_only"]
+                add(name, "loss peak MiB", lo["peak_mb"]["minillm"], lo["peak_mb"]["reference"],
+                    note="forward + backward, d W included; one run")
+                add(name, "loss s", lo["seconds"]["minillm"], lo["seconds"]["reference"], note="one run, not a median")
         elif name.startswith("lora_"):
             s = c["step_s"]
             add(name, "step s", s["minillm"], s["reference"], same)

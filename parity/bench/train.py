@@ -25,6 +25,16 @@ TRAIN_SIZES: dict[str, dict[str, Any]] = {
     "h512": dict(cfg=ModelConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024),
                  B=2, T=256, reps=6, warmup=2),
+    # Qwen's vocabulary, where the fused loss matters most: lm_head + cross-entropy are ~95% of a step's
+    # ~2 TFLOP (tens of seconds on 2 cores: few reps). B x T = 4,096 tokens; the unfused logits alone are
+    # 4096 x 151936 x 4 B = 2.3 GiB. `loss_only`: also the loss's own memory (StepWorker.loss_only).
+    # `quick_cfg`: --quick keeps the vocabulary but not the hidden size, so the test stays fast.
+    "v152k": dict(cfg=ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=512, intermediate_size=1408,
+                                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                  max_position_embeddings=1024),
+                  quick_cfg=ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
+                  B=4, T=1024, reps=3, warmup=1, loss_only=True),
 }
 LORA_SIZE = dict(cfg=ModelConfig.preset("small"), B=2, T=256, reps=8, warmup=2)
 LORA_TARGETS = {"qv": None, "all": "all-linear"}  # None: both libraries' default for llama, q_proj + v_proj
@@ -78,6 +88,7 @@ class StepWorker:
         self.batch = _batch(cfg, job["B"], job["T"])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=True)
+        self.side, self.job = side, job
         self.baseline = memory_baseline()
 
     def step(self) -> tuple[float, float]:
@@ -89,8 +100,35 @@ class StepWorker:
         return time.perf_counter() - t0, loss.item()
 
     def result(self) -> dict:
-        return {"peak_bytes": peak_since_baseline(self.baseline), "baseline_bytes": self.baseline,
-                "trainable": sum(p.numel() for p in self.params)}
+        out = {"peak_bytes": peak_since_baseline(self.baseline), "baseline_bytes": self.baseline,
+               "trainable": sum(p.numel() for p in self.params)}
+        if self.job.get("loss_only"):
+            out["loss_only"] = self.loss_only()
+        return out
+
+    def loss_only(self) -> dict:
+        """The loss alone: lm_head + cross-entropy, forward + backward, from a fixed hidden state (B, T, C), as
+        each side's model computes it (minillm: fused linear_cross_entropy; transformers: lm_head, then its
+        loss_function on the full logits). Peak = VmHWM - VmRSS just before; d W (V x C) counts on both sides."""
+        B, T, V = self.batch["input_ids"].shape + (self.job["cfg"]["vocab_size"],)
+        weight = self.model.lm_head.weight
+        h = torch.randn(B, T, weight.shape[1], generator=torch.Generator().manual_seed(1)).requires_grad_()
+        labels, n_items = self.batch["labels"], self.batch["num_items_in_batch"]
+        self.opt.zero_grad(set_to_none=True)
+        if self.side == "minillm":
+            from minillm.loss import linear_cross_entropy
+            fn = lambda: linear_cross_entropy(h, weight, labels, n_items)
+        else:  # what LlamaForCausalLM / Qwen2ForCausalLM.forward do with labels
+            fn = lambda: self.model.loss_function(logits=self.model.lm_head(h), labels=labels, vocab_size=V,
+                                                  num_items_in_batch=n_items)
+        baseline = memory_baseline()
+        t0 = time.perf_counter()
+        loss = fn()
+        loss.backward()
+        seconds = time.perf_counter() - t0
+        peak = peak_since_baseline(baseline)
+        self.opt.zero_grad(set_to_none=True)
+        return {"peak_bytes": peak, "seconds": seconds, "loss": loss.item()}
 
 
 def child_main(side: str, threads: int) -> None:
@@ -142,6 +180,7 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
     from minillm.model import CausalLM
 
     jobs: dict[str, dict] = {}
+    cfgs: dict[str, ModelConfig] = {}
     for name in names:
         if name.startswith("train_"):
             size = dict(TRAIN_SIZES[name[len("train_"):]])
@@ -149,15 +188,16 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
         else:
             size, lora = dict(LORA_SIZE), name[len("lora_"):]
         if quick:
-            size.update(B=1, T=32, reps=2, warmup=1)
+            size.update(B=1, T=32, reps=2, warmup=1, cfg=size.get("quick_cfg", size["cfg"]))
         cfg: ModelConfig = size["cfg"]
+        cfgs[name] = cfg
         weights = tmp / f"{abs(hash(repr(cfg)))}.safetensors"
         if not weights.exists():
             torch.manual_seed(0)
             save_file(CausalLM(cfg).state_dict(), str(weights))
         init = {k: v for k, v in asdict(cfg).items() if k not in ("qkv_bias", "o_bias", "qk_norm")}
         jobs[name] = dict(cfg=init, B=size["B"], T=size["T"], reps=size["reps"], warmup=size["warmup"],
-                          weights=str(weights), lora=lora)
+                          weights=str(weights), lora=lora, loss_only=size.get("loss_only", False))
     results: dict[str, dict[str, dict]] = {}
     children: dict[str, Child] | None = None
     for name in names:
@@ -182,7 +222,7 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
 
     out = {}
     for name in names:
-        job, cfg = jobs[name], TRAIN_SIZES.get(name[len("train_"):], LORA_SIZE)["cfg"]
+        job, cfg = jobs[name], cfgs[name]
         a, b = results[name]["minillm"], results[name]["reference"]
         case: dict[str, Any] = {"config": {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                                            "vocab": cfg.vocab_size, "heads": cfg.num_attention_heads,
@@ -209,6 +249,12 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
             loss_rel_diff={"first": first, "last": last},
             same_output=bool(first <= 1e-5 and last <= 1e-3 and a["trainable"] == b["trainable"]),
         )
+        if job["loss_only"]:
+            la, lb = a["loss_only"], b["loss_only"]
+            case["loss_only"] = {"peak_mb": {"minillm": la["peak_bytes"] / 2**20, "reference": lb["peak_bytes"] / 2**20},
+                                 "seconds": {"minillm": la["seconds"], "reference": lb["seconds"]},
+                                 "loss_rel_diff": _rel(la["loss"], lb["loss"])}
+            case["same_output"] = case["same_output"] and case["loss_only"]["loss_rel_diff"] <= 1e-5
         if name.startswith("train_"):
             case["gflop_per_step"] = linear_flops_per_token(cfg, job["T"]) * tokens / 1e9  # rate: in main()
         out[name] = case
