@@ -418,5 +418,5 @@ def rows(budget: float = 1.0) -> Iterator[Row]:
     yield from property_rows([("dynamic RoPE over calls + cached decode", ref + " dynamic_rope_update", "logits")],
                              dynamic_cases(), dynamic_delta, n(4))
     # bf16 on CPU is ~200x slower than fp32 here, so only a few tiny cases; on GPU this would be the norm.
-    yield from property_rows([("logits bf16 (tiny configs, CPU)", ref + " bf16", "bf16_logits")],
+    yield from property_rows([("logits bf16 (tiny configs, CPU)", ref + " bf16", "lowp_exact")],
                              cases(), lambda c: [bf16_delta(c)], n(4))

@@ -19,7 +19,8 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "warpers": (0.0, "temperature/top-k/top-p: the same tensor ops as transformers' warpers, so the same kept set and values"),
     "sampling": (0.0, "same warped probabilities, same torch.multinomial calls on the same RNG: the same tokens"),
     "checkpoint": (1e-6, "same weights after a save/load round trip: logits must agree as above"),
-    "bf16_logits": (5e-2, "bf16 has 8 mantissa bits: ~4e-3 relative per op, accumulated over layers"),
+    "bf16_logits": (5e-2, "parity.checkpoint in bf16/fp16 on a user's machine, whose kernels may round otherwise: bf16 has "
+                          "8 mantissa bits, ~4e-3 relative per op, accumulated over layers (the drawn rows are exact)"),
     "chunk": (0.0, "integer token ids: exact"),
     "sft_mask": (0.0, "integer labels: exact"),
     "lora_logits": (1e-6, "fp32; LoRA adds one low-rank product per layer, same order as peft"),
