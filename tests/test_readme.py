@@ -31,6 +31,8 @@ SKIP = {
     "make compare": "four training runs (~2 min); tests/test_train.py covers both impls",
     "make bench": "~2 min of benchmarks; tests/test_bench.py runs the quick mode",
     "make doctor": "runs train/doctor.py, exercised in tests/test_doctor.py on recorded curves",
+    "make mutants": "40 mutants x up to a minute each; tests/test_mutants.py runs the runner on small ones",
+    "make gpu-check": "needs CUDA; tests/test_bench.py runs its CPU dry run and its no-CUDA exit",
     ".venv/bin/python -m parity.checkpoint ~/models/": "needs a checkpoint you downloaded (~/models/...)",
 }
 # The demo's outputs, which the chat commands read, are stood in for by the README's own training outputs.
