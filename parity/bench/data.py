@@ -74,63 +74,6 @@ def chunker_cases(names: list[str], quick: bool, block_size: int = 1024, map_bat
     return out
 
 
-def chunker_cases(names: list[str], quick: bool, block_size: int = 1024, map_batch: int = 1000) -> dict[str, dict]:
-    import datasets
-    import pyarrow as pa
-
-    from minillm.chunk import Chunker, group_texts
-    from parity.course import run_clm_group_texts
-
-    datasets.disable_progress_bars()
-    n_tokens = 200_000 if quick else 10_000_000
-    reps = 1 if quick else 3
-    flat, offsets = _synthetic_docs(n_tokens)
-    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-    mask = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ones_like(flat, dtype=np.int8)))
-    ds = datasets.Dataset(pa.table({"input_ids": ids, "attention_mask": mask}))
-    n = len(flat)
-    kw = dict(batched=True, batch_size=map_batch, load_from_cache_file=False, keep_in_memory=True)
-    out = {}
-    common = {"tokens": n, "documents": len(ds), "block_size": block_size, "map_batch_size": map_batch, "reps": reps}
-
-    eos = 0
-    docs = np.split(flat.astype(np.int64), offsets[1:-1])
-    lists = [d.tolist() for d in docs]
-    batches = [{"input_ids": lists[i:i + map_batch]} for i in range(0, len(lists), map_batch)]
-
-    def stream():
-        return np.concatenate([b["input_ids"] for b in Chunker(block_size, eos_token_id=eos).blocks(batches)])
-
-    fns = {"reference": lambda: ds.map(run_clm_group_texts, fn_kwargs={"block_size": block_size}, **kw)}
-    if "chunker" in names:
-        # the same mode as run_clm (eos_token_id=None, each map batch's tail dropped): identical blocks expected
-        fns["chunker"] = lambda: ds.with_format("arrow").map(group_texts, fn_kwargs={"block_size": block_size}, **kw)
-    if "chunker_stream" in names:
-        fns["chunker_stream"] = stream
-    timed = alternate(fns, reps, warmup=1)  # the first map call also pays datasets' one-off set-up
-    t_ref, ref = timed["reference"]
-    if "chunker" in names:
-        t_ml, got = timed["chunker"]
-        same = all(got.data.column(c).equals(ref.data.column(c)) for c in ("input_ids", "attention_mask", "labels"))
-        out["chunker"] = dict(common, path="ds.with_format('arrow').map(minillm.chunk.group_texts, batched=True)",
-                              reference="ds.map(run_clm group_texts, batched=True)",
-                              tokens_s={"minillm": n / t_ml, "reference": n / t_ref}, same_output=bool(same),
-                              blocks={"minillm": len(got), "reference": len(ref)})
-    if "chunker_stream" in names:
-        # the training scripts' path (train/pretrain.py): streaming Chunker with EOS after every document over
-        # batches of token-id lists. Its blocks differ from run_clm's by design (EOS, no per-batch tail dropped),
-        # so the check is against the stream built by hand: concat(doc + [eos]) cut into blocks.
-        t_ml, got = timed["chunker_stream"]
-        with_eos = np.insert(flat.astype(np.int64), offsets[1:], eos)
-        want = with_eos[: len(with_eos) // block_size * block_size].reshape(-1, block_size)
-        out["chunker_stream"] = dict(common, path="Chunker(eos).blocks(batches of token-id lists), as train/pretrain.py",
-                                     reference="ds.map(run_clm group_texts, batched=True) (different mode)",
-                                     tokens_s={"minillm": n / t_ml, "reference": n / t_ref},
-                                     same_output=bool(np.array_equal(got, want)),
-                                     check="blocks == concat(doc + [eos]) cut into blocks (run_clm's mode differs)")
-    return out
-
-
 def masker_case(quick: bool, max_len: int = 1024, batch: int = 1000) -> dict:
     from minillm.corpus import SAMPLE_SFT, iter_sft_conversations
     from minillm.sft import DEFAULT_SYSTEM_PROMPT, mask_batch
