@@ -123,6 +123,15 @@ def _tol_text(t: float) -> str:
     return short if float(short) == t or t != t else f"{t:g}"  # 1e-06 as 1e-06, 1.5 as 1.5 (not 2e+00)
 
 
+def named_check(check: str, reference: str, tol_name: str, fn: Callable[[Any], float], named: dict[str, Any]) -> Row:
+    """A Row from `fn(case)` over named fixed cases; a failing row names its worst case."""
+    t0 = time.perf_counter()
+    deltas = {label: fn(case) for label, case in named.items()}
+    worst = max(deltas, key=deltas.get)
+    return fixed_check(check, reference, tol_name, list(deltas.values()), t0=t0,
+                       note="" if deltas[worst] <= tol(tol_name) else f"worst: {worst}")
+
+
 def format_table(rows: list[Row]) -> str:
     head = ("check", "reference", "configs", "max |Δ|", "tolerance", "verdict")
     body = [

@@ -29,9 +29,9 @@ import torch
 from hypothesis import strategies as st
 
 from minillm import lora as ml
-from parity.harness import Row, fixed_check, property_rows
+from parity.harness import Row, fixed_check, named_check, property_rows
 from parity.model import hf_copy
-from parity.tolerances import tol
+
 
 REFERENCE = "peft LoRA on transformers"
 TARGET_SETS = {
@@ -386,11 +386,7 @@ def init_same_seed(case: Case, seed: int = 0) -> float:
 
 
 def _fixed(check: str, tol_name: str, fn, named: dict[str, Case], reference: str = REFERENCE) -> Row:
-    t0 = time.perf_counter()
-    deltas = {label: fn(case) for label, case in named.items()}
-    worst = max(deltas, key=deltas.get)
-    return fixed_check(check, reference, tol_name, list(deltas.values()), t0=t0,
-                       note="" if deltas[worst] <= tol(tol_name) else f"worst: {worst}")
+    return named_check(check, reference, tol_name, fn, named)
 
 
 def rows(budget: float = 1.0):

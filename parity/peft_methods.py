@@ -33,9 +33,9 @@ from minillm import peft_format
 from minillm.lora import trainable_summary
 from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
 from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
-from parity.harness import Row, fixed_check, property_rows
+from parity.harness import fixed_check, named_check, property_rows
 from parity.lora import Case, _max_abs, base_models
-from parity.tolerances import tol
+
 
 PEFT = "peft 0.21 on transformers"
 
@@ -346,12 +346,7 @@ def houlsby_measure(seed: int, bottleneck: int, act: str, layers: int, kv: int, 
         return [_max_abs(ours(x).logits, ref), identity]
 
 
-def _fixed(check: str, reference: str, tol_name: str, fn, named: dict) -> Row:
-    t0 = time.perf_counter()
-    deltas = {label: fn(case) for label, case in named.items()}
-    worst = max(deltas, key=deltas.get)
-    return fixed_check(check, reference, tol_name, list(deltas.values()), t0=t0,
-                       note="" if deltas[worst] <= tol(tol_name) else f"worst: {worst}")
+_fixed = named_check
 
 
 def rows(budget: float = 1.0):
