@@ -58,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", help=f"case name or prefix, repeatable: {', '.join(CASES)}")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--profile", choices=sorted(TRAIN_SIZES), help="print a profile of minillm's train step and exit")
+    ap.add_argument("--profile-side", choices=("minillm", "reference"), default="minillm",
+                    help="with --profile: whose train step (reference = transformers)")
     ap.add_argument("--child", choices=("minillm", "reference"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child_main(args.child, args.threads)
         return 0
     if args.profile:
-        print(profile(args.profile, args.threads))
+        print(profile(args.profile, args.threads, side=args.profile_side))
         return 0
     names = _select(args.only)
     t_start = time.perf_counter()

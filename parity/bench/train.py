@@ -261,14 +261,20 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
     return out
 
 
-def profile(size: str, threads: int, rows: int = 25) -> str:
+def profile(size: str, threads: int, rows: int = 25, side: str = "minillm") -> str:
+    """torch.profiler table (top ops by self CPU time) of 3 train steps after 2 warm-up steps, on one side:
+    minillm or transformers, same weights (minillm's init, seed 0) and batch as the bench."""
+    import tempfile
+    from safetensors.torch import save_file
     from torch.profiler import ProfilerActivity, profile as prof
     from minillm.model import CausalLM
 
     torch.set_num_threads(threads)
     s = TRAIN_SIZES[size]
-    torch.manual_seed(0)
-    model = CausalLM(s["cfg"]).train()
+    with tempfile.TemporaryDirectory(prefix="minillm-profile-") as tmp:
+        torch.manual_seed(0)
+        save_file(CausalLM(s["cfg"]).state_dict(), f"{tmp}/w.safetensors")
+        model = _build(side, s["cfg"], f"{tmp}/w.safetensors", None)
     batch = _batch(s["cfg"], s["B"], s["T"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
