@@ -24,6 +24,12 @@ IGNORE_INDEX = -100
 # Logits held per chunk: 16 MB in fp32; at a 32k vocab 128 rows, large enough for efficient GEMMs, small
 # enough to keep the peak low. An argument of linear_cross_entropy too, so checks can draw tiny chunks.
 CHUNK_ELEMS = 1 << 22
+# ...but never fewer rows than this by default: at Qwen's 151,936 vocab CHUNK_ELEMS is 27 rows, and GEMMs that
+# thin ran the fused loss 1.45x slower than transformers' unfused one (parity.bench train_v152k; profile: 70% of
+# it in aten::mm). Measured (loss alone, V=151936, C=512, 1,024 tokens, 2 threads): 27 rows 1.8x transformers'
+# time (two runs each), 128 rows 1.03-1.12x, 256 rows 0.97-0.99x. 128, not 256: 256 would also apply at 32k
+# (131 rows now), where it raised train_v32k's peak to 0.59x transformers' (target <= 0.6) for no speed-up.
+MIN_CHUNK_ROWS = 128
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -117,11 +123,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          num_items_in_batch: int | torch.Tensor | None = None,
-                         chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
+                         chunk_elems: int | None = None) -> torch.Tensor:
     """causal_lm_loss(h @ weight.T, labels, num_items_in_batch) without materialising the logits.
 
     h (B, T, C) final hidden states, weight (V, C) the lm_head, labels (B, T). Chunks hold <= chunk_elems
-    logits (at least one row each). Under autocast the GEMMs run in the autocast dtype, as F.linear's would.
+    logits (at least one row each; by default CHUNK_ELEMS, but at least MIN_CHUNK_ROWS rows). Under autocast the
+    GEMMs run in the autocast dtype, as F.linear's would.
     """
     target = shift_labels(labels).view(-1).to(h.device)
     h = h.reshape(-1, h.shape[-1])
@@ -136,5 +143,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         denominator = (target != IGNORE_INDEX).sum().float()
     else:
         denominator = torch.as_tensor(num_items_in_batch, device=h.device).float()
-    chunk_rows = max(1, chunk_elems // weight.shape[0])
+    if chunk_elems is None:
+        chunk_rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMS // weight.shape[0])
+    else:
+        chunk_rows = max(1, chunk_elems // weight.shape[0])
     return _LinearCrossEntropy.apply(h, weight, target, denominator, chunk_rows, dtype)
