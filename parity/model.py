@@ -136,15 +136,7 @@ def forward_backward_deltas(case: dict, attn: str = "sdpa", fused: bool = False)
     d_loss = (a.loss - b.loss).abs().item()
     a.loss.backward()
     b.loss.backward()
-    ref_grads = dict(ref.named_parameters())
-    d_grad = 0.0
-    for name, p in ours.named_parameters():
-        g_ref = ref_grads[name].grad
-        if p.grad is None or g_ref is None:
-            assert p.grad is None and g_ref is None, f"gradient missing on one side for {name}"
-            continue
-        d_grad = max(d_grad, (p.grad - g_ref).abs().max().item())
-    return [d_logits, d_loss, d_grad]
+    return [d_logits, d_loss, grad_delta(ours, ref)]
 
 
 @st.composite
