@@ -673,12 +673,9 @@ _CONFIG_TYPES: dict[str, tuple[str, Any]] = {
 }
 
 
-def read_adapter_config(save_dir: str | os.PathLike) -> LoraConfig:
-    """The LoraConfig of a peft-format adapter directory.
-
-    Every problem is a ValueError naming the file and the key: malformed JSON (with its line), a key of the
-    wrong type or value (`_CONFIG_TYPES`), or a peft option minillm does not implement.
-    """
+def read_adapter_json(save_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(path, object) of a directory's adapter_config.json, for every adapter type; a file that is missing, not
+    UTF-8, not JSON (its line named) or not a JSON object is an error naming it."""
     path = os.path.join(save_dir, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no adapter config (expected peft's {ADAPTER_CONFIG_NAME})")
@@ -691,6 +688,16 @@ def read_adapter_config(save_dir: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return path, d
+
+
+def read_adapter_config(save_dir: str | os.PathLike) -> LoraConfig:
+    """The LoraConfig of a peft-format adapter directory.
+
+    Every problem is a ValueError naming the file and the key: malformed JSON (with its line), a key of the
+    wrong type or value (`_CONFIG_TYPES`), or a peft option minillm does not implement.
+    """
+    path, d = read_adapter_json(save_dir)
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in d:
             raise ValueError(f"{path}: missing key {key!r}")

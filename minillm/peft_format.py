@@ -78,16 +78,7 @@ def save_adapter(model: nn.Module, save_dir: str | os.PathLike, base_model_name_
 
 
 def _read_config(save_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    path = os.path.join(save_dir, CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no adapter config (expected peft's {CONFIG})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    path, d = lora.read_adapter_json(save_dir)
     if d.get("peft_type", "LORA") not in PEFT_TYPES:  # peft's LoRA configs always carry it; old ones may not
         raise ValueError(f"{path}: peft_type {d.get('peft_type')!r} is not one minillm implements {PEFT_TYPES}")
     return path, d
