@@ -28,7 +28,8 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
     for name, case in result["cases"].items():
         assert "error" not in case, (name, case.get("error"))
         assert case["same_output"] is True, (name, case)
-    for name in ("train_tiny", "train_v32k", "train_h512", "train_v152k", "lora_qv", "lora_all"):
+    for name in ("train_tiny", "train_v32k", "train_h512", "train_v152k", "lora_qv", "lora_all", "lora_embed",
+                 "prompt_tuning", "prefix_tuning", "prefix_proj", "houlsby"):
         case = result["cases"][name]
         assert case["loss_rel_diff"]["first"] <= 1e-5
         assert case["peak_mb"]["minillm"] > 0 and case["peak_mb"]["reference"] > 0
@@ -46,6 +47,12 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
     rows = {(r["case"], r["metric"]) for r in result["rows"]}
     assert ("train_v32k", "peak MiB") in rows and ("masker", "conv/s") in rows
     assert ("train_v152k", "loss peak MiB") in rows
+    # issue 14's PEFT methods: both rows per case, trainable counts equal where the reference is peft's same method
+    for name in ("lora_embed", "prompt_tuning", "prefix_tuning", "prefix_proj", "houlsby"):
+        assert (name, "step s") in rows and (name, "peak MiB") in rows, name
+    for name in ("lora_embed", "prompt_tuning", "prefix_tuning", "prefix_proj"):
+        t = result["cases"][name]["trainable"]
+        assert t["minillm"] == t["reference"] > 0 and result["cases"][name]["loss_rel_diff"]["last"] <= 1e-3, name
 
 
 def test_gpu_lane_without_cuda_says_so_and_passes():

@@ -19,6 +19,7 @@ from parity.bench import __doc__ as BENCH_DOC
 from parity.bench.data import chunker_cases, masker_case
 from parity.bench.generate import generate_case
 from parity.bench.measure import MEMORY_METHOD, matmul_gflops
+from parity.bench.peft_methods import METHODS
 from parity.bench.preprocess import preprocess_case
 from parity.bench.report import format_table, table_rows
 from parity.bench.targets import CASES, TARGETS
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 matmul rate: {mm_all[0]:.1f} GFLOP/s", flush=True)
     cases: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="minillm-bench-") as tmp:
-        step_names = [n for n in names if n.startswith(("train_", "lora_"))]
+        step_names = [n for n in names if n.startswith(("train_", "lora_")) or n in METHODS]
         if step_names:
             t0 = time.perf_counter()
             cases.update(step_cases(step_names, args.quick, args.threads, Path(tmp)))

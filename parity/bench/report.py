@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from parity.bench.peft_methods import METHODS
 from parity.bench.targets import TARGETS
 
 
@@ -47,9 +48,10 @@ def table_rows(cases: dict[str, dict]) -> list[dict]:
                 add(name, "loss peak MiB", lo["peak_mb"]["minillm"], lo["peak_mb"]["reference"],
                     note="forward + backward, d W included; one run")
                 add(name, "loss s", lo["seconds"]["minillm"], lo["seconds"]["reference"], note="one run, not a median")
-        elif name.startswith("lora_"):
-            s = c["step_s"]
-            add(name, "step s", s["minillm"], s["reference"], same)
+        elif name.startswith("lora_") or name in METHODS:
+            s, method = c["step_s"], METHODS.get(name)
+            add(name, "step s", s["minillm"], s["reference"],
+                same or (f"vs {method.reference}" if method and not method.same_model else ""))
             m = c["peak_mb"]
             add(name, "peak MiB", m["minillm"], m["reference"])
         elif name.startswith("chunker"):

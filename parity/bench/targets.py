@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-CASES = ("train_tiny", "train_v32k", "train_h512", "train_v152k", "lora_qv", "lora_all", "chunker", "chunker_stream", "masker",
-         "generate", "sft_epoch", "preprocess")
+CASES = ("train_tiny", "train_v32k", "train_h512", "train_v152k", "lora_qv", "lora_all", "lora_embed", "prompt_tuning",
+         "prefix_tuning", "prefix_proj", "houlsby", "chunker", "chunker_stream", "masker", "generate", "sft_epoch",
+         "preprocess")
 
 
 class Target(NamedTuple):
@@ -29,6 +30,16 @@ TARGETS: list[Target] = [
            "(anchors: Liger's fused linear CE 4.8x less than HF at V=128k, Apple's Cut Cross-Entropy)"),
     Target("lora_qv", "step s", "<=", 1.0, "ratio", "LoRA step on q_proj + v_proj, vs peft"),
     Target("lora_all", "step s", "<=", 1.0, "ratio", "LoRA step on all linear layers, vs peft"),
+    # issue 14: the other PEFT methods' step time and peak memory vs peft (parity/bench/peft_methods.py);
+    # houlsby has no target: peft has no adapter tuning (its row is vs minillm's own LoRA q_proj + v_proj)
+    Target("lora_embed", "step s", "<=", 1.0, "ratio", "LoRA step on embed_tokens, vs peft's lora_embedding_A/B"),
+    Target("lora_embed", "peak MiB", "<=", 1.0, "ratio", "LoRA on embed_tokens, peak memory vs peft"),
+    Target("prompt_tuning", "step s", "<=", 1.0, "ratio", "prompt tuning step (16 virtual tokens), vs peft"),
+    Target("prompt_tuning", "peak MiB", "<=", 1.0, "ratio", "prompt tuning, peak memory vs peft"),
+    Target("prefix_tuning", "step s", "<=", 1.0, "ratio", "prefix tuning step (16 virtual tokens), vs peft"),
+    Target("prefix_tuning", "peak MiB", "<=", 1.0, "ratio", "prefix tuning, peak memory vs peft"),
+    Target("prefix_proj", "step s", "<=", 1.0, "ratio", "prefix tuning with prefix_projection, vs peft"),
+    Target("prefix_proj", "peak MiB", "<=", 1.0, "ratio", "prefix tuning with prefix_projection, peak memory vs peft"),
     Target("chunker", "tokens/s", ">=", 10.0, "ratio", "vs run_clm's group_texts through datasets.map"),
     Target("chunker_stream", "tokens/s", ">=", 10.0, "ratio", "vs run_clm's group_texts through datasets.map"),
     Target("masker", "conv/s", ">=", 5.0, "ratio", "vs the course's SFT preprocess loop"),

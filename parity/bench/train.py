@@ -15,6 +15,7 @@ import torch
 
 from minillm.config import ModelConfig
 from parity.bench.measure import Child, memory_baseline, peak_since_baseline, run_pair
+from parity.bench.peft_methods import METHODS
 
 # name -> (config, batch, time steps); `quick` shrinks batch and steps, never the config.
 TRAIN_SIZES: dict[str, dict[str, Any]] = {
@@ -37,7 +38,8 @@ TRAIN_SIZES: dict[str, dict[str, Any]] = {
                   B=4, T=1024, reps=3, warmup=1, loss_only=True),
 }
 LORA_SIZE = dict(cfg=ModelConfig.preset("small"), B=2, T=256, reps=8, warmup=2)
-LORA_TARGETS = {"qv": None, "all": "all-linear"}  # None: both libraries' default for llama, q_proj + v_proj
+# None: both libraries' default for llama, q_proj + v_proj; "embed": LoRA on nn.Embedding (peft's lora_embedding_A/B)
+LORA_TARGETS = {"qv": None, "all": "all-linear", "embed": ["embed_tokens"]}
 
 FLOP_FORMULA = ("6 * (nn.Linear weights incl. lm_head, excl. embedding) * tokens + 12 * layers * T * heads * "
                 "head_dim * tokens; rate / matmul rate = best torch.mm GFLOP/s of 10 runs on 1024^2 and 2048^2 "
@@ -84,7 +86,11 @@ class StepWorker:
 
     def __init__(self, side: str, job: dict):
         cfg = ModelConfig(**job["cfg"])
-        self.model = _build(side, cfg, job["weights"], job.get("lora"))
+        if job.get("method"):  # prompt/prefix tuning, Houlsby adapters: parity/bench/peft_methods.py
+            from parity.bench.peft_methods import build
+            self.model = build(side, cfg, job["weights"], job["method"])
+        else:
+            self.model = _build(side, cfg, job["weights"], job.get("lora"))
         self.batch = _batch(cfg, job["B"], job["T"])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=True)
@@ -185,8 +191,10 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
         if name.startswith("train_"):
             size = dict(TRAIN_SIZES[name[len("train_"):]])
             lora = None
-        else:
+        elif name.startswith("lora_"):
             size, lora = dict(LORA_SIZE), name[len("lora_"):]
+        else:  # a PEFT method case (parity/bench/peft_methods.py), at the LoRA cases' size
+            size, lora = dict(LORA_SIZE), None
         if quick:
             size.update(B=1, T=32, reps=2, warmup=1, cfg=size.get("quick_cfg", size["cfg"]))
         cfg: ModelConfig = size["cfg"]
@@ -197,7 +205,8 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
             save_file(CausalLM(cfg).state_dict(), str(weights))
         init = {k: v for k, v in asdict(cfg).items() if k not in ("qkv_bias", "o_bias", "qk_norm")}
         jobs[name] = dict(cfg=init, B=size["B"], T=size["T"], reps=size["reps"], warmup=size["warmup"],
-                          weights=str(weights), lora=lora, loss_only=size.get("loss_only", False))
+                          weights=str(weights), lora=lora, loss_only=size.get("loss_only", False),
+                          method=None if name.startswith(("train_", "lora_")) else name)
     results: dict[str, dict[str, dict]] = {}
     children: dict[str, Child] | None = None
     for name in names:
@@ -228,8 +237,12 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
                                            "vocab": cfg.vocab_size, "heads": cfg.num_attention_heads,
                                            "kv_heads": cfg.num_key_value_heads, "intermediate": cfg.intermediate_size,
                                            "params": cfg.num_params(), "B": job["B"], "T": job["T"],
-                                           "reps": job["reps"], "warmup": job["warmup"], "lora": job["lora"]},
+                                           "reps": job["reps"], "warmup": job["warmup"], "lora": job["lora"],
+                                           "method": job["method"]},
                                 "reference": "peft get_peft_model on transformers" if job["lora"] else "transformers"}
+        method = METHODS[job["method"]] if job["method"] else None
+        if method is not None:
+            case["reference"] = method.reference
         if "error" in a or "error" in b:
             case.update(error=a.get("error") or b.get("error"), same_output=False)
             out[name] = case
@@ -247,7 +260,9 @@ def step_cases(names: list[str], quick: bool, threads: int, tmp: Path) -> dict[s
             grads_adam_mb=3 * 4 * a["trainable"] / 2**20,
             loss_first={"minillm": a["losses"][0], "reference": b["losses"][0]},
             loss_rel_diff={"first": first, "last": last},
-            same_output=bool(first <= 1e-5 and last <= 1e-3 and a["trainable"] == b["trainable"]),
+            # Houlsby vs LoRA: both the identity at init, so only the first loss must agree
+            same_output=bool(first <= 1e-5 and (method is not None and not method.same_model
+                                                or last <= 1e-3 and a["trainable"] == b["trainable"])),
         )
         if job["loss_only"]:
             la, lb = a["loss_only"], b["loss_only"]
