@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "train"))
 import common  # noqa: E402
 
 PRE = (common.ModelArguments, common.DataTrainingArguments, common.TrainingArguments)
-SFT = (common.ModelArguments, common.DataTrainingArguments, common.LoraArguments, common.TrainingArguments)
+SFT = (common.ModelArguments, common.DataTrainingArguments, common.PeftArguments, common.TrainingArguments)
 
 
 def lr(dataclasses, argv, tmp_path) -> float:

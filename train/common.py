@@ -51,11 +51,14 @@ from transformers import trainer_pt_utils
 from minillm import corpus
 from minillm.checkpoint import DTYPES, staged_dir
 from minillm.config import PRESETS, ModelConfig
-from minillm.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
+from minillm import peft_format
+from minillm.lora import load_adapter, lora_layers
 from minillm.model import CausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peft_methods  # noqa: E402
 import safety  # noqa: E402
+from peft_methods import PeftArguments, load_trainable, minillm_adapted, prompt_learning, save_trainable  # noqa: E402
 from safety import Diverged  # noqa: E402
 
 logger = logging.getLogger("minillm.train")
@@ -125,16 +128,6 @@ class DataTrainingArguments:
 
 
 @dataclass
-class LoraArguments:
-    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch"})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "module names (e.g. q_proj v_proj) or all-linear; default q_proj v_proj"})
-
-
-@dataclass
 class TrainingArguments(transformers.TrainingArguments):
     # transformers 5 dropped this flag; the course's resume logic (and run_clm's) uses it.
     overwrite_output_dir: bool = field(
@@ -183,8 +176,9 @@ def parse_args(dataclasses: tuple, default_output_dir: str, argv: list[str] | No
 def default_learning_rate(parsed: tuple) -> float:
     """The learning rate for a run given none (DEFAULT_LR): by mode (from scratch, full SFT, LoRA) and width."""
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
-    lora = next((a for a in parsed if isinstance(a, LoraArguments)), None)
-    mode = "lora" if lora is not None and lora.use_lora else "full" if model_args.model_name_or_path else "scratch"
+    peft_args = next((a for a in parsed if isinstance(a, PeftArguments)), None)
+    mode = "lora" if peft_args is not None and peft_args.peft != "none" else \
+        "full" if model_args.model_name_or_path else "scratch"
     hidden = PRESETS["tiny"].hidden_size
     src = model_args.model_name_or_path or model_args.config_name
     if src in PRESETS:
@@ -196,7 +190,8 @@ def default_learning_rate(parsed: tuple) -> float:
         except (OSError, ValueError, TypeError):
             pass  # a missing/broken config is reported by check_args with its name
     lr = DEFAULT_LR[mode][0 if hidden <= 512 else 1]
-    what = {"scratch": "from-scratch pretraining", "full": "full fine-tuning", "lora": "LoRA"}[mode]
+    what = {"scratch": "from-scratch pretraining", "full": "full fine-tuning",
+            "lora": "LoRA" if peft_args is None or peft_args.use_lora else f"--peft {peft_args.peft}"}[mode]
     if os.environ.get("RANK", "0") == "0":
         print(f"--learning_rate not given: using {lr:g} for {what} of a hidden_size-{hidden} model "
               "(train/common.py DEFAULT_LR says why)", flush=True)
@@ -207,19 +202,26 @@ _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 
 
 def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
-               default_train: str, lora_args: LoraArguments | None = None) -> None:
+               default_train: str, peft_args: PeftArguments | None = None) -> None:
     """Fill the bundled defaults and refuse missing files / missing packages / bad numbers before any work."""
     if err := safety.forbid_unpickling_code():
         fail(err)
     if training_args.deepspeed:
-        check_ds_config(training_args.deepspeed)
+        stage = check_ds_config(training_args.deepspeed)
+        if stage == 3 and peft_args is not None and peft_args.peft in ("prefix", "prompt", "adapter") \
+                and model_args.impl == "minillm":
+            fail(f"--peft {peft_args.peft} under ZeRO-3 is not supported with --impl minillm (its few trainable "
+                 "tensors gain nothing from partitioning): use ZeRO-2, e.g. --deepspeed ds_configs/zero2.json")
     mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
     if training_args.deepspeed and not mpi and not all(k in os.environ for k in _LAUNCHER_ENV):
         # DeepSpeed would fall back to MPI discovery and die in an mpi4py import
         fail("--deepspeed needs a launcher: run `deepspeed --num_gpus N train/...` or `torchrun --nproc_per_node N "
              "train/...`, or set " + ", ".join(k for k in _LAUNCHER_ENV) + " for a single process "
              "(e.g. RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500)")
-    if err := safety.check_numbers(model_args, data_args, training_args, lora_args):
+    if err := safety.check_numbers(model_args, data_args, training_args, peft_args):
+        fail(err)
+    if peft_args is not None and (err := peft_methods.check_peft_args(peft_args, model_args.impl, data_args.packing,
+                                                                      training_args)):
         fail(err)
     if not data_args.train_files:
         data_args.train_files = [default_train]
@@ -267,8 +269,9 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
             fail(f"--report_to {r}: the {_REPORTERS[r][0]} package is not installed ({how}, or use --report_to none)")
 
 
-def check_ds_config(cfg: str | dict) -> None:
-    """ZeRO-3 must gather the weights for the final save, or the model / adapter written would be empty."""
+def check_ds_config(cfg: str | dict) -> int | None:
+    """ZeRO-3 must gather the weights for the final save, or the model / adapter written would be empty.
+    Returns the ZeRO stage."""
     try:
         d = json.loads(Path(cfg).read_text()) if isinstance(cfg, str) else cfg
     except (OSError, ValueError) as e:
@@ -277,6 +280,7 @@ def check_ds_config(cfg: str | dict) -> None:
     if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
         fail(f"--deepspeed {cfg}: ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
              "zero_optimization, otherwise the saved model (or LoRA adapter) would hold no weights")
+    return zero.get("stage")
 
 
 def announce_op_build(training_args: TrainingArguments) -> None:
@@ -368,12 +372,12 @@ def find_resume_checkpoint(training_args: TrainingArguments) -> str | None:
 
 
 def run_record(script: str, model_args: ModelArguments, data_args: DataTrainingArguments,
-               sequence_length: dict[str, int], lora_args: LoraArguments | None = None) -> dict[str, Any]:
+               sequence_length: dict[str, int], peft_args: PeftArguments | None = None) -> dict[str, Any]:
     """What this run trains: kept as run.json in the output directory and in every checkpoint."""
     lora = None
-    if lora_args is not None and lora_args.use_lora:
-        lora = {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
-                "target_modules": lora_args.lora_target_modules}
+    if peft_args is not None and peft_args.use_lora:
+        lora = {"r": peft_args.lora_r, "alpha": peft_args.lora_alpha, "dropout": peft_args.lora_dropout,
+                "target_modules": peft_args.lora_target_modules}
     source = model_args.model_name_or_path or model_args.config_name or "tiny"
     return {"script": script, "impl": model_args.impl,
             "model": os.path.abspath(source) if os.path.exists(source) else source,
@@ -381,6 +385,7 @@ def run_record(script: str, model_args: ModelArguments, data_args: DataTrainingA
             "dtype": model_args.dtype, "data": safety.file_identity(data_args.train_files),
             "validation": safety.file_identity(data_args.validation_files),
             "sequence_length": sequence_length, "lora": lora,
+            "peft": peft_methods.peft_record(peft_args) if peft_args is not None else None,
             # None when off, so a record written before these flags existed still matches an unpacked run
             "packing": {"packing": data_args.packing, "buffer": data_args.packing_buffer if data_args.packing else None,
                         "document_mask": data_args.document_mask}
@@ -428,12 +433,17 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
 
 # ---- tokenizer, model --------------------------------------------------------------------------------------
 
-def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerFast:
+def tokenizer_dir(model_args: ModelArguments) -> str:
+    """--tokenizer_name, else the model's own tokenizer, else the bundled one."""
     path = model_args.tokenizer_name
     if path is None and model_args.model_name_or_path and \
             os.path.isfile(os.path.join(model_args.model_name_or_path, "tokenizer.json")):
         path = model_args.model_name_or_path
-    path = path or str(corpus.TOKENIZER_DIR)
+    return path or str(corpus.TOKENIZER_DIR)
+
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerFast:
+    path = tokenizer_dir(model_args)
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file) and not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         fail(f"--tokenizer_name: {path} has no tokenizer.json")
@@ -490,29 +500,6 @@ def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Mo
     n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
     logger.info(f"Model size: {n_params / 1e6:.2f}M parameters")
     return model.to(dtype)
-
-
-def add_lora(model: torch.nn.Module, model_args: ModelArguments, lora_args: LoraArguments, seed: int):
-    """Wrap `model` with LoRA: minillm.lora for minillm, peft (the course's way) for hf.
-
-    Both are seeded the same just before; minillm.lora creates its adapters in peft's order with peft's
-    random draws, so the initial A matrices are equal (B starts at zero in both).
-    """
-    targets = lora_args.lora_target_modules
-    if targets == ["all-linear"]:
-        targets = "all-linear"  # peft's keyword is a plain string, not a list entry
-    torch.manual_seed(seed)
-    if model_args.impl == "minillm":
-        cfg = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-                         target_modules=targets)
-        return apply_lora(model, cfg, verbose=True)
-    import peft
-
-    cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha,
-                          lora_dropout=lora_args.lora_dropout, target_modules=targets)
-    model = peft.get_peft_model(model, cfg)
-    model.print_trainable_parameters()
-    return model
 
 
 # ---- the Trainer, saving minillm models in HF format ---------------------------------------------------------
@@ -580,12 +567,15 @@ class Trainer(transformers.Trainer):
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
-        if not isinstance(model, CausalLM):
+        if not isinstance(model, CausalLM) and not minillm_adapted(model):
             bad = safety.non_finite_tensors(state_dict if state_dict is not None else model.state_dict())
             if bad:
                 raise Diverged(f"refusing to save non-finite weights ({', '.join(bad[:3])}) at step "
                                f"{self.state.global_step}")
-            return super()._save(output_dir, state_dict)
+            super()._save(output_dir, state_dict)
+            if self._staging and prompt_learning(model):  # peft cannot resume a projected prefix from its file
+                save_trainable(model, output_dir)
+            return
         os.makedirs(output_dir, exist_ok=True)
         logger.info(f"Saving minillm model to {output_dir}")
         if state_dict is None or not zero3(self):
@@ -597,8 +587,12 @@ class Trainer(transformers.Trainer):
         if lora_layers(model):
             # Under ZeRO-3 the live adapter parameters are partitions (empty on this rank): take them from the
             # consolidated state dict the Trainer gathered (stage3_gather_16bit_weights_on_model_save).
-            save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path,
-                         state_dict=state_dict if zero3(self) else None)
+            peft_format.save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path,
+                                     state_dict=state_dict if zero3(self) else None)
+        elif minillm_adapted(model):  # prefix, prompt, Houlsby: peft's files (ZeRO-3 is refused for these)
+            peft_format.save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path)
+            if self._staging:  # a checkpoint: what a resume without DeepSpeed restores (peft_methods says why)
+                save_trainable(model, output_dir)
         else:
             config = model.config.to_hf()
             tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -645,6 +639,12 @@ class Trainer(transformers.Trainer):
         target = self.accelerator.unwrap_model(model or self.model)
         if isinstance(target, CausalLM) and lora_layers(target):  # stock Trainer only knows peft adapters
             load_adapter(target, resume_from_checkpoint)
+            return
+        if minillm_adapted(target) or prompt_learning(target):  # prefix, prompt, Houlsby (peft's too)
+            try:
+                load_trainable(target, resume_from_checkpoint)
+            except ValueError as e:
+                fail(str(e))
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 

@@ -14,8 +14,10 @@ first label -100, no attention_mask, so both implementations attend within each 
 divides the summed loss by the learned tokens of the whole optimizer step (num_items_in_batch), so a packed step
 learns exactly what the unpacked step over the same conversations learns. Evaluation stays unpacked.
 With --streaming --packing the rows are packed on the fly (minillm.pack.StreamingPacker) and padded to --max_len.
-LoRA: minillm.lora for --impl minillm, peft for --impl hf; the adapter is saved in peft's format
-(adapter_config.json + adapter_model.safetensors) either way, with the tokenizer files alongside.
+--peft lora|prefix|prompt|adapter (--use_lora is --peft lora): the chapter's efficient fine-tuning methods,
+minillm's hand-written ones for --impl minillm, peft's for --impl hf (train/peft_methods.py; Houlsby adapters
+are minillm's only). The adapter is saved in peft's format (adapter_config.json + adapter_model.safetensors)
+either way, with the tokenizer files alongside; `python -m minillm.generate --model BASE --adapter OUT` chats.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from transformers import set_seed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
 from common import (  # noqa: E402
-    DataTrainingArguments, LoraArguments, ModelArguments, Trainer, TrainingArguments, add_lora, build_model,
-    cache_path, cached, check_args, check_resume, find_resume_checkpoint, load_tokenizer, logger,
+    DataTrainingArguments, ModelArguments, PeftArguments, Trainer, TrainingArguments, build_model,
+    cache_path, cached, check_args, check_resume, find_resume_checkpoint, load_tokenizer, logger, tokenizer_dir,
     fail, parse_args, read_or_fail, run_record, setup_logging, train_and_save,
 )
+
+from peft_methods import add_peft, check_positions  # noqa: E402
 
 from minillm import corpus  # noqa: E402
 from minillm.pack import PackedCollator, PackedDataset, StreamingPacker  # noqa: E402
@@ -135,21 +139,22 @@ def dataset(files, tokenizer, data_args, training_args, limit=None, desc="train"
 
 
 def main() -> None:
-    model_args, data_args, lora_args, training_args = parse_args(
-        (ModelArguments, DataTrainingArguments, LoraArguments, TrainingArguments), default_output_dir="out/sft")
-    check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_SFT), lora_args=lora_args)
+    model_args, data_args, peft_args, training_args = parse_args(
+        (ModelArguments, DataTrainingArguments, PeftArguments, TrainingArguments), default_output_dir="out/sft")
+    check_args(model_args, data_args, training_args, default_train=str(corpus.SAMPLE_SFT), peft_args=peft_args)
     if data_args.document_mask:
         fail("--document_mask is for pretrain.py; finetune.py's --packing keeps conversations apart")
     setup_logging(training_args)
     checkpoint = find_resume_checkpoint(training_args)
-    record = run_record("finetune.py", model_args, data_args, {"max_len": data_args.max_len}, lora_args)
+    record = run_record("finetune.py", model_args, data_args, {"max_len": data_args.max_len}, peft_args)
     check_resume(training_args, checkpoint, record)
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(model_args)
     model = build_model(model_args, tokenizer, training_args.seed)
-    if lora_args.use_lora:
-        model = add_lora(model, model_args, lora_args, training_args.seed)
+    if err := check_positions(model.config, peft_args, data_args.max_len):
+        fail(err)
+    model = add_peft(model, model_args.impl, peft_args, training_args.seed, tokenizer, tokenizer_dir(model_args))
 
     if data_args.streaming and data_args.packing:
         train_dataset = streaming_packer(data_args.train_files, tokenizer, data_args, training_args)

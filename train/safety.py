@@ -82,7 +82,7 @@ def unloadable_files(checkpoint: str, safe: list) -> list[str]:
 
 # ---- numbers ---------------------------------------------------------------------------------------------
 
-def check_numbers(model_args, data_args, training_args, lora_args=None) -> str | None:
+def check_numbers(model_args, data_args, training_args, peft_args=None) -> str | None:
     """The first numeric argument that cannot train, as a sentence naming the flag; None when all are fine."""
     def finite(flag: str, v: float, lo: float | None = None, hi: float | None = None, lo_open=False, hi_open=False):
         if v is None:
@@ -125,10 +125,10 @@ def check_numbers(model_args, data_args, training_args, lora_args=None) -> str |
         finite("max_train_samples", data_args.max_train_samples, 1),
         finite("preprocessing_num_workers", data_args.preprocessing_num_workers, 1),
     ]
-    if lora_args is not None and lora_args.use_lora:
-        checks += [finite("lora_r", lora_args.lora_r, 1),
-                   finite("lora_alpha", lora_args.lora_alpha, 0, lo_open=True),
-                   finite("lora_dropout", lora_args.lora_dropout, 0, 1, hi_open=True)]
+    if peft_args is not None and peft_args.use_lora:
+        checks += [finite("lora_r", peft_args.lora_r, 1),
+                   finite("lora_alpha", peft_args.lora_alpha, 0, lo_open=True),
+                   finite("lora_dropout", peft_args.lora_dropout, 0, 1, hi_open=True)]
     return next((c for c in checks if c), None)
 
 
@@ -167,7 +167,7 @@ def check_writable(flag: str, path: str | os.PathLike) -> str | None:
 
 RUN_RECORD = "run.json"
 # Keys of the record whose change makes a resume train a different thing than the checkpoint did.
-MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "packing", "validation_split")
+MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "peft", "packing", "validation_split")
 
 
 def file_identity(paths: list[str] | None) -> list[dict] | None:

@@ -1,0 +1,222 @@
+"""`finetune.py --peft lora|prefix|prompt|adapter`: the chapter's efficient fine-tuning methods (§3.3) for training.
+
+Each method wraps the frozen model on either side: minillm's hand-written one (minillm.lora, .prefix,
+.prompt_tuning, .adapter) for --impl minillm, peft's get_peft_model for --impl hf, both seeded the same just
+before so they start from the same weights (parity/peft_methods.py checks forward, gradients and files).
+Houlsby adapters (--peft adapter) exist only in minillm: peft 0.21 has no such method, so --impl hf is refused.
+
+What this file adds to the training scripts, and why:
+- --packing is refused with prefix and prompt tuning: peft drops position_ids under prompt tuning, and a prefix
+  is a KV cache, with which transformers does not look for packed documents; both would attend across
+  conversations.
+- prefix tuning with --gradient_checkpointing uses non-re-entrant checkpointing (re-entrant recomputation
+  would differentiate only the layer's tensor arguments; the prefix rides in the cache object).
+- checkpoints of a prefix/prompt/adapter run (minillm's, and peft's prefix/prompt) hold, besides the
+  peft-format adapter, the trainable tensors by name (`trainable.safetensors`): a prefix with
+  --prefix_projection is saved by peft's rule as its projected table, from which the projection MLP cannot be
+  recovered, so the stock Trainer's resume without DeepSpeed fails on peft's own checkpoint ("Error(s) in
+  loading state_dict for Embedding"); a resume must restore exactly what was being trained. (Under DeepSpeed
+  the resume reads DeepSpeed's own copy of the module instead.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from minillm import adapter as houlsby
+from minillm.checkpoint import read_safetensors_file
+from minillm.lora import LoraConfig, apply_lora, lora_layers, trainable_summary
+from minillm.model import CausalLM
+from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
+from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
+
+METHODS = ("none", "lora", "prefix", "prompt", "adapter")
+TRAINABLE_FILE = "trainable.safetensors"  # checkpoints of minillm's prefix/prompt/adapter runs (resume)
+
+
+@dataclass
+class PeftArguments:
+    peft: Literal["none", "lora", "prefix", "prompt", "adapter"] = field(
+        default="none", metadata={"help": "efficient fine-tuning (the chapter's §3.3): lora; prefix (prefix tuning); "
+                                          "prompt (prompt tuning); adapter (Houlsby adapters, --impl minillm only: "
+                                          "peft has none); none: train all weights"})
+    use_lora: bool = field(default=False, metadata={"help": "the course's flag: the same as --peft lora"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch"})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "module names (e.g. q_proj v_proj embed_tokens) or all-linear; default "
+                                        "q_proj v_proj"})
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix/prompt: number of virtual tokens P"})
+    prefix_projection: bool = field(
+        default=False, metadata={"help": "prefix: learn the prefix through an MLP (Li & Liang's reparametrisation); "
+                                         "the saved adapter is its output table"})
+    encoder_hidden_size: int | None = field(
+        default=None, metadata={"help": "prefix --prefix_projection: the MLP's hidden width (default: the kv width)"})
+    prompt_tuning_init_text: str | None = field(
+        default=None, metadata={"help": "prompt: start the virtual tokens from this text's token embeddings "
+                                        "(peft's PromptTuningInit.TEXT); default random"})
+    adapter_bottleneck: int = field(default=16, metadata={"help": "adapter: bottleneck width m (< hidden_size)"})
+    adapter_non_linearity: Literal["gelu", "relu", "silu", "tanh"] = field(
+        default="gelu", metadata={"help": "adapter: the non-linearity between the down- and up-projection"})
+
+    def __post_init__(self) -> None:
+        if self.use_lora and self.peft not in ("none", "lora"):
+            raise ValueError(f"--use_lora means --peft lora; it cannot be combined with --peft {self.peft}")
+        if self.use_lora:
+            self.peft = "lora"
+        self.use_lora = self.peft == "lora"
+
+
+# flags that belong to one method: given with another, they would silently do nothing
+_OWN_FLAGS = {"lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
+              "prefix": ("prefix_projection", "encoder_hidden_size"),
+              "prompt": ("prompt_tuning_init_text",),
+              "adapter": ("adapter_bottleneck", "adapter_non_linearity")}
+
+
+def check_peft_args(peft_args: PeftArguments, impl: str, packing: bool, training_args) -> str | None:
+    """The first reason this --peft set-up cannot run, as a sentence; None when it can. May fill
+    gradient_checkpointing_kwargs (prefix tuning needs non-re-entrant checkpointing)."""
+    method = peft_args.peft
+    defaults = PeftArguments()
+    for owner, flags in _OWN_FLAGS.items():
+        for flag in flags:
+            if owner != method and getattr(peft_args, flag) != getattr(defaults, flag):
+                return f"--{flag} is for --peft {owner}, not --peft {method}"
+    if method in ("prefix", "prompt"):
+        if peft_args.num_virtual_tokens < 1:
+            return f"--num_virtual_tokens {peft_args.num_virtual_tokens}: must be >= 1"
+        if packing:
+            return (f"--packing cannot be used with --peft {method}: peft drops position_ids under prompt tuning and "
+                    "transformers does not look for packed documents behind a prefix cache, so conversations would "
+                    "attend to each other")
+    if method == "prefix" and peft_args.encoder_hidden_size is not None and peft_args.encoder_hidden_size < 1:
+        return f"--encoder_hidden_size {peft_args.encoder_hidden_size}: must be >= 1"
+    if method == "adapter":
+        if impl == "hf":
+            return ("--peft adapter: peft has no Houlsby adapters (minillm/adapter.py is minillm's own method, "
+                    "checked against the paper's equations in parity/peft_methods.py); use --impl minillm")
+        if peft_args.adapter_bottleneck < 1:
+            return f"--adapter_bottleneck {peft_args.adapter_bottleneck}: must be >= 1"
+    if method == "prefix" and training_args.gradient_checkpointing:
+        kw = dict(training_args.gradient_checkpointing_kwargs or {})
+        if kw.get("use_reentrant", False):
+            return ("--peft prefix with re-entrant activation checkpointing would not train the prefix correctly; "
+                    "leave gradient_checkpointing_kwargs' use_reentrant unset or false")
+        training_args.gradient_checkpointing_kwargs = {**kw, "use_reentrant": False}
+    return None
+
+
+def peft_record(peft_args: PeftArguments) -> dict[str, Any] | None:
+    """What a prefix/prompt/adapter run trains, for run.json (LoRA has its own "lora" entry; None otherwise)."""
+    if peft_args.peft in ("none", "lora"):
+        return None
+    return {"method": peft_args.peft, "num_virtual_tokens": peft_args.num_virtual_tokens,
+            **{f: getattr(peft_args, f) for f in _OWN_FLAGS[peft_args.peft]}}
+
+
+def check_positions(config, peft_args: PeftArguments, max_len: int) -> str | None:
+    """Virtual tokens and prefixes take positions: P + max_len must fit the model's max_position_embeddings."""
+    P = peft_args.num_virtual_tokens
+    if peft_args.peft in ("prefix", "prompt") and P + max_len > config.max_position_embeddings:
+        return (f"--num_virtual_tokens {P} + --max_len {max_len} exceeds the model's max_position_embeddings "
+                f"{config.max_position_embeddings} (the virtual tokens take positions 0..{P - 1})")
+    return None
+
+
+def add_peft(model: nn.Module, impl: str, peft_args: PeftArguments, seed: int, tokenizer,
+             tokenizer_path: str) -> nn.Module:
+    """Wrap `model` with the chosen method (minillm's for impl minillm, peft's for hf); prints peft's
+    trainable-parameter line. Returns the model to train (a wrapper for prefix/prompt tuning)."""
+    method = peft_args.peft
+    if method == "none":
+        return model
+    torch.manual_seed(seed)  # both sides draw the new weights in the same order from here
+    text = peft_args.prompt_tuning_init_text
+    P = peft_args.num_virtual_tokens
+    if impl == "hf":
+        import peft
+
+        if method == "lora":
+            targets = peft_args.lora_target_modules
+            cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha,
+                                  lora_dropout=peft_args.lora_dropout,
+                                  target_modules="all-linear" if targets == ["all-linear"] else targets)
+        elif method == "prompt":
+            cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                          prompt_tuning_init="TEXT" if text else "RANDOM",
+                                          prompt_tuning_init_text=text,
+                                          tokenizer_name_or_path=tokenizer_path if text else None)
+        else:  # prefix
+            cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                          prefix_projection=peft_args.prefix_projection,
+                                          encoder_hidden_size=peft_args.encoder_hidden_size)
+        model = peft.get_peft_model(model, cfg)
+        model.print_trainable_parameters()
+        return model
+    if method == "lora":
+        targets = peft_args.lora_target_modules
+        model = apply_lora(model, LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha,
+                                             lora_dropout=peft_args.lora_dropout,
+                                             target_modules="all-linear" if targets == ["all-linear"] else targets),
+                           verbose=False)
+    elif method == "prompt":
+        ids = tokenizer(text)["input_ids"] if text else None  # what peft's TEXT init tokenizes
+        model = PromptTuningLM(model, PromptTuningConfig(
+            num_virtual_tokens=P, prompt_tuning_init="TEXT" if text else "RANDOM", prompt_tuning_init_text=text,
+            init_token_ids=ids, tokenizer_name_or_path=tokenizer_path if text else None))
+    elif method == "prefix":
+        model = PrefixTuningLM(model, PrefixTuningConfig(num_virtual_tokens=P,
+                                                         prefix_projection=peft_args.prefix_projection,
+                                                         encoder_hidden_size=peft_args.encoder_hidden_size))
+    else:  # adapter
+        model = houlsby.apply_adapters(model, houlsby.HoulsbyConfig(
+            bottleneck=peft_args.adapter_bottleneck, non_linearity=peft_args.adapter_non_linearity), verbose=False)
+    print(trainable_summary(model), flush=True)
+    return model
+
+
+# ---- saving and resuming minillm's prefix/prompt/adapter runs -------------------------------------------------
+
+def minillm_adapted(model: nn.Module) -> bool:
+    """A minillm model whose adapter peft_format.save_adapter writes (prefix, prompt, Houlsby, LoRA)."""
+    return isinstance(model, (PromptTuningLM, PrefixTuningLM)) or \
+        (isinstance(model, CausalLM) and (hasattr(model, "adapter_config") or bool(lora_layers(model))))
+
+
+def prompt_learning(model: nn.Module) -> bool:
+    """A peft model with prompt or prefix tuning (whose Trainer resume reads only the saved table)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def save_trainable(model: nn.Module, directory: str) -> None:
+    """Every trainable tensor by name (a checkpoint's resume state for prefix/prompt/adapter runs)."""
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, os.path.join(directory, TRAINABLE_FILE), metadata={"format": "pt"})
+
+
+def load_trainable(model: nn.Module, checkpoint: str) -> None:
+    """Restore what save_trainable wrote into the same set-up; the names and shapes must match exactly."""
+    path = os.path.join(checkpoint, TRAINABLE_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{checkpoint}: no {TRAINABLE_FILE}, so the trained prefix/prompt/adapter tensors cannot "
+                         "be restored (a checkpoint of another set-up?)")
+    saved = read_safetensors_file(path)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ValueError(f"{path}: does not match this run's trainable tensors: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
+    with torch.no_grad():
+        for n, p in params.items():
+            if saved[n].shape != p.shape:
+                raise ValueError(f"{path}: {n} has shape {tuple(saved[n].shape)}, this run's is {tuple(p.shape)}")
+            p.copy_(saved[n])
