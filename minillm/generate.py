@@ -1,6 +1,6 @@
 """Text generation with a KV cache: greedy or sampled, token-identical to transformers' `generate`.
 
-    python -m minillm.generate --model out/sft [--adapter out/lora] --prompt "你好"   # one reply
+    python -m minillm.generate --model out/sft [--adapter out/lora] --prompt "你好"   # one reply (any adapter type)
     python -m minillm.generate --model out/sft                                        # interactive chat
 
 Like transformers, `generate` returns prompt + new tokens; a finished row (it produced eos) is filled
@@ -188,36 +188,77 @@ class TextStream:
 # ---------------------------------------------------------------------------------------------
 # Command line: one reply, or an interactive ChatML chat, with the model (and adapter) you trained
 # ---------------------------------------------------------------------------------------------
+ADAPTER_KINDS = {"LORA": "LoRA adapter", "PROMPT_TUNING": "prompt-tuning adapter",
+                 "PREFIX_TUNING": "prefix-tuning adapter", "MINILLM_HOULSBY_ADAPTER": "Houlsby adapter"}
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def adapter_kind(path: str | Path) -> str:
+    """"LoRA adapter", "prefix-tuning adapter", ...: what an adapter directory's adapter_config.json says it is
+    (peft's LoRA configs always carry peft_type; an old one without it is LoRA); "adapter" if unreadable."""
+    try:
+        kind = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type", "LORA")
+    except (ValueError, AttributeError, OSError):
+        return "adapter"
+    return ADAPTER_KINDS.get(kind, f"adapter (peft_type {kind!r})")
+
+
 def adapter_instead_of_model(path: str | Path, flag: str = "--model",
                              then: str = "load it with python -m minillm.generate --model {base} --adapter {path}"
                              ) -> str | None:
-    """A sentence for a LoRA adapter directory given where a model is expected (None if `path` is not one):
-    it names the base model recorded in the adapter's adapter_config.json and says what to run instead."""
+    """A sentence for an adapter directory (any peft_type) given where a model is expected (None if `path` is not
+    one): it names the adapter's type and the base model recorded in its adapter_config.json, and says what to
+    run instead."""
     p = Path(path)
     cfg = p / "adapter_config.json"
-    if not cfg.is_file() or any((p / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+    if not cfg.is_file() or any((p / f).is_file() for f in MODEL_FILES):
         return None
+    kind = adapter_kind(p)
     try:
-        base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+        base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (ValueError, AttributeError, OSError) as e:
-        return f"{flag} {path} is a LoRA adapter, not a model, and its {cfg} is unreadable ({e})"
+        return f"{flag} {path} is an adapter, not a model, and its {cfg} is unreadable ({e})"
     if not base:
-        return (f"{flag} {path} is a LoRA adapter, not a model; its adapter_config.json records no base model: "
+        return (f"{flag} {path} is a {kind}, not a model; its adapter_config.json records no base model: "
                 + then.format(base="BASE", path=path) + ", with BASE the model it was trained from")
-    return (f"{flag} {path} is a LoRA adapter, not a model; its adapter_config.json names the base model {base}: "
+    return (f"{flag} {path} is a {kind}, not a model; its adapter_config.json names the base model {base}: "
             + then.format(base=base, path=path))
 
 
+def model_instead_of_adapter(path: str | Path, flag: str = "--adapter") -> str | None:
+    """A sentence for a model directory (or any directory without adapter_config.json) given where an adapter is
+    expected; None when `path` has an adapter_config.json."""
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return None
+    kinds = ", ".join(ADAPTER_KINDS.values())
+    if (p / "config.json").is_file() and any((p / f).is_file() for f in MODEL_FILES):
+        return (f"{flag} {path} is a model (config.json + weights), not an adapter: give it as the model; an adapter "
+                f"directory ({kinds}) holds adapter_config.json + adapter_model.safetensors")
+    return (f"{flag} {path}: no adapter_config.json there, so not an adapter directory ({kinds}, in peft's "
+            f"format)")
+
+
 def _load(model_dir: str, adapter: str | None):
+    """(model, tokenizer) for the chat. An adapter of any type is loaded with minillm.peft_format.load_adapter:
+    LoRA is merged into the weights (a plain CausalLM, as fast as the base); prompt and prefix tuning return
+    their wrapper (PromptTuningLM / PrefixTuningLM, whose forward fills generate's KV cache with the virtual
+    tokens); Houlsby adapters stay in the model as applied."""
     from tokenizers import Tokenizer  # the only place this file needs the tokenizers library
 
     from minillm.model import CausalLM
 
+    if adapter:  # before loading the model: a wrong directory is a one-line error at once
+        hint = model_instead_of_adapter(adapter)
+        if hint:
+            raise ValueError(hint)
     model = CausalLM.from_pretrained(model_dir)
     if adapter:
-        from minillm.lora import load_adapter, merge_and_unload
-        load_adapter(model, adapter)
-        model = merge_and_unload(model)
+        from minillm.lora import lora_layers, merge_and_unload
+        from minillm.peft_format import load_adapter
+        model = load_adapter(model, adapter)  # maybe a wrapper: always its return value
+        if lora_layers(model):
+            model = merge_and_unload(model)
     dirs = [Path(adapter)] if adapter else []
     tok_dir = next((d for d in dirs + [Path(model_dir)] if (d / "tokenizer.json").exists()), None)
     if tok_dir is None:
@@ -264,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--temperature, --top_k or --top_p is given, which turn on sampling (transformers' warpers, "
                     "applied in its order: temperature, then top-k, then top-p).")
     ap.add_argument("--model", required=True, help="HF-format model directory (config.json + safetensors)")
-    ap.add_argument("--adapter", help="LoRA adapter directory (peft format) to merge into the model")
+    ap.add_argument("--adapter", help="adapter directory trained on --model (peft format: LoRA, which is merged "
+                    "into the model, prompt or prefix tuning; or minillm's Houlsby adapter)")
     ap.add_argument("--prompt", action="append",
                     help="user message (repeatable: one reply each); omit for an interactive chat")
     ap.add_argument("--system", default="You are a helpful assistant.",
