@@ -95,8 +95,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 20, attention
     cfg = model.config
     B, T = input_ids.shape
     limit = getattr(cfg, "max_position_embeddings", None)
-    if limit and T + max_new_tokens > limit:
-        what = f"the prompt alone ({T} tokens)" if T > limit else f"prompt + max_new_tokens ({T} + {max_new_tokens})"
+    # prompt/prefix tuning (PromptTuningLM, PrefixTuningLM): the P virtual tokens take the first P positions
+    P = getattr(getattr(model, "peft_config", None), "num_virtual_tokens", 0)
+    if limit and P + T + max_new_tokens > limit:
+        virtual = f"{P} virtual tokens + " if P else ""
+        what = (f"{virtual}the prompt alone ({T} tokens)" if P + T > limit
+                else f"{virtual}prompt + max_new_tokens ({T} + {max_new_tokens})")
         warnings.warn(f"{what} is longer than the model's max_position_embeddings ({limit}): positions past "
                       f"{limit} were never trained, expect degraded output", stacklevel=2)
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id

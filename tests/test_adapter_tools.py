@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,15 @@ def test_houlsby_reference_gap_names_what_it_lacks(dirs, tmp_path):
     rows = pc.compare(str(d), new_tokens=4, adapter=str(tmp_path / "a"), prompts=[])
     assert len(rows) == 1 and rows[0].verdict == "SKIP" and "model_type qwen3" in rows[0].note
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["peft_type"] == pc.HOULSBY
+
+
+def test_virtual_tokens_count_towards_max_position_embeddings():
+    """Prompt/prefix tuning put P virtual tokens at the first positions: the length warning counts them."""
+    model = PrefixTuningLM(_base(), PrefixTuningConfig(num_virtual_tokens=3))
+    limit = model.config.max_position_embeddings
+    ids = torch.ones(1, limit - 4, dtype=torch.long)
+    with pytest.warns(UserWarning, match=r"3 virtual tokens \+ prompt \+ max_new_tokens"):
+        mg.generate(model, ids, max_new_tokens=2, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mg.generate(model, ids[:, 1:], max_new_tokens=2, eos_token_id=[])  # 3 + limit - 5 + 2 = limit: no warning
