@@ -106,6 +106,10 @@ def check_peft_args(peft_args: PeftArguments, impl: str, packing: bool, training
         if peft_args.adapter_bottleneck < 1:
             return f"--adapter_bottleneck {peft_args.adapter_bottleneck}: must be >= 1"
     if method == "prefix" and training_args.gradient_checkpointing:
+        if impl == "hf":  # transformers 5.x GradientCheckpointingLayer sets cache=None: the prefix is gone
+            return ("--peft prefix --gradient_checkpointing does not work with --impl hf: transformers' checkpointed "
+                    "layers drop the KV cache that holds peft's prefix (a shape error at the first step); use --impl "
+                    "minillm, or train without --gradient_checkpointing")
         kw = dict(training_args.gradient_checkpointing_kwargs or {})
         if kw.get("use_reentrant", False):
             return ("--peft prefix with re-entrant activation checkpointing would not train the prefix correctly; "
