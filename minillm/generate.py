@@ -111,7 +111,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 20, attention
         pad = int(eos[0]) if len(eos) else 0  # transformers' fallback: pad with eos
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    dtype = next(model.parameters()).dtype
+    # the activations' dtype (the frozen base's), not an adapter's fp32 tensor: on a bf16 model LoRA's
+    # lora_embedding_A/B are fp32 and come first in parameters()
+    dtype = getattr(model, "base_model", model).model.norm.weight.dtype
     cache = KVCache(cfg, B, T + max_new_tokens, dtype, input_ids.device)
     out, mask = input_ids, attention_mask
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -137,7 +137,8 @@ def houlsby_reference_gap(ref, dtype: torch.dtype) -> str | None:
             (getattr(cfg, "hidden_act", "silu") != "silu", f"hidden_act {cfg.hidden_act}"),
             (getattr(cfg, "use_sliding_window", False), "sliding-window attention"),
             (attn.o_proj.bias is not None or mlp.down_proj.bias is not None, "biases on o_proj or the MLP"),
-            (cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size, "head_dim != hidden_size / heads")]
+            (getattr(cfg, "head_dim", None) not in (None, cfg.hidden_size // cfg.num_attention_heads),
+             "head_dim != hidden_size / heads")]
     reasons = [why for gap, why in gaps if gap]
     return "; ".join(reasons) or None
 

@@ -168,6 +168,17 @@ def test_parity_checkpoint_fails_when_minillm_loads_the_adapter_wrong(dirs, kind
     assert rc == 1 and "FAIL" in out, out
 
 
+@pytest.mark.parametrize("kind", ["lora-embed", "prefix", "houlsby"])
+def test_parity_checkpoint_in_bfloat16(dirs, kind):
+    """A bf16 base: generate's KV cache takes the base's dtype, not that of an adapter's fp32 tensors (LoRA's
+    lora_embedding_A/B come first in parameters()); Houlsby has no bf16 reference and says so (SKIP)."""
+    rows = pc.compare(str(dirs["base"]), dtype=torch.bfloat16, new_tokens=6, adapter=str(dirs[kind]))
+    verdicts = {r.verdict for r in rows}
+    assert verdicts == ({"SKIP"} if kind == "houlsby" else {"PASS"}), pc.format_table(rows)
+    if kind == "houlsby":
+        assert "no reference for bfloat16" in rows[0].note
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_parity_checkpoint_rows_that_stop_at_eos(dirs, kind):
     """Both rows stop at eos, at different steps (eos ids taken from the adapted model's own run without eos):
