@@ -75,7 +75,7 @@ REFUSED = [
     ("logging_steps -1", "pretrain.py", ["--logging_steps=-1"], "--logging_steps -1.0: must be > 0"),
     ("max_steps 0", "pretrain.py", ["--max_steps", "0"], "--max_steps 0: must be >= 1, or -1"),
     ("eval without data", "pretrain.py", ["--eval_strategy", "steps", "--eval_steps", "5"],
-     "--eval_strategy steps: needs --validation_files"),
+     "--eval_strategy steps: needs --validation_files or --validation_split_percentage"),
     ("batch size 0", "pretrain.py", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
     ("lora_alpha nan", "finetune.py", ["--use_lora", "--lora_alpha", "nan"], "--lora_alpha nan: must be a finite"),
     ("lora_alpha 0", "finetune.py", ["--use_lora", "--lora_alpha", "0"], "--lora_alpha 0.0: must be > 0"),

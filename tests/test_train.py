@@ -329,3 +329,19 @@ def test_report_to_tensorboard_with_minillm_writes_events(tmp_path, monkeypatch)
                           "--output_dir", str(tmp_path / "o"), "--cache_dir", str(tmp_path / "cache"),
                           "--disable_tqdm", "true"], monkeypatch)
     assert list((tmp_path / "o").rglob("events.out.tfevents*"))  # transformers 5 writes them under output_dir/runs
+
+
+def test_finetune_validation_split_holds_out_the_first_conversations(tmp_path, monkeypatch, caplog):
+    """--validation_split_percentage in finetune.py (it was silently ignored): the first N% of the conversations
+    validate (run_clm's train[:N%]), the rest train, and the run evaluates on them."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="minillm.train")
+    out = tmp_path / "o"
+    _main("finetune.py", ["--validation_split_percentage", "10", "--max_steps", "1", "--max_len", "64",
+                          "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true",
+                          "--report_to", "none"], monkeypatch)
+    n = sum(1 for line in open(ROOT / "minillm" / "data" / "sft.jsonl") if line.strip())
+    assert f"conversations [0, {round(n / 10)}) of" in caplog.text
+    assert f"Training on {n - round(n / 10)} conversations" in caplog.text
+    assert "eval_loss" in json.loads((out / "all_results.json").read_text())

@@ -42,6 +42,7 @@ from peft_methods import add_peft, check_positions  # noqa: E402
 from minillm import corpus  # noqa: E402
 from minillm.pack import PackedCollator, PackedDataset, StreamingPacker  # noqa: E402
 from minillm.sft import MaskStats, SFTCollator, mask_batch  # noqa: E402
+from minillm.store import split_sizes  # noqa: E402
 
 BATCH_CONVERSATIONS = 1000
 
@@ -64,14 +65,22 @@ def build_samples(files: list[str], tokenizer, max_len: int) -> dict[str, torch.
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: dict[str, torch.Tensor], limit: int | None = None):
-        self.samples = samples
-        self.n = len(samples["offsets"]) - 1 if limit is None else min(limit, len(samples["offsets"]) - 1)
+    """Conversations [start, start + n) of the cached samples (n: all the rest, or at most `limit`)."""
+
+    def __init__(self, samples: dict[str, torch.Tensor], limit: int | None = None, start: int = 0):
+        self.samples, self.start = samples, start
+        rest = len(samples["offsets"]) - 1 - start
+        self.n = rest if limit is None else min(limit, rest)
 
     def __len__(self) -> int:
         return self.n
 
+    def lengths(self) -> list[int]:
+        offsets = self.samples["offsets"][self.start:self.start + self.n + 1]
+        return (offsets[1:] - offsets[:-1]).tolist()
+
     def __getitem__(self, i: int) -> dict[str, list[int]]:
+        i += self.start
         a, b = self.samples["offsets"][i].item(), self.samples["offsets"][i + 1].item()
         return {"input_ids": self.samples["input_ids"][a:b].tolist(), "labels": self.samples["labels"][a:b].tolist()}
 
@@ -121,21 +130,29 @@ def streaming_packer(files, tokenizer, data_args, training_args) -> StreamingPac
 
 
 def packed(ds: SFTDataset, data_args, training_args) -> PackedDataset:
-    offsets = ds.samples["offsets"][:ds.n + 1]
-    rows = PackedDataset(ds, data_args.max_len, data_args.packing_buffer, training_args.seed,
-                         lengths=(offsets[1:] - offsets[:-1]).tolist())
+    rows = PackedDataset(ds, data_args.max_len, data_args.packing_buffer, training_args.seed, lengths=ds.lengths())
     logger.info(f"Packed {len(ds)} conversations into {len(rows)} rows of {data_args.max_len} tokens "
                 f"(real tokens / row capacity {rows.efficiency():.3f}; buffer {data_args.packing_buffer})")
     return rows
 
 
-def dataset(files, tokenizer, data_args, training_args, limit=None, desc="train"):
+def dataset(files, tokenizer, data_args, training_args, limit=None, desc="train", validation_split: float = 0):
+    """The masked conversations of `files`, and with `validation_split` > 0 the first that % of them held out
+    (run_clm's `train[:N%]` / `train[N%:]`, rounded as minillm.store.split_sizes): (train, validation or None)."""
     if data_args.streaming:
-        return StreamingSFT(files, tokenizer, data_args.max_len)
+        return StreamingSFT(files, tokenizer, data_args.max_len), None
     path = cache_path(data_args, "sft", files, tokenizer, max_len=data_args.max_len)
     samples = cached(path, lambda: build_samples(files, tokenizer, data_args.max_len), training_args,
                      desc=f"masking {desc} conversations")
-    return SFTDataset(samples, limit)
+    if not validation_split:
+        return SFTDataset(samples, limit), None
+    try:
+        n_val, _ = split_sizes(len(samples["offsets"]) - 1, validation_split)
+    except ValueError as e:
+        fail(f"--validation_split_percentage: {e}")
+    logger.info(f"--validation_split_percentage {validation_split:g}: conversations [0, {n_val}) of {files} "
+                "validate, the rest train")
+    return SFTDataset(samples, limit, start=n_val), SFTDataset(samples, start=0, limit=n_val)
 
 
 def main() -> None:
@@ -156,14 +173,15 @@ def main() -> None:
         fail(err)
     model = add_peft(model, model_args.impl, peft_args, training_args.seed, tokenizer, tokenizer_dir(model_args))
 
+    eval_dataset = None
     if data_args.streaming and data_args.packing:
         train_dataset = streaming_packer(data_args.train_files, tokenizer, data_args, training_args)
     else:
-        train_dataset = dataset(data_args.train_files, tokenizer, data_args, training_args,
-                                data_args.max_train_samples)
-    eval_dataset = None
+        split = 0 if data_args.validation_files else data_args.validation_split_percentage
+        train_dataset, eval_dataset = dataset(data_args.train_files, tokenizer, data_args, training_args,
+                                              data_args.max_train_samples, validation_split=split)
     if data_args.validation_files:
-        eval_dataset = dataset(data_args.validation_files, tokenizer, data_args, training_args, desc="validation")
+        eval_dataset, _ = dataset(data_args.validation_files, tokenizer, data_args, training_args, desc="validation")
     n_train = None if data_args.streaming else len(train_dataset)
     if n_train is not None:
         logger.info(f"Training on {n_train} conversations (<= {data_args.max_len} tokens each)")

@@ -115,7 +115,8 @@ def check_numbers(model_args, data_args, training_args, peft_args=None) -> str |
         None if t.max_steps == -1 or t.max_steps >= 1 else
         f"--max_steps {t.max_steps}: must be >= 1, or -1 to train for --num_train_epochs",
         None if str(t.eval_strategy.value if hasattr(t.eval_strategy, "value") else t.eval_strategy) == "no"
-        or data_args.validation_files else f"--eval_strategy {t.eval_strategy.value}: needs --validation_files",
+        or data_args.validation_files or data_args.validation_split_percentage else
+        f"--eval_strategy {t.eval_strategy.value}: needs --validation_files or --validation_split_percentage",
         # one token has no next token to predict: the loss is 0 and nothing trains
         None if data_args.block_size is None or data_args.block_size >= 2 else
         f"--block_size {data_args.block_size}: cannot train (a block needs at least 2 tokens: an input and "
