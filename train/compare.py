@@ -5,16 +5,26 @@ weights (train/common.py builds the hf model from the minillm one), so their los
 the same curve: fp32, step by step, within TARGET. Pretraining from scratch is compared, then LoRA
 SFT on top of the minillm pretrain output (the same base directory for both impls).
 
-Writes to --out: compare.md (the table), compare.json (every number), compare.png (curves and |Δ|),
-and each run's output directory and log. Exits 1 if a curve pair differs by more than TARGET.
+Then the chapter's four efficient fine-tuning methods (§3.3; train/peft_methods.py) from that same base on the
+bundled SFT data, same steps, batch, seed and data order: LoRA (the sft-lora stage above), prefix tuning,
+prompt tuning and Houlsby adapters, each with --impl minillm and, where peft has the method, --impl hf. Their
+table: trainable parameters (the `trainable params: ...` line each run prints), final training loss per impl,
+max |Δ| between the two curves, step time, and the loss on held-out conversations (the last HELDOUT of the
+bundled file, never trained on).
+
+Writes to --out: compare.md (the tables), compare.json (every number), compare.png (curves and |Δ|),
+and each run's output directory and log. Exits 1 if a curve pair differs by more than TARGET, or a method's
+loss is not finite or does not end below where it started.
 
     python train/compare.py --out out/compare [--steps 60] [--nproc 2] [--launcher torchrun|deepspeed]
+        [--methods lora,prefix,prompt,adapter | none] [--base DIR_OR_PRESET]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -26,6 +36,27 @@ from pathlib import Path
 TARGET = 1e-5  # max |Δ loss| per step between the two fp32 curves (the issue's target)
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("minillm", "hf")
+HELDOUT = 100  # the last conversations of the bundled SFT file: held out of training, every method evaluated on them
+
+# The chapter's four methods, each with its own flags and learning rate; everything else is shared.
+# Learning rates: the best held-out loss of a one-process sweep (same base, data order, 50 steps of 8
+# conversations, AdamW, linear decay; tried 2e-3 1e-2 3e-2, plus 0.1 0.3 1 for the virtual-token methods)
+# from an untrained 7.214: LoRA 1e-2 -> 7.087 (2e-3: 7.197, 3e-2: 7.086), prefix 3e-2 -> 7.119 (1e-2: 7.171,
+# 0.1: 7.157), prompt 0.3 -> 7.209 (0.1: 7.210, 1: 7.211), adapter 1e-2 -> 7.115 (3e-2: 7.200).
+# Why so different: the virtual-token methods train a few vectors that reach the output only through attention
+# to them, so they need large steps (Lester et al. 2021 use 0.3 for prompt tuning); prompt tuning barely moves a
+# 2-layer model pretrained for 60 steps at any rate, an honest result for so small a model. LoRA and the adapters
+# start as the identity (a zero B / up-projection) and change every token's path directly.
+# Prefix tuning uses --prefix_projection (Li & Liang's MLP reparametrisation): they found the direct prefix
+# unstable to optimise, and it is the harder of the two paths to match against peft.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "lora": ("1e-2", ["--use_lora", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "all-linear"]),
+    "prefix": ("3e-2", ["--peft", "prefix", "--prefix_projection"]),
+    "prompt": ("3e-1", ["--peft", "prompt"]),
+    "adapter": ("1e-2", ["--peft", "adapter", "--adapter_bottleneck", "16"]),
+}
+HF_HAS = ("lora", "prefix", "prompt")  # peft 0.21 has no Houlsby adapters: minillm's alone
+TRAINABLE_LINE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)")
 
 
 def free_port() -> int:
@@ -90,26 +121,47 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def read_run(out_dir: Path, wall: float) -> dict:
+def trainable_params(log_text: str) -> dict | None:
+    """The first `trainable params: X || all params: Y || trainable%: Z` line of a run's log (every rank prints
+    one; they are equal), as numbers; None for a run without one (pretraining)."""
+    m = TRAINABLE_LINE.search(log_text)
+    if m is None:
+        return None
+    return {"trainable": int(m[1].replace(",", "")), "all": int(m[2].replace(",", "")), "percent": float(m[3])}
+
+
+def read_run(out_dir: Path, wall: float, log: Path | None = None) -> dict:
     state = json.loads((out_dir / "trainer_state.json").read_text())
     results = json.loads((out_dir / "train_results.json").read_text())
     losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
     runtime = results.get("train_runtime") or float("nan")
     tokens = state.get("num_input_tokens_seen") or 0
+    # --eval_on_start: the held-out loss before the first step, inside train_runtime (taken out of the step time)
+    start = next((e for e in state["log_history"] if "eval_loss" in e and e["step"] == 0), {})
+    evals = out_dir / "eval_results.json"
     return {"steps": sorted(losses), "loss": [losses[s] for s in sorted(losses)], "wall_s": wall,
             "train_runtime_s": runtime, "tokens": tokens, "tokens_per_s": tokens / runtime if runtime else 0.0,
-            "peak_memory_mb": results.get("peak_memory_mb")}
+            "step_s": (runtime - start.get("eval_runtime", 0.0)) / max(len(losses), 1),
+            "peak_memory_mb": results.get("peak_memory_mb"), "eval_loss_start": start.get("eval_loss"),
+            "eval_loss": json.loads(evals.read_text()).get("eval_loss") if evals.exists() else None,
+            "params": trainable_params(log.read_text(errors="replace")) if log is not None else None}
 
 
 def compare_stage(name: str, script: str, common_args: list[str], extra: dict[str, list[str]], out: Path,
-                  nproc: int, launcher: str) -> dict:
+                  nproc: int, launcher: str, impls: tuple[str, ...] = IMPLS) -> dict:
+    """Run `script` once per impl with the same arguments; the curves' |Δ| per step when there are two impls
+    (a one-impl stage, Houlsby adapters, has nothing to compare: max_delta None)."""
     runs = {}
-    for impl in IMPLS:
+    for impl in impls:
         run_dir = out / f"{name}-{impl}"
         args = ["--impl", impl, "--output_dir", str(run_dir), "--overwrite_output_dir", *common_args,
                 *extra.get(impl, [])]
-        wall = launch(script, nproc, launcher, args, out / f"{name}-{impl}.log")
-        runs[impl] = read_run(run_dir, wall)
+        log = out / f"{name}-{impl}.log"
+        wall = launch(script, nproc, launcher, args, log)
+        runs[impl] = read_run(run_dir, wall, log)
+    if "hf" not in runs:
+        return {"stage": name, "runs": runs, "delta": [], "max_delta": None, "steps": len(runs["minillm"]["steps"]),
+                "passed": True}
     a, b = runs["minillm"], runs["hf"]
     if a["steps"] != b["steps"]:
         raise SystemExit(f"compare.py: error: {name}: the runs logged different steps "
@@ -138,7 +190,71 @@ def table(stages: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(stages: list[dict], path: Path) -> None:
+def method_problems(name: str, stage: dict) -> list[str]:
+    """Why a method's row fails, if it does: curves apart by more than TARGET, a loss that is not finite, or a
+    held-out loss that training did not lower. (Held-out, not the first vs the last training step: those are
+    two different batches of 8 conversations, and their losses differ by more than 50 steps of training move
+    them: with lr 0 the last step's loss ended 0.17 above the first in a measured run.)"""
+    problems = []
+    if stage["max_delta"] is not None and not stage["passed"]:
+        problems.append(f"{name}: minillm and hf curves differ by {stage['max_delta']:.3g} > {TARGET:g}")
+    for impl, r in stage["runs"].items():
+        before, after = r.get("eval_loss_start"), r.get("eval_loss")
+        finite = [*r["loss"], before, after]
+        if not r["loss"] or not all(x is not None and math.isfinite(x) for x in finite):
+            problems.append(f"{name} --impl {impl}: a loss is not finite or missing (training {r['loss'][-3:]}, "
+                            f"held-out {before} -> {after})")
+        elif after >= before:
+            problems.append(f"{name} --impl {impl}: held-out loss {after:.4f} after training is not below "
+                            f"{before:.4f} before it")
+    return problems
+
+
+def methods_table(methods: dict[str, dict], lrs: dict[str, str]) -> str:
+    """One row per method: what it trains, where its loss ends (per impl), how far apart the impls' curves are,
+    step time and held-out loss. A '-' is a side that does not exist (peft has no Houlsby adapters)."""
+    def cell(r: dict | None, key: str, fmt: str) -> str:
+        return "-" if r is None or r.get(key) is None else format(r[key], fmt)
+
+    def heldout(r: dict | None) -> str:
+        return "-" if r is None else f"{cell(r, 'eval_loss_start', '.4f')} -> {cell(r, 'eval_loss', '.4f')}"
+
+    first = next(iter(methods.values()))
+    lines = [f"## PEFT methods: {first['steps']} steps each from the same base, same data order, batch and seed "
+             f"(ZeRO-2); held-out = the last {HELDOUT} conversations of the bundled SFT file", "",
+             "| method | lr | trainable params | final loss minillm | final loss hf (peft) | max \\|Δ\\| "
+             "| step time minillm / hf (s) | held-out loss before -> after, minillm / hf |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, st in methods.items():
+        a, b = st["runs"]["minillm"], st["runs"].get("hf")
+        pa, pb = a["params"], b["params"] if b else None
+        params = "?" if pa is None else f"{pa['trainable']:,d} ({pa['percent']:.2f}%)"
+        if pa and pb and pb["trainable"] != pa["trainable"]:
+            params += f" / hf {pb['trainable']:,d}"  # never expected: the same method, the same tensors
+        delta = "-" if st["max_delta"] is None else f"{st['max_delta']:.2e}"
+        lines.append(f"| {name} | {lrs[name]} | {params} | {a['loss'][-1]:.4f} | "
+                     f"{'-' if b is None else format(b['loss'][-1], '.4f')} | {delta} | "
+                     f"{a['step_s']:.3f} / {cell(b, 'step_s', '.3f')} | "
+                     f"{heldout(a)} / {heldout(b)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def split_sft(out: Path) -> tuple[Path, Path]:
+    """The bundled SFT file as train (all but the last HELDOUT conversations) and held-out. Rewritten only when
+    the content changed, so the preprocessed-data cache (keyed by path, size and mtime) is reused."""
+    from minillm import corpus
+
+    lines = Path(corpus.SAMPLE_SFT).read_text().splitlines(keepends=True)
+    paths = (out / "sft-train.jsonl", out / "sft-heldout.jsonl")
+    for path, part in zip(paths, (lines[:-HELDOUT], lines[-HELDOUT:])):
+        text = "".join(part)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+    return paths
+
+
+def plot(stages: list[dict], path: Path, methods: dict[str, dict] | None = None) -> None:
     """Loss curves on top; |Δ loss| per step below on a log axis. A step with Δ = 0 (bit-identical losses) has
     no place on a log axis, so it is marked as a tick on the bottom edge and counted in the legend.
     Legends sit outside the axes, so they never cover data."""
@@ -146,7 +262,8 @@ def plot(stages: list[dict], path: Path) -> None:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(stages), figsize=(7.5 * len(stages), 7), squeeze=False)
+    cols = len(stages) + bool(methods)
+    fig, axes = plt.subplots(2, cols, figsize=(7.5 * cols, 7), squeeze=False)
     outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "borderaxespad": 0}
     for col, st in enumerate(stages):
         ax = axes[0][col]
@@ -175,6 +292,26 @@ def plot(stages: list[dict], path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("|Δ loss| (minillm vs hf)")
         ax.legend(**outside)
+    if methods:  # every method's curves in one panel (minillm solid, peft dashed), their |Δ| below
+        top, bottom = axes[0][-1], axes[1][-1]
+        for i, (name, st) in enumerate(methods.items()):
+            for impl, style in (("minillm", "-"), ("hf", "--")):
+                if impl in st["runs"]:
+                    r = st["runs"][impl]
+                    top.plot(r["steps"], r["loss"], style, color=f"C{i}", label=f"{name} --impl {impl}")
+            if st["delta"]:
+                bottom.semilogy(st["runs"]["minillm"]["steps"], [max(d, TARGET * 1e-3) for d in st["delta"]], ".",
+                                color=f"C{i}", label=f"{name} (max {st['max_delta']:.2g})")
+        top.set_title("PEFT methods: SFT loss from the same base (ZeRO-2)")
+        top.set_xlabel("step")
+        top.set_ylabel("training loss")
+        top.legend(**outside)
+        bottom.axhline(TARGET, color="red", linestyle=":", label=f"target {TARGET:g}")
+        bottom.set_ylim(TARGET * 1e-3 / 3, TARGET * 10)
+        bottom.set_title(f"PEFT methods: |Δ loss| minillm vs peft (Δ = 0 drawn at {TARGET * 1e-3:g})")
+        bottom.set_xlabel("step")
+        bottom.set_ylabel("|Δ loss| (minillm vs hf)")
+        bottom.legend(**outside)
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
@@ -191,7 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block_size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4, help="per-device batch size")
     ap.add_argument("--no_sft", dest="sft", action="store_false", help="compare pretraining only")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"PEFT methods to fine-tune with and tabulate, comma-separated from {','.join(METHODS)} "
+                         "(lora is the sft-lora stage, run only when listed); none: the LoRA SFT stage only, no "
+                         "methods table")
+    ap.add_argument("--base", default=None,
+                    help="start the SFT runs from this model directory, or a random model of this preset, instead "
+                         "of pretraining one (skips the pretrain stage; for quick checks)")
     args = ap.parse_args(argv)
+    methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := [m for m in methods if m not in METHODS]:
+        ap.error(f"--methods: unknown {unknown}; choose from {list(METHODS)} or none")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     build_ops()  # once, before the timed runs
@@ -202,26 +349,52 @@ def main(argv: list[str] | None = None) -> int:
     pre_args = [*shared, "--config_name", args.config_name, "--block_size", str(args.block_size),
                 "--max_steps", str(args.steps), "--learning_rate", "1e-3", "--warmup_steps", "5",
                 "--lr_scheduler_type", "cosine"]
-    stages = [compare_stage("pretrain", "pretrain.py", pre_args, {}, out, args.nproc, args.launcher)]
+    stages = []
+    if args.base is None:
+        stages.append(compare_stage("pretrain", "pretrain.py", pre_args, {}, out, args.nproc, args.launcher))
+        base = ["--model_name_or_path", str(out / "pretrain-minillm")]  # one base for both impls
+    elif Path(args.base).is_dir():
+        base = ["--model_name_or_path", str(Path(args.base).resolve())]
+    else:
+        base = ["--config_name", args.base]  # random weights, the same on both sides (build_model seeds them)
+    lrs = {m: METHODS[m][0] for m in methods}
+    by_method: dict[str, dict] = {}
     if args.sft:
-        base = out / "pretrain-minillm"  # one base for both impls: the curves differ only by the code
-        sft_args = [*shared, "--model_name_or_path", str(base), "--use_lora", "--lora_r", "8",
-                    "--lora_alpha", "16", "--lora_target_modules", "all-linear", "--max_len", "128",
-                    "--max_steps", str(args.sft_steps), "--learning_rate", "2e-3"]
-        stages.append(compare_stage("sft-lora", "finetune.py", sft_args, {}, out, args.nproc, args.launcher))
+        train, heldout = split_sft(out)
+        sft_args = [*shared, *base, "--train_files", str(train), "--validation_files", str(heldout),
+                    "--eval_on_start", "true",
+                    "--max_len", "128", "--max_steps", str(args.sft_steps)]
+        if "lora" in methods or not methods:  # the LoRA stage's per-step table, and the methods table's lora row
+            lora_lr, lora_flags = METHODS["lora"]
+            stages.append(compare_stage("sft-lora", "finetune.py",
+                                        [*sft_args, *lora_flags, "--learning_rate", lora_lr], {}, out, args.nproc,
+                                        args.launcher))
+        for m in methods:
+            if m == "lora":
+                by_method[m] = stages[-1]
+                continue
+            lr, flags = METHODS[m]
+            by_method[m] = compare_stage(f"sft-{m}", "finetune.py", [*sft_args, *flags, "--learning_rate", lr], {},
+                                         out, args.nproc, args.launcher, IMPLS if m in HF_HAS else ("minillm",))
 
     md = table(stages)
+    if by_method:
+        md += "\n" + methods_table(by_method, lrs)
     (out / "compare.md").write_text(md)
-    (out / "compare.json").write_text(json.dumps(stages, indent=1))
-    plot(stages, out / "compare.png")
+    (out / "compare.json").write_text(json.dumps({"stages": stages, "methods": by_method, "methods_lr": lrs,
+                                                  "heldout": HELDOUT}, indent=1))
+    plot(stages, out / "compare.png", by_method)
     print(md)
     print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+    rc = 0
     failed = [st["stage"] for st in stages if not st["passed"]]
     if failed:
         print(f"compare.py: curves differ by more than {TARGET:g} in: {failed}", file=sys.stderr)
-        return 1
-    return 0
-
+        rc = 1
+    if problems := [p for m, st in by_method.items() for p in method_problems(m, st)]:
+        print("compare.py: " + "; ".join(problems), file=sys.stderr)
+        rc = 1
+    return rc
 
 if __name__ == "__main__":
     sys.exit(main())
