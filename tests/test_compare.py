@@ -1,0 +1,86 @@
+"""train/compare.py's PEFT-methods table: one real 2-rank ZeRO-2 comparison (prefix tuning, both impls) and the
+table's checks on made-up runs (they must be able to fail).
+
+The real run starts from a random `tiny` model (--base tiny), not a pretrained one, so it costs two launches
+(~25 s of start-up each, well under a second of training); the full four-method table is `make compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "train"))
+import compare  # noqa: E402
+
+
+def run(loss: list[float], before: float | None = 7.0, after: float | None = 6.5, params: dict | None = None) -> dict:
+    return {"steps": list(range(1, len(loss) + 1)), "loss": loss, "step_s": 0.05, "eval_loss_start": before,
+            "eval_loss": after, "params": params or {"trainable": 100, "all": 1000, "percent": 10.0}}
+
+
+def stage(runs: dict, delta: list[float] | None) -> dict:
+    return {"stage": "x", "runs": runs, "delta": delta or [], "steps": 3,
+            "max_delta": max(delta) if delta else None, "passed": not delta or max(delta) <= compare.TARGET}
+
+
+def test_prefix_tuning_both_impls_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    rc = compare.main(["--out", str(out), "--base", "tiny", "--methods", "prefix", "--sft_steps", "12"])
+    assert rc == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert [st["stage"] for st in result["stages"]] == []  # no pretrain stage (--base), no LoRA stage (not listed)
+    prefix = result["methods"]["prefix"]
+    assert prefix["steps"] == 12 and prefix["max_delta"] <= compare.TARGET
+    a, b = prefix["runs"]["minillm"], prefix["runs"]["hf"]
+    assert a["params"] == b["params"] and 0 < a["params"]["trainable"] < a["params"]["all"]
+    for r in (a, b):
+        assert all(math.isfinite(x) for x in r["loss"]) and r["eval_loss"] < r["eval_loss_start"]
+        assert 0 < r["step_s"] < r["train_runtime_s"]
+    assert abs(a["eval_loss"] - b["eval_loss"]) <= compare.TARGET
+    md = (out / "compare.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| prefix |"))
+    assert f"{a['params']['trainable']:,d}" in row and f"{a['loss'][-1]:.4f} | {b['loss'][-1]:.4f}" in row
+    assert (out / "compare.png").stat().st_size > 0
+
+
+def test_method_problems_can_fail():
+    good = stage({"minillm": run([7.0, 6.9, 6.8]), "hf": run([7.0, 6.9, 6.8])}, [0.0, 1e-7, 0.0])
+    assert compare.method_problems("m", good) == []
+    apart = stage({"minillm": run([7.0, 6.9, 6.8]), "hf": run([7.0, 6.9, 6.7])}, [0.0, 0.0, 0.1])
+    assert "curves differ" in compare.method_problems("m", apart)[0]
+    nan = stage({"minillm": run([7.0, float("nan"), 6.8])}, None)
+    assert "not finite" in compare.method_problems("m", nan)[0]
+    missing = stage({"minillm": run([7.0, 6.9], after=None)}, None)
+    assert "not finite or missing" in compare.method_problems("m", missing)[0]
+    stuck = stage({"minillm": run([7.0, 6.9], before=7.0, after=7.0)}, None)
+    assert "not below" in compare.method_problems("m", stuck)[0]
+
+
+def test_methods_table_one_impl_and_param_mismatch():
+    adapter = stage({"minillm": run([7.0, 6.5])}, None)
+    lora = stage({"minillm": run([7.0, 6.4]), "hf": run([7.0, 6.4], params={"trainable": 99, "all": 1000,
+                                                                            "percent": 9.9})}, [0.0, 0.0])
+    md = compare.methods_table({"lora": lora, "adapter": adapter}, {"lora": "1e-2", "adapter": "1e-2"})
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| lora") or
+            line.startswith("| adapter")}
+    assert "100 (10.00%) / hf 99" in rows["lora"]  # a count that differs between impls is shown, not hidden
+    assert rows["adapter"].count(" - ") >= 2 and "7.0000 -> 6.5000 / -" in rows["adapter"]
+
+
+def test_trainable_params_line():
+    log = "noise\ntrainable params: 5,920 || all params: 622,688 || trainable%: 0.9507\nmore\n"
+    assert compare.trainable_params(log) == {"trainable": 5920, "all": 622688, "percent": 0.9507}
+    assert compare.trainable_params("no such line") is None
+
+
+def test_methods_flag_names_the_unknown(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path), "--methods", "lora,dora"])
+    assert "unknown ['dora']" in capsys.readouterr().err
