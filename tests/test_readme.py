@@ -28,7 +28,7 @@ SKIP = {
     "make demo": "the whole course, 3-10 min; its pieces run below and in tests/test_train.py",
     "make test": "this test suite itself",
     "make parity": "13 s to 3 min; its areas run in tests/test_*.py",
-    "make compare": "four training runs (~2 min); tests/test_train.py covers both impls",
+    "make compare": "nine training runs (~2 min); tests/test_train.py covers both impls, tests/test_compare.py the methods table",
     "make bench": "~2 min of benchmarks; tests/test_bench.py runs the quick mode",
     "make doctor": "runs train/doctor.py, exercised in tests/test_doctor.py on recorded curves",
     "make mutants": "40 mutants x up to a minute each; tests/test_mutants.py runs the runner on small ones",
