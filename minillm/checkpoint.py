@@ -145,6 +145,21 @@ def read_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: {_safetensors_problem(path, e)}") from None
 
 
+def copy_matching(params: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Copy `saved` (read from `path`) into `params` in place: exactly the same names and shapes, or an error
+    naming the file and what differs (adapters and trainable state, which must fit the model they load into)."""
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ValueError(f"{path}: tensors do not match the model: {len(missing)} missing {missing[:3]}, "
+                         f"{len(extra)} unexpected {extra[:3]}")
+    for k, p in params.items():
+        if saved[k].shape != p.shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(saved[k].shape)}, the model expects {tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k])
+
+
 def _read_index(path: Path) -> dict[str, str]:
     """The index's weight_map {tensor name: shard file}, validated as JSON of the right shape."""
     index = checked_file(path, INDEX, "sharded checkpoint")

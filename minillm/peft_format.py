@@ -26,7 +26,7 @@ from torch import nn
 
 from minillm import adapter as houlsby
 from minillm import lora
-from minillm.checkpoint import read_safetensors_file, staged_dir
+from minillm.checkpoint import copy_matching, read_safetensors_file, staged_dir
 from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
 from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
 
@@ -123,19 +123,8 @@ def load_adapter(model: nn.Module, save_dir: str | os.PathLike, verbose: bool = 
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         houlsby.apply_adapters(model, hc, verbose=verbose)
-        expected = houlsby.adapter_state_dict(model)
         wpath = os.path.join(save_dir, WEIGHTS)
-        saved = read_safetensors_file(wpath)
-        if set(saved) != set(expected):
-            missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-            raise ValueError(f"{wpath}: adapter keys do not match the model: {len(missing)} missing {missing[:3]}, "
-                             f"{len(extra)} unexpected {extra[:3]}")
-        with torch.no_grad():
-            for k, p in expected.items():
-                if saved[k].shape != p.shape:
-                    raise ValueError(f"{wpath}: {k} has shape {tuple(saved[k].shape)}, the model expects "
-                                     f"{tuple(p.shape)}")
-                p.copy_(saved[k])
+        copy_matching(houlsby.adapter_state_dict(model), read_safetensors_file(wpath), wpath)
         return model
     P = _positive_int(path, d, "num_virtual_tokens")
     _expect(path, d, "num_transformer_submodules", 1)

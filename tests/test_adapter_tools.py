@@ -35,13 +35,7 @@ PEFT_KINDS = ["prompt", "prefix", "prefix-proj", "lora-embed"]  # the ones peft 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster on a busy 2-core machine; restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _base():

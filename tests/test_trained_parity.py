@@ -44,13 +44,7 @@ def _train(script: str, argv: list[str], tmp: Path) -> None:
         importlib.import_module(script.removesuffix(".py")).main()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster (10x on a busy 2-core machine); restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")

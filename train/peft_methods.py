@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minillm import adapter as houlsby
-from minillm.checkpoint import read_safetensors_file
+from minillm.checkpoint import copy_matching, read_safetensors_file
 from minillm.lora import LoraConfig, apply_lora, lora_layers, trainable_summary
 from minillm.model import CausalLM
 from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
@@ -213,14 +213,4 @@ def load_trainable(model: nn.Module, checkpoint: str) -> None:
     if not os.path.isfile(path):
         raise ValueError(f"{checkpoint}: no {TRAINABLE_FILE}, so the trained prefix/prompt/adapter tensors cannot "
                          "be restored (a checkpoint of another set-up?)")
-    saved = read_safetensors_file(path)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(saved) != set(params):
-        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise ValueError(f"{path}: does not match this run's trainable tensors: missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            if saved[n].shape != p.shape:
-                raise ValueError(f"{path}: {n} has shape {tuple(saved[n].shape)}, this run's is {tuple(p.shape)}")
-            p.copy_(saved[n])
+    copy_matching({n: p for n, p in model.named_parameters() if p.requires_grad}, read_safetensors_file(path), path)
