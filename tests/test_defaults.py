@@ -30,6 +30,9 @@ def lr(dataclasses, argv, tmp_path) -> float:
     (["--model_name_or_path", "NARROW"], True, 3e-3),
     (["--model_name_or_path", "NARROW", "--use_lora"], True, 5e-3),
     (["--model_name_or_path", "WIDE", "--use_lora", "true"], True, 2e-4),
+    (["--model_name_or_path", "NARROW", "--peft", "prompt"], True, 3e-1),  # the other methods: their own
+    (["--model_name_or_path", "NARROW", "--peft", "prefix"], True, 3e-2),
+    (["--model_name_or_path", "WIDE", "--peft", "adapter"], True, 1e-4),
     (["--learning_rate", "1e-4"], False, 1e-4),          # given: kept
     (["--learning_rate=7e-4", "--use_lora"], True, 7e-4),
 ])

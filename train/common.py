@@ -72,8 +72,12 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 #   from scratch, 200 steps:  5e-5 8.35 -> 7.73   1e-3 -> 2.84   3e-3 -> 1.46
 #   full SFT, 300 steps:      5e-5 5.99 -> 3.44 (0/6 frequent questions right)   1e-3 -> 1.01 (4/6)   3e-3 -> 0.74 (6/6)
 #   LoRA r=32, 300 steps:     5e-5 -> 4.15 (0/6)   2e-3 -> 3.01 (1/6)   5e-3 -> 2.99 (1/6)   2e-2 -> 5.08 (0/6)
+# The other --peft methods: the best held-out loss of train/compare.py's sweep (50 steps from its 60-step base, the
+# figures are in its METHODS comment): prefix (+ projection) 3e-2, prompt 0.3 (Lester et al. use 0.3 too), Houlsby
+# adapter 1e-2. The virtual-token methods train a few vectors that reach the output only through attention.
 # For models wider than CPU scale (hidden > 512) the usual published values are used instead (not measured here).
-DEFAULT_LR = {"scratch": (3e-3, 3e-4), "full": (3e-3, 2e-5), "lora": (5e-3, 2e-4)}  # (hidden <= 512, wider)
+DEFAULT_LR = {"scratch": (3e-3, 3e-4), "full": (3e-3, 2e-5), "lora": (5e-3, 2e-4),  # (hidden <= 512, wider)
+              "prefix": (3e-2, 1e-2), "prompt": (3e-1, 3e-2), "adapter": (1e-2, 1e-4)}
 
 _CHECKPOINT = re.compile(r"checkpoint-[0-9]+")  # the Trainer's checkpoint directory names
 # --report_to value -> the module it needs (transformers' integrations import these lazily).
@@ -174,10 +178,11 @@ def parse_args(dataclasses: tuple, default_output_dir: str, argv: list[str] | No
 
 
 def default_learning_rate(parsed: tuple) -> float:
-    """The learning rate for a run given none (DEFAULT_LR): by mode (from scratch, full SFT, LoRA) and width."""
+    """The learning rate for a run given none (DEFAULT_LR): by mode (from scratch, full SFT, a --peft method) and
+    width."""
     model_args = next(a for a in parsed if isinstance(a, ModelArguments))
     peft_args = next((a for a in parsed if isinstance(a, PeftArguments)), None)
-    mode = "lora" if peft_args is not None and peft_args.peft != "none" else \
+    mode = peft_args.peft if peft_args is not None and peft_args.peft != "none" else \
         "full" if model_args.model_name_or_path else "scratch"
     hidden = PRESETS["tiny"].hidden_size
     src = model_args.model_name_or_path or model_args.config_name
@@ -190,8 +195,8 @@ def default_learning_rate(parsed: tuple) -> float:
         except (OSError, ValueError, TypeError):
             pass  # a missing/broken config is reported by check_args with its name
     lr = DEFAULT_LR[mode][0 if hidden <= 512 else 1]
-    what = {"scratch": "from-scratch pretraining", "full": "full fine-tuning",
-            "lora": "LoRA" if peft_args is None or peft_args.use_lora else f"--peft {peft_args.peft}"}[mode]
+    what = {"scratch": "from-scratch pretraining", "full": "full fine-tuning", "lora": "LoRA"}.get(mode,
+                                                                                                   f"--peft {mode}")
     if os.environ.get("RANK", "0") == "0":
         print(f"--learning_rate not given: using {lr:g} for {what} of a hidden_size-{hidden} model "
               "(train/common.py DEFAULT_LR says why)", flush=True)
