@@ -133,7 +133,7 @@ def test_packed_step_differs_when_conversations_attend_across(cache, tmp_path, m
     data_args = DataTrainingArguments(train_files=[str(ROOT / "minillm" / "data" / "sft.jsonl")], max_len=64,
                                       packing=True, cache_dir=cache)
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", seed=7)
-    rows = finetune.packed(finetune.dataset(data_args.train_files, tok, data_args, args, 12), data_args, args)
+    rows = finetune.packed(finetune.dataset(data_args.train_files, tok, data_args, args, 12)[0], data_args, args)
     batch = PackedCollator(tok.pad_token_id)([rows[i] for i in range(len(rows))])
     model = build_model(ModelArguments(), tok, 7)
     with torch.no_grad():
