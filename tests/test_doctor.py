@@ -24,10 +24,10 @@ REF = {"pretrain": {"seeds": {str(s): curve(8.3, 1.1 + 0.05 * s, 200, 0.2, s) fo
 
 
 def write_run(tmp: Path, losses: list[float], script: str, lr: float = 3e-3, lora=None,
-              data: str = "minillm/data/sft.jsonl", model: str = "tiny") -> Path:
+              data: str = "minillm/data/sft.jsonl", model: str = "tiny", peft=None) -> Path:
     history = [{"step": i + 1, "loss": l, "learning_rate": lr, "grad_norm": 1.0} for i, l in enumerate(losses)]
     (tmp / "trainer_state.json").write_text(json.dumps({"log_history": history}))
-    (tmp / "run.json").write_text(json.dumps({"script": script, "model": model, "lora": lora,
+    (tmp / "run.json").write_text(json.dumps({"script": script, "model": model, "lora": lora, "peft": peft,
                                               "data": [{"path": str(ROOT / data)}]}))
     return tmp
 
@@ -61,6 +61,16 @@ def test_sft_high_start_names_template_and_lora(tmp_path, capsys):
     write_run(tmp_path, curve(9.5, 5.0, 300, 0.05), "finetune.py", lora={"r": 8})
     rc, out = run(tmp_path, capsys)
     assert rc == 1 and "template" in out and "LoRA" in out, out
+
+
+@pytest.mark.parametrize("method,what", [("prefix", "virtual-token"), ("adapter", "small adapters")])
+def test_sft_with_another_peft_method_names_it(tmp_path, capsys, method, what):
+    write_run(tmp_path, curve(6.3, 5.0, 300, 0.05), "finetune.py", peft={"method": method})
+    rc, out = run(tmp_path, capsys)
+    assert rc == 1 and f"--peft {method} instead of full fine-tuning" in out and what in out, out
+    write_run(tmp_path, curve(6.3, 5.0, 300, 0.05), "finetune.py")  # the same curve of a full SFT run: not named
+    rc, out = run(tmp_path, capsys)
+    assert rc == 1 and "--peft" not in out.split("Likely causes")[-1], out
 
 
 def test_diverging_and_nan_runs(tmp_path, capsys):

@@ -105,6 +105,11 @@ def diagnose(points: list[tuple[int, float]], extra: dict, record: dict | None, 
     if above and stage == "sft" and record and record.get("lora"):
         causes.append("LoRA instead of full fine-tuning: on the tiny model LoRA plateaus near loss 3.0 "
                       "(train/demo.py's docstring); the band is full SFT")
+    method = (record or {}).get("peft") or {}
+    if above and stage == "sft" and method.get("method"):
+        few = "a few virtual-token vectors" if method["method"] in ("prefix", "prompt") else "small adapters"
+        causes.append(f"--peft {method['method']} instead of full fine-tuning: {few} train, and on the tiny model "
+                      "they stay far above full SFT (make compare's methods table); the band is full SFT")
     if above and stage == "sft" and sm[0] > hi[0] + 1.0:
         causes.append("template: the first SFT losses are far above the reference start: a chat template or special "
                       "tokens (<|im_start|>, <|im_end|>) other than the tokenizer's ChatML, or a base model trained "
