@@ -182,6 +182,10 @@ def test_prefix_with_gradient_checkpointing_trains_the_same(base, tmp_path, monk
      "re-entrant activation checkpointing"),
     (["--impl", "hf", "--peft", "prefix", "--gradient_checkpointing"], "drop the KV cache that holds peft's prefix"),
     (["--peft", "prompt", "--deepspeed", ZERO3], "--peft prompt under ZeRO-3 is not supported"),
+    (["--impl", "hf", "--peft", "prefix", "--deepspeed", ZERO3], "--peft prefix under ZeRO-3 is not supported"),
+    (["--peft", "adapter", "--num_virtual_tokens", "5"], "--num_virtual_tokens is for --peft prefix/prompt"),
+    (["--peft", "adapter", "--adapter_bottleneck", "64"], "--adapter_bottleneck 64: must be smaller than the "
+     "model's hidden_size 64"),
     (["--peft", "prompt", "--num_virtual_tokens", "100", "--max_len", "1000"], "exceeds the model's "
      "max_position_embeddings"),
 ])
@@ -197,3 +201,37 @@ def test_resume_with_another_method_is_refused(base, tmp_path, monkeypatch):
     _sft(monkeypatch, out, base, *METHODS["prompt"], "--max_steps", "3")
     with pytest.raises(SystemExit, match="would continue a different run: peft"):
         _sft(monkeypatch, out, base, *METHODS["prefix"], "--max_steps", "6")
+
+
+@pytest.mark.parametrize("impl,method", [("minillm", "prompt"), ("hf", "prefix_proj"), ("minillm", "lora_embed")])
+def test_load_best_model_at_end_reloads_the_best_adapter(base, tmp_path, monkeypatch, impl, method):
+    """--load_best_model_at_end (the stock Trainer looks for pytorch_model.bin, or loads a projected prefix's table
+    into its MLP and fails): the final adapter is the best checkpoint's."""
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(open(ROOT / "minillm" / "data" / "sft.jsonl", encoding="utf-8").readlines()[:8]))
+    out = tmp_path / "o"
+    _sft(monkeypatch, out, base, "--impl", impl, *METHODS[method], "--validation_files", str(val),
+         "--eval_strategy", "steps", "--eval_steps", "3", "--load_best_model_at_end")
+    state = json.loads((out / "trainer_state.json").read_text())
+    best = Path(state["best_model_checkpoint"])
+    assert best.parent == out and best.is_dir()
+    assert _adapter_delta(out, best) == 0.0
+    others = [c for c in out.glob("checkpoint-*") if c.name != best.name]
+    assert others and all(_adapter_delta(out, c) > 0 for c in others)  # a real choice was made
+
+
+def test_resume_across_deepspeed_and_plain_is_refused(ds_runs, base, monkeypatch):
+    """A DeepSpeed checkpoint keeps its optimizer and schedule in DeepSpeed's files: resumed without DeepSpeed the
+    Trainer would restart them silently (and the other way round it finds no checkpoint)."""
+    out = ds_runs / "cross"
+    out.mkdir()
+    shutil.copytree(ds_runs / "prompt-minillm" / "checkpoint-3", out / "checkpoint-3")
+    shutil.copy(ds_runs / "prompt-minillm" / "run.json", out / "run.json")
+    with pytest.raises(SystemExit, match="was saved by a run with DeepSpeed: resume it with the same --deepspeed"):
+        _sft(monkeypatch, out, base, *METHODS["prompt"])
+
+
+def test_model_dir_that_is_an_adapter_is_named(base, tmp_path, monkeypatch, ds_runs):
+    with pytest.raises(SystemExit, match="is a prompt-tuning adapter, not a model; .* fine-tune from its base model"):
+        _main("finetune.py", ["--model_name_or_path", str(ds_runs / "prompt-minillm"), "--output_dir",
+                              str(tmp_path / "o")], monkeypatch)

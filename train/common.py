@@ -52,6 +52,7 @@ from minillm import corpus
 from minillm.checkpoint import DTYPES, staged_dir
 from minillm.config import PRESETS, ModelConfig
 from minillm import peft_format
+from minillm.generate import adapter_instead_of_model
 from minillm.lora import load_adapter, lora_layers
 from minillm.model import CausalLM
 
@@ -213,10 +214,10 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
         fail(err)
     if training_args.deepspeed:
         stage = check_ds_config(training_args.deepspeed)
-        if stage == 3 and peft_args is not None and peft_args.peft in ("prefix", "prompt", "adapter") \
-                and model_args.impl == "minillm":
-            fail(f"--peft {peft_args.peft} under ZeRO-3 is not supported with --impl minillm (its few trainable "
-                 "tensors gain nothing from partitioning): use ZeRO-2, e.g. --deepspeed ds_configs/zero2.json")
+        if stage == 3 and peft_args is not None and peft_args.peft in ("prefix", "prompt", "adapter"):
+            # (and peft's save of a prompt encoder under ZeRO-3 runs its forward on the saving rank alone: it hangs)
+            fail(f"--peft {peft_args.peft} under ZeRO-3 is not supported (its few trainable tensors gain nothing "
+                 "from partitioning): use ZeRO-2, e.g. --deepspeed ds_configs/zero2.json")
     mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
     if training_args.deepspeed and not mpi and not all(k in os.environ for k in _LAUNCHER_ENV):
         # DeepSpeed would fall back to MPI discovery and die in an mpi4py import
@@ -238,6 +239,10 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
         path = getattr(model_args, flag)
         if path and not os.path.isdir(path):
             fail(f"--{flag}: no such directory: {path} (minillm never downloads from the Hub)")
+    if model_args.model_name_or_path and (hint := adapter_instead_of_model(
+            model_args.model_name_or_path, flag="--model_name_or_path",
+            then="fine-tune from its base model instead: --model_name_or_path {base}")):
+        fail(hint)
     name = model_args.config_name
     if name and name not in PRESETS and not os.path.exists(name):
         fail(f"--config_name: {name!r} is neither a config.json path nor a preset {sorted(PRESETS)}")
@@ -407,6 +412,14 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
     directory's. A data file counts as changed when its size or modification time differ.
     """
     if checkpoint:
+        saved_by_deepspeed = any(Path(checkpoint).glob("global_step*"))
+        if saved_by_deepspeed != bool(training_args.deepspeed):
+            # the optimizer and schedule live in DeepSpeed's files in one case and in optimizer.pt / scheduler.pt in
+            # the other: the Trainer would restart them silently, or fail to find a checkpoint
+            fail(f"{checkpoint} was saved by a run {'with' if saved_by_deepspeed else 'without'} DeepSpeed: resume "
+                 f"it {'with the same --deepspeed config' if saved_by_deepspeed else 'without --deepspeed'} (its "
+                 "optimizer and learning-rate schedule are stored in that form), or --overwrite_output_dir to "
+                 "start afresh")
         try:
             old = safety.read_run_record(checkpoint) or safety.read_run_record(os.path.dirname(checkpoint))
         except ValueError as e:
@@ -639,6 +652,15 @@ class Trainer(transformers.Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _load_best_model(self) -> None:
+        """--load_best_model_at_end without DeepSpeed: an adapter run reloads the best checkpoint as a resume does
+        (the stock Trainer looks for pytorch_model.bin, or for peft a table it cannot load into a projected prefix)."""
+        target = self.accelerator.unwrap_model(self.model)
+        if self.is_deepspeed_enabled or not (minillm_adapted(target) or prompt_learning(target)):
+            return super()._load_best_model()
+        logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)

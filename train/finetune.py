@@ -37,7 +37,7 @@ from common import (  # noqa: E402
     fail, parse_args, read_or_fail, run_record, setup_logging, train_and_save,
 )
 
-from peft_methods import add_peft, check_positions  # noqa: E402
+from peft_methods import add_peft, check_fits  # noqa: E402
 
 from minillm import corpus  # noqa: E402
 from minillm.pack import PackedCollator, PackedDataset, StreamingPacker  # noqa: E402
@@ -169,7 +169,7 @@ def main() -> None:
 
     tokenizer = load_tokenizer(model_args)
     model = build_model(model_args, tokenizer, training_args.seed)
-    if err := check_positions(model.config, peft_args, data_args.max_len):
+    if err := check_fits(model.config, peft_args, data_args.max_len):
         fail(err)
     model = add_peft(model, model_args.impl, peft_args, training_args.seed, tokenizer, tokenizer_dir(model_args))
 

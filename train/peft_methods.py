@@ -74,11 +74,12 @@ class PeftArguments:
         self.use_lora = self.peft == "lora"
 
 
-# flags that belong to one method: given with another, they would silently do nothing
-_OWN_FLAGS = {"lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
-              "prefix": ("prefix_projection", "encoder_hidden_size"),
-              "prompt": ("prompt_tuning_init_text",),
-              "adapter": ("adapter_bottleneck", "adapter_non_linearity")}
+# flag -> the methods it belongs to: given with another method, it would silently do nothing
+_FLAG_METHODS = {"lora_r": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",),
+                 "lora_target_modules": ("lora",), "num_virtual_tokens": ("prefix", "prompt"),
+                 "prefix_projection": ("prefix",), "encoder_hidden_size": ("prefix",),
+                 "prompt_tuning_init_text": ("prompt",), "adapter_bottleneck": ("adapter",),
+                 "adapter_non_linearity": ("adapter",)}
 
 
 def check_peft_args(peft_args: PeftArguments, impl: str, packing: bool, training_args) -> str | None:
@@ -86,10 +87,9 @@ def check_peft_args(peft_args: PeftArguments, impl: str, packing: bool, training
     gradient_checkpointing_kwargs (prefix tuning needs non-re-entrant checkpointing)."""
     method = peft_args.peft
     defaults = PeftArguments()
-    for owner, flags in _OWN_FLAGS.items():
-        for flag in flags:
-            if owner != method and getattr(peft_args, flag) != getattr(defaults, flag):
-                return f"--{flag} is for --peft {owner}, not --peft {method}"
+    for flag, owners in _FLAG_METHODS.items():
+        if method not in owners and getattr(peft_args, flag) != getattr(defaults, flag):
+            return f"--{flag} is for --peft {'/'.join(owners)}, not --peft {method}"
     if method in ("prefix", "prompt"):
         if peft_args.num_virtual_tokens < 1:
             return f"--num_virtual_tokens {peft_args.num_virtual_tokens}: must be >= 1"
@@ -105,16 +105,14 @@ def check_peft_args(peft_args: PeftArguments, impl: str, packing: bool, training
                     "checked against the paper's equations in parity/peft_methods.py); use --impl minillm")
         if peft_args.adapter_bottleneck < 1:
             return f"--adapter_bottleneck {peft_args.adapter_bottleneck}: must be >= 1"
-    if method == "prefix" and training_args.gradient_checkpointing:
+    if method == "prefix" and training_args.activation_checkpointing:  # (--gradient_checkpointing is its alias)
         if impl == "hf":  # transformers 5.x GradientCheckpointingLayer sets cache=None: the prefix is gone
             return ("--peft prefix --gradient_checkpointing does not work with --impl hf: transformers' checkpointed "
                     "layers drop the KV cache that holds peft's prefix (a shape error at the first step); use --impl "
                     "minillm, or train without --gradient_checkpointing")
-        kw = dict(training_args.gradient_checkpointing_kwargs or {})
-        if kw.get("use_reentrant", False):
+        if (training_args.activation_checkpointing_kwargs or {}).get("use_reentrant", False):  # minillm: False
             return ("--peft prefix with re-entrant activation checkpointing would not train the prefix correctly; "
                     "leave gradient_checkpointing_kwargs' use_reentrant unset or false")
-        training_args.gradient_checkpointing_kwargs = {**kw, "use_reentrant": False}
     return None
 
 
@@ -122,16 +120,20 @@ def peft_record(peft_args: PeftArguments) -> dict[str, Any] | None:
     """What a prefix/prompt/adapter run trains, for run.json (LoRA has its own "lora" entry; None otherwise)."""
     if peft_args.peft in ("none", "lora"):
         return None
-    return {"method": peft_args.peft, "num_virtual_tokens": peft_args.num_virtual_tokens,
-            **{f: getattr(peft_args, f) for f in _OWN_FLAGS[peft_args.peft]}}
+    return {"method": peft_args.peft,
+            **{f: getattr(peft_args, f) for f, owners in _FLAG_METHODS.items() if peft_args.peft in owners}}
 
 
-def check_positions(config, peft_args: PeftArguments, max_len: int) -> str | None:
-    """Virtual tokens and prefixes take positions: P + max_len must fit the model's max_position_embeddings."""
+def check_fits(config, peft_args: PeftArguments, max_len: int) -> str | None:
+    """What must fit the model: P + max_len positions (virtual tokens and prefixes take positions), an adapter
+    bottleneck narrower than the hidden size."""
     P = peft_args.num_virtual_tokens
     if peft_args.peft in ("prefix", "prompt") and P + max_len > config.max_position_embeddings:
         return (f"--num_virtual_tokens {P} + --max_len {max_len} exceeds the model's max_position_embeddings "
                 f"{config.max_position_embeddings} (the virtual tokens take positions 0..{P - 1})")
+    if peft_args.peft == "adapter" and peft_args.adapter_bottleneck >= config.hidden_size:
+        return (f"--adapter_bottleneck {peft_args.adapter_bottleneck}: must be smaller than the model's hidden_size "
+                f"{config.hidden_size} (the adapter is a bottleneck, m < d)")
     return None
 
 
