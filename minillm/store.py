@@ -22,7 +22,11 @@ Building, in bounded memory (peak RSS independent of the corpus size):
   so a killed build restarts without redoing finished files; when all are done the parts are joined into
   `tokens.bin`, `index.json` (with `"complete": true`) is written last, and the directory is renamed to
   `path`. A store that exists under `path` is therefore always complete; a killed build leaves only
-  `<path>.partial`. An exclusive lock (`<path>.lock`, flock) keeps two builders apart.
+  `<path>.partial`. An exclusive lock (`<path>.lock`, flock) keeps two builders apart;
+- within a file, progress is committed every `segment_bytes` of source (the part's tokens fsynced, then
+  `part-NNNNN.progress.json`: byte offset and line reached, tokens and documents so far, the file's size and
+  mtime), so a build killed at 90% of one 13 GB file resumes there: tokens written after the last commit are
+  truncated away, and a file changed since (size or mtime) is tokenized from the start, with a warning.
 
 Reading: `StoreDataset` reads a block with `os.pread` (one system call, block_size x 2 bytes). Not a long-lived
 np.memmap: every page of a mapping a process has touched counts in its RSS (file-backed) until unmapped, so an
@@ -50,7 +54,9 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -102,24 +108,50 @@ def _stream(ids: list[np.ndarray], eos: int | None, dtype: np.dtype) -> np.ndarr
     return np.concatenate([x for a in ids for x in (a, sep)]).astype(dtype, copy=False)
 
 
-def _tokenize_batch(texts: list[str]) -> tuple[np.ndarray, int]:
-    """(the batch's token stream in the store's dtype, number of documents)."""
+def _tokenize_batch(batch: tuple[list[str], Any]) -> tuple[np.ndarray, int, Any]:
+    """(the batch's token stream in the store's dtype, number of documents, the batch's position: passed on)."""
+    texts, position = batch
     w = _WORKER
     ids = corpus.encode_texts(w["tok"], texts, specials_as_text=w["specials_as_text"])
-    return _stream(ids, w["eos"], w["dtype"]), len(texts)
+    return _stream(ids, w["eos"], w["dtype"]), len(texts), position
 
 
-def _text_batches(path: str, batch_docs: int, batch_chars: int) -> Iterator[list[str]]:
-    """The file's documents in lists of at most batch_docs documents and about batch_chars characters."""
+def _parse_text(path: str, lineno: int, raw: bytes) -> str:
+    """One jsonl line's `text`, or corpus.iter_pretrain_texts' error for the line (file:line: why)."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}:{lineno}: malformed JSON ({e})") from None
+    if not isinstance(obj, dict) or "text" not in obj:
+        found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}:{lineno}: missing key 'text' (found {found})")
+    reason = corpus._check_text(obj["text"])
+    if reason is not None:
+        raise ValueError(f"{path}:{lineno}: {reason}")
+    return obj["text"]
+
+
+def _text_batches(path: str, batch_docs: int, batch_chars: int, offset: int = 0, line: int = 0
+                  ) -> Iterator[tuple[list[str], tuple[int, int]]]:
+    """The file's documents from byte `offset` (just after line `line`) on, in lists of at most batch_docs
+    documents and about batch_chars characters, each with (byte offset, line) just after its last document.
+
+    (Not corpus.iter_pretrain_texts: a resumed build seeks to a committed offset, and needs the offsets.)
+    """
     batch, chars = [], 0
-    for text in corpus.iter_pretrain_texts(path):
-        batch.append(text)
-        chars += len(text)
-        if len(batch) >= batch_docs or chars >= batch_chars:
-            yield batch
-            batch, chars = [], 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line, raw in enumerate(f, line + 1):
+            offset += len(raw)
+            if not raw.strip():  # blank lines are no documents (as in corpus.iter_jsonl)
+                continue
+            batch.append(_parse_text(path, line, raw))
+            chars += len(batch[-1])
+            if len(batch) >= batch_docs or chars >= batch_chars:
+                yield batch, (offset, line)
+                batch, chars = [], 0
     if batch:
-        yield batch
+        yield batch, (offset, line)
 
 
 def _ordered_map(fn: Callable, items: Iterator, pool: Any, in_flight: int) -> Iterator:
@@ -154,7 +186,7 @@ class _Tokenizers:
             _init_worker(*self.args)
         return self
 
-    def map(self, batches: Iterator[list[str]]) -> Iterator[tuple[np.ndarray, int]]:
+    def map(self, batches: Iterator[tuple[list[str], Any]]) -> Iterator[tuple[np.ndarray, int, Any]]:
         if self.pool is None:
             return map(_tokenize_batch, batches)
         return _ordered_map(_tokenize_batch, batches, self.pool, 2 * self.workers)
@@ -178,6 +210,8 @@ class BuildReport:
     tokens: int = 0  # separators included
     files_built: int = 0
     files_reused: int = 0  # finished parts of an earlier, killed build
+    documents_reused: int = 0  # in those parts and in committed segments of a file the killed build was in
+    documents_tokenized: int = 0  # by this call
     seconds: float = 0.0
 
 
@@ -208,6 +242,31 @@ def is_complete(path: os.PathLike | str) -> bool:
         return False
 
 
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an flock on the file `lock`, and remove the file on the way out (no `.lock` left beside a store).
+
+    Removing is safe because every holder checks, once locked, that the path still names the file it locked:
+    a waiter that locked a file the holder removed meanwhile retries on a new one, so two builders never
+    hold "the" lock at once. A killed holder's lock dies with its process (the kernel drops flocks): a
+    leftover file never blocks a rebuild.
+    """
+    while True:
+        f = open(lock, "a")
+        fcntl.flock(f, fcntl.LOCK_EX)  # another builder of the same store: wait for it, then find it complete
+        try:
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before unlocking: a waiter then sees its file gone and retries
+        f.close()
+
+
 def _fsync_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -219,21 +278,22 @@ def _fsync_write(path: Path, text: str) -> None:
 
 def build_store(path: os.PathLike | str, files: Sequence[str], tokenizer: Any, block_size: int,
                 eos_token_id: int | None, workers: int = 0, batch_docs: int = 1000, batch_chars: int = 1 << 22,
-                specials_as_text: bool = False, log: Callable[[str], None] | None = None) -> BuildReport:
+                specials_as_text: bool = False, segment_bytes: int = 1 << 26,
+                log: Callable[[str], None] | None = None) -> BuildReport:
     """Tokenize `files` into a store at `path` (a directory); nothing to do when it is already complete.
 
     `workers`: tokenizer processes (0: tokenize in this process). `tokenizer`: an HF fast tokenizer or a
     tokenizers.Tokenizer. Ids as `tokenizer(text, add_special_tokens=False)` (special-token strings in the
     text become their ids unless `specials_as_text`), EOS after every document when `eos_token_id` is set.
     A malformed jsonl line raises ValueError("file:line: ...") and leaves the finished parts for a rerun.
+    `segment_bytes`: source bytes between two commits of a file's progress (what a killed build resumes from).
     """
     path, log = Path(path), log or (lambda s: None)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     report, t0 = BuildReport(), time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(_lock(path), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another builder of the same store: wait for it, then find it complete
+    with _exclusive(_lock(path)):
         if is_complete(path):
             return report
         vocab = _backend(tokenizer).get_vocab_size(with_added_tokens=True)
@@ -251,19 +311,43 @@ def build_store(path: os.PathLike | str, files: Sequence[str], tokenizer: Any, b
                 if (done and done["source"] == src and done["key"] == key and part.exists()
                         and part.stat().st_size == done["n_tokens"] * dtype.itemsize):
                     report.files_reused += 1
+                    report.documents_reused += done["documents"]
                     log(f"{f}: reusing {part} ({done['n_tokens']} tokens) from an earlier build")
                 else:
-                    done = {"source": src, "key": key, "n_tokens": 0, "documents": 0}
-                    tmp = part.with_name(part.name + ".tmp")
-                    with open(tmp, "wb") as out:
-                        for flat, n_docs in toks.map(_text_batches(f, batch_docs, batch_chars)):
+                    tmp, progress = part.with_name(part.name + ".tmp"), part.with_suffix(".progress.json")
+                    done = _read_json(progress)
+                    resume = (done is not None and done["source"] == src and done["key"] == key and tmp.exists()
+                              and tmp.stat().st_size >= done["n_tokens"] * dtype.itemsize)
+                    if resume:
+                        report.documents_reused += done["documents"]
+                        log(f"{f}: resuming at byte {done['offset']} (line {done['line']}: {done['documents']} "
+                            f"documents, {done['n_tokens']} tokens committed by an earlier build)")
+                    else:
+                        if done is not None:
+                            warnings.warn(f"{f}: the earlier build's progress ({progress}) is for another version "
+                                          "of the file (size or mtime changed), another tokenizer, or its tokens "
+                                          "are gone: tokenizing the file from the start")
+                        done = {"source": src, "key": key, "n_tokens": 0, "documents": 0, "offset": 0, "line": 0}
+                    with open(tmp, "r+b" if resume else "wb") as out:
+                        out.truncate(done["n_tokens"] * dtype.itemsize)  # drop tokens written after the last commit
+                        out.seek(0, os.SEEK_END)
+                        committed = done["offset"]
+                        batches = _text_batches(f, batch_docs, batch_chars, done["offset"], done["line"])
+                        for flat, n_docs, (offset, line) in toks.map(batches):
                             out.write(flat.tobytes())  # (tokens,) of the batch, documents in order, EOS after each
-                            done["n_tokens"] += len(flat)
-                            done["documents"] += n_docs
+                            done.update(n_tokens=done["n_tokens"] + len(flat), documents=done["documents"] + n_docs,
+                                        offset=offset, line=line)
+                            report.documents_tokenized += n_docs
+                            if offset - committed >= segment_bytes:  # commit: the tokens are on disk, then say so
+                                out.flush()
+                                os.fsync(out.fileno())
+                                _fsync_write(progress, json.dumps(done))
+                                committed = offset
                         out.flush()
                         os.fsync(out.fileno())
                     os.replace(tmp, part)
                     _fsync_write(marker, json.dumps(done))  # the part counts as finished only from here on
+                    progress.unlink(missing_ok=True)
                     report.files_built += 1
                     log(f"{f}: {done['n_tokens']} tokens")
                 parts.append((part, done))
@@ -288,9 +372,8 @@ def build_store(path: os.PathLike | str, files: Sequence[str], tokenizer: Any, b
         if path.exists():  # an incomplete leftover under the final name (not written by this code): replace it
             shutil.rmtree(path)
         os.replace(partial, path)  # the store appears complete, or not at all
-        for part, _ in parts:  # the parts were kept until now: a kill before the rename still resumes from them
-            (path / part.name).unlink(missing_ok=True)
-            (path / part.with_suffix(".json").name).unlink(missing_ok=True)
+        for leftover in path.glob("part-*"):  # kept until now: a kill before the rename still resumes from them
+            leftover.unlink()
         report.documents, report.tokens = index["documents"], n_tokens
     report.seconds = time.perf_counter() - t0
     return report

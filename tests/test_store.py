@@ -1,15 +1,18 @@
 """The token store (minillm/store.py): blocks equal to the Chunker's, deterministic for any worker count, bounded
-memory while building and reading, killed builds never look complete and resume from finished files, the
-validation split, streaming sharded over ranks x DataLoader workers, and resume landing on the same block."""
+memory while building and reading, killed builds never look complete and resume from finished files and from the
+last committed segment within a file, the lock file removed safely, the validation split, streaming sharded over
+ranks x DataLoader workers, and resume landing on the same block."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +22,8 @@ import torch
 
 from minillm import corpus
 from minillm.chunk import Chunker
-from minillm.store import (INDEX, TOKENS, StoreDataset, StreamingBlocks, build_store, is_complete, open_store,
-                           split_sizes, store_splits, token_dtype, wait_for_store)
+from minillm.store import (INDEX, TOKENS, StoreDataset, StreamingBlocks, _exclusive, build_store, is_complete,
+                           open_store, split_sizes, store_splits, token_dtype, wait_for_store)
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 64
@@ -298,3 +301,114 @@ def test_huge_document_tokenized_in_pieces_same_ids(tmp_path, tok):
     want = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
     got = np.fromfile(tmp_path / "h" / TOKENS, dtype=np.uint16)
     assert got.tolist() == want
+
+
+SEGMENT_KILLER = textwrap.dedent("""
+    import sys
+    from transformers import AutoTokenizer
+    from minillm import corpus
+    from minillm.store import build_store
+    tok = AutoTokenizer.from_pretrained(corpus.TOKENIZER_DIR)
+    build_store(sys.argv[1], [sys.argv[2]], tok, 64, tok.eos_token_id, workers=1, batch_docs=50, segment_bytes=1 << 18)
+""")
+
+
+def test_killed_mid_file_resumes_from_the_last_segment(tmp_path, tok):
+    """SIGKILL inside one 2 MB file once a segment (256 KB of source) is committed, plus a torn tail past the
+    commit: the rerun (2 workers) tokenizes only the documents after the committed offset, drops the tail, and
+    writes the bytes and index of an uninterrupted build (0 workers). The killed builder's lock file blocks no one."""
+    from parity.bench.preprocess import synthetic_corpus
+
+    src = str(synthetic_corpus(tmp_path / "one.jsonl", 2 * 10**6))
+    path, lock = tmp_path / "m.store", tmp_path / "m.store.lock"
+    progress = tmp_path / "m.store.partial" / "part-00000.progress.json"
+    proc = subprocess.Popen([sys.executable, "-c", SEGMENT_KILLER, str(path), src], cwd=ROOT,
+                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    deadline = time.monotonic() + 120
+    while not progress.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    seg = json.loads(progress.read_text())
+    assert 0 < seg["offset"] < os.path.getsize(src) and seg["documents"] > 0 and not path.exists()
+    with open(progress.with_name("part-00000.bin.tmp"), "ab") as f:
+        f.write(b"\xff" * 1001)  # tokens written after the last commit, the last one torn
+    assert lock.exists()  # left behind by the killed builder, but its flock died with it (and its tokenizer process)
+    with open(lock) as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the killed builder's lock is still held"
+                time.sleep(0.05)
+    logs: list[str] = []
+    report = build_store(path, [src], tok, BLOCK, tok.eos_token_id, workers=2, batch_docs=50, segment_bytes=1 << 18,
+                         log=logs.append)
+    assert any(f"resuming at byte {seg['offset']} " in line for line in logs), logs
+    assert report.documents_reused == seg["documents"]
+    assert report.documents_tokenized == report.documents - seg["documents"] > 0
+    clean = build_store(tmp_path / "c.store", [src], tok, BLOCK, tok.eos_token_id, workers=0)
+    assert clean.documents_tokenized == clean.documents == report.documents
+    assert (path / TOKENS).read_bytes() == (tmp_path / "c.store" / TOKENS).read_bytes()
+    assert json.loads((path / INDEX).read_text()) == json.loads((tmp_path / "c.store" / INDEX).read_text())
+    assert sorted(os.listdir(tmp_path)) == ["c.store", "m.store", "one.jsonl"]  # no partial, no lock files
+    assert sorted(os.listdir(path)) == [INDEX, TOKENS]
+
+
+def test_progress_of_a_changed_file_is_dropped(tmp_path, tok):
+    """A build stopped by a malformed last line keeps its committed segments: the rerun resumes there and names the
+    same (absolute) line. A file touched since (mtime) or fixed (size) no longer matches the progress: a warning,
+    and it is tokenized from the start, into the ids of a direct tokenization."""
+    lines = corpus.SAMPLE_PRETRAIN.read_text(encoding="utf-8").splitlines(keepends=True)[:3000]
+    src = tmp_path / "one.jsonl"
+    src.write_text("".join(lines) + "\n" + '{"text": 5}\n', encoding="utf-8")  # a blank line, then a bad one
+    path, kw = tmp_path / "s", dict(workers=0, batch_docs=100, segment_bytes=1 << 16)
+    progress = tmp_path / "s.partial" / "part-00000.progress.json"
+    bad = f"{src}:{len(lines) + 2}: 'text' is a JSON int"
+    logs: list[str] = []
+    with pytest.raises(ValueError, match=bad):
+        build_store(path, [str(src)], tok, BLOCK, tok.eos_token_id, log=logs.append, **kw)
+    seg = json.loads(progress.read_text())
+    assert 0 < seg["line"] < len(lines) and not logs
+    with pytest.raises(ValueError, match=bad):
+        build_store(path, [str(src)], tok, BLOCK, tok.eos_token_id, log=logs.append, **kw)
+    assert len(logs) == 1 and f"resuming at byte {seg['offset']} (line {seg['line']}:" in logs[0]
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, another mtime
+    logs.clear()
+    with pytest.warns(UserWarning, match="another version of the file.*from the start"), \
+            pytest.raises(ValueError, match=bad):
+        build_store(path, [str(src)], tok, BLOCK, tok.eos_token_id, log=logs.append, **kw)
+    assert not logs
+    src.write_text("".join(lines) + "\n" + '{"text": "five"}\n', encoding="utf-8")
+    with pytest.warns(UserWarning, match="from the start"):
+        report = build_store(path, [str(src)], tok, BLOCK, tok.eos_token_id, **kw)
+    assert report.documents_reused == 0 and report.documents_tokenized == report.documents == len(lines) + 1
+    texts = list(corpus.iter_pretrain_texts(src))
+    want = [t for ids in tok(texts, add_special_tokens=False)["input_ids"] for t in ids + [tok.eos_token_id]]
+    assert np.fromfile(path / TOKENS, dtype=np.uint16).tolist() == want
+
+
+def test_lock_file_removed_and_a_waiter_relocks(tmp_path, files, tok):
+    """No lock file beside a finished store, also when a stale one (no process holds it) was there first. A builder
+    waiting on the lock file that the holder removes as it finishes locks a new file instead (holding the removed
+    one would exclude no later builder)."""
+    lock = tmp_path / "l.store.lock"
+    lock.write_text("")
+    build_store(tmp_path / "l.store", files[1:2], tok, BLOCK, tok.eos_token_id)
+    assert is_complete(tmp_path / "l.store") and not lock.exists()
+    seen: list[bool] = []
+
+    def waiter() -> None:
+        with _exclusive(lock):
+            seen.append(lock.exists())
+
+    with _exclusive(lock):
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.3)  # the waiter is blocked in flock on this very file
+        assert not seen and lock.exists()
+    t.join(10)
+    assert seen == [True] and not lock.exists()
