@@ -345,3 +345,33 @@ def test_finetune_validation_split_holds_out_the_first_conversations(tmp_path, m
     assert f"conversations [0, {round(n / 10)}) of" in caplog.text
     assert f"Training on {n - round(n / 10)} conversations" in caplog.text
     assert "eval_loss" in json.loads((out / "all_results.json").read_text())
+
+
+def test_finetune_hf_from_a_checkpoint_under_zero3_matches_minillm(runs):
+    """--impl hf --model_name_or_path under 2-rank ZeRO-3: transformers' from_pretrained builds the model inside
+    deepspeed.zero.Init, whose config read world size 1 on CPU and died ("train_batch_size 8 != 4 * 1 * 1").
+    Full SFT with each impl: same loss curve, and the hf run's saved model loads with the weights minillm reached."""
+    from transformers import AutoModelForCausalLM
+
+    from minillm.model import CausalLM
+
+    args = ["--model_name_or_path", str(runs / "pre-minillm"), "--max_len", "64", "--per_device_train_batch_size", "4",
+            "--max_steps", "4", "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "7", "--disable_tqdm",
+            "true", "--report_to", "none", "--deepspeed", str(ROOT / "ds_configs" / "zero3.json")]
+    for impl in ("minillm", "hf"):
+        _run("finetune.py", ["--impl", impl, "--output_dir", str(runs / f"full-z3-{impl}"), *args], runs / "cache",
+             runs / f"full-z3-{impl}.log")
+    log = (runs / "full-z3-hf.log").read_text()
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in log  # 2 ranks x 4
+    a, b = _losses(runs / "full-z3-minillm"), _losses(runs / "full-z3-hf")
+    assert len(a) == 4
+    _assert_same_curve(a, b)
+    wa = load_file(runs / "full-z3-minillm" / "model.safetensors")
+    wb = load_file(runs / "full-z3-hf" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(wb[k].shape == wa[k].shape for k in wa)  # gathered, not empty partitions
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # 4 AdamW steps from equal weights
+    x = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(runs / "full-z3-hf").eval()(input_ids=x).logits
+        ours = CausalLM.from_pretrained(runs / "full-z3-hf").eval()(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-5

@@ -45,6 +45,7 @@ import transformers
 from safetensors.torch import save_file
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import rotate_checkpoints
 from transformers import trainer_pt_utils
 
@@ -499,6 +500,19 @@ def hf_model_from(model: CausalLM) -> torch.nn.Module:
     return hf
 
 
+def join_deepspeed_comm() -> None:
+    """Under ZeRO-3, let DeepSpeed's comm layer adopt the process group before transformers' from_pretrained.
+
+    from_pretrained then builds the model inside deepspeed.zero.Init, whose DeepSpeedConfig takes the world size
+    from deepspeed.comm, not torch.distributed. On a GPU the Trainer's setup (accelerate) has initialized deepspeed.comm
+    already; on CPU (use_cpu) it only initializes torch.distributed (gloo), so deepspeed.comm reports no group, the
+    config assumes world size 1 and its batch check fails ("train_batch_size 8 != 4 * 1 * 1"). init_distributed wraps
+    the existing group (no new one); deepspeed.initialize does the same later anyway."""
+    if is_deepspeed_zero3_enabled() and dist.is_available() and dist.is_initialized():
+        import deepspeed
+        deepspeed.init_distributed()
+
+
 def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Module:
     """A random-init (seeded) or pretrained model of either implementation, in model_args.dtype."""
     dtype = DTYPES[model_args.dtype]
@@ -507,6 +521,7 @@ def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Mo
         if model_args.impl == "minillm":
             model = CausalLM.from_pretrained(path)
         else:
+            join_deepspeed_comm()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         logger.info(f"Loaded {model_args.impl} model from {path}")
     else:
@@ -515,7 +530,8 @@ def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Mo
         if model_args.impl == "hf":
             model = hf_model_from(model)
         logger.info(f"New {model_args.impl} model from config {model_args.config_name or 'tiny'} (seed {seed})")
-    n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+    # (under ZeRO-3 from_pretrained leaves each parameter an empty placeholder: its size is ds_numel)
+    n_params = sum({id(p): getattr(p, "ds_numel", p.numel()) for p in model.parameters()}.values())
     logger.info(f"Model size: {n_params / 1e6:.2f}M parameters")
     return model.to(dtype)
 
