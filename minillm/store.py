@@ -22,7 +22,8 @@ Building, in bounded memory (peak RSS independent of the corpus size):
   so a killed build restarts without redoing finished files; when all are done the parts are joined into
   `tokens.bin`, `index.json` (with `"complete": true`) is written last, and the directory is renamed to
   `path`. A store that exists under `path` is therefore always complete; a killed build leaves only
-  `<path>.partial`. An exclusive lock (`<path>.lock`, flock) keeps two builders apart;
+  `<path>.partial`. An exclusive lock (`<path>.lock`, flock, removed by its holder
+  at the end) keeps two builders apart;
 - within a file, progress is committed every `segment_bytes` of source (the part's tokens fsynced, then
   `part-NNNNN.progress.json`: byte offset and line reached, tokens and documents so far, the file's size and
   mtime), so a build killed at 90% of one 13 GB file resumes there: tokens written after the last commit are
