@@ -338,13 +338,26 @@ def test_finetune_validation_split_holds_out_the_first_conversations(tmp_path, m
 
     caplog.set_level(logging.INFO, logger="minillm.train")
     out = tmp_path / "o"
-    _main("finetune.py", ["--validation_split_percentage", "10", "--max_steps", "1", "--max_len", "64",
+    _main("finetune.py", ["--validation_split_percentage", "10", "--max_steps", "2", "--max_len", "64",
+                          "--logging_steps", "1",
                           "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true",
                           "--report_to", "none"], monkeypatch)
     n = sum(1 for line in open(ROOT / "minillm" / "data" / "sft.jsonl") if line.strip())
     assert f"conversations [0, {round(n / 10)}) of" in caplog.text
     assert f"Training on {n - round(n / 10)} conversations" in caplog.text
     assert "eval_loss" in json.loads((out / "all_results.json").read_text())
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the run's loss curve, as a picture
+
+
+def test_loss_plot_needs_a_logged_loss(tmp_path):
+    sys.path.insert(0, str(TRAIN))
+    import common
+
+    common.save_loss_plot([{"train_runtime": 1.0}], tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+    common.save_loss_plot([{"step": s, "loss": 5.0 - 0.1 * s} for s in range(1, 30)] + [{"step": 29, "eval_loss": 2.5}],
+                          tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
 
 
 def test_finetune_hf_from_a_checkpoint_under_zero3_matches_minillm(runs):
