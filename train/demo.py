@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                         [*shared, *pretrain_args(args.pretrain_steps)], {}, out, args.nproc, "torchrun")
     md = table([pre])
     (out / "compare.md").write_text(md)
-    (out / "compare.json").write_text(json.dumps([pre], indent=1))
+    (out / "compare.json").write_text(json.dumps({"stages": [pre]}, indent=1))  # compare.py's layout
     plot([pre], out / "compare.png")
     print("\n".join(md.splitlines()[:10]))
     print(f"(per-step table: {out / 'compare.md'}, plot: {out / 'compare.png'})\n", flush=True)
