@@ -231,6 +231,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+_RECORD_KEYS = {"source", "key", "n_tokens", "documents", "offset", "line"}  # a part's progress and done markers
+
+
+def _read_record(path: Path) -> dict | None:
+    """A progress or done marker; a damaged one ({} here) never matches, so its file is tokenized again."""
+    d = _read_json(path)
+    return d if d is None or (isinstance(d, dict) and _RECORD_KEYS <= d.keys()) else {}
+
+
 def is_complete(path: os.PathLike | str) -> bool:
     """Whether `path` holds a finished store (index written last, token file of the indexed size)."""
     path = Path(path)
@@ -296,6 +305,8 @@ def build_store(path: os.PathLike | str, files: Sequence[str], tokenizer: Any, b
     path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(_lock(path)):
         if is_complete(path):
+            for leftover in path.glob("part-*"):  # a build killed just after its final rename left these
+                leftover.unlink()
             return report
         vocab = _backend(tokenizer).get_vocab_size(with_added_tokens=True)
         dtype = token_dtype(max(vocab, (eos_token_id or 0) + 1))
@@ -308,7 +319,7 @@ def build_store(path: os.PathLike | str, files: Sequence[str], tokenizer: Any, b
         with _Tokenizers(tokenizer, eos_token_id, dtype, workers, specials_as_text) as toks:
             for i, (f, src) in enumerate(zip(files, sources)):
                 part, marker = partial / f"part-{i:05d}.bin", partial / f"part-{i:05d}.json"
-                done = _read_json(marker)
+                done = _read_record(marker)
                 if (done and done["source"] == src and done["key"] == key and part.exists()
                         and part.stat().st_size == done["n_tokens"] * dtype.itemsize):
                     report.files_reused += 1
@@ -316,8 +327,8 @@ def build_store(path: os.PathLike | str, files: Sequence[str], tokenizer: Any, b
                     log(f"{f}: reusing {part} ({done['n_tokens']} tokens) from an earlier build")
                 else:
                     tmp, progress = part.with_name(part.name + ".tmp"), part.with_suffix(".progress.json")
-                    done = _read_json(progress)
-                    resume = (done is not None and done["source"] == src and done["key"] == key and tmp.exists()
+                    done = _read_record(progress)
+                    resume = (bool(done) and done["source"] == src and done["key"] == key and tmp.exists()
                               and tmp.stat().st_size >= done["n_tokens"] * dtype.itemsize)
                     if resume:
                         report.documents_reused += done["documents"]
@@ -328,6 +339,9 @@ def build_store(path: os.PathLike | str, files: Sequence[str], tokenizer: Any, b
                             warnings.warn(f"{f}: the earlier build's progress ({progress}) is for another version "
                                           "of the file (size or mtime changed), another tokenizer, or its tokens "
                                           "are gone: tokenizing the file from the start")
+                        # the old record goes before the tokens file is emptied: left in place, a later build
+                        # under the record's tokenizer would resume onto this build's tokens
+                        progress.unlink(missing_ok=True)
                         done = {"source": src, "key": key, "n_tokens": 0, "documents": 0, "offset": 0, "line": 0}
                     with open(tmp, "r+b" if resume else "wb") as out:
                         out.truncate(done["n_tokens"] * dtype.itemsize)  # drop tokens written after the last commit

@@ -412,3 +412,38 @@ def test_lock_file_removed_and_a_waiter_relocks(tmp_path, files, tok):
         assert not seen and lock.exists()
     t.join(10)
     assert seen == [True] and not lock.exists()
+
+
+def test_progress_of_another_tokenizer_is_never_resumed_onto(tmp_path, tok):
+    """Build 1 (eos = the tokenizer's) commits segments and stops; build 2 (another eos: another key) starts the
+    file afresh and stops before its first commit; build 3 (build 1's set-up again) must not resume build 1's record
+    on top of build 2's tokens: it tokenizes from the start and equals a clean build. A damaged record ({}) restarts
+    the file too, with a warning."""
+    lines = corpus.SAMPLE_PRETRAIN.read_text(encoding="utf-8").splitlines(keepends=True)[:3000]
+    src = tmp_path / "one.jsonl"
+    src.write_text("".join(lines) + '{"text": 5}\n', encoding="utf-8")
+    path, kw = tmp_path / "s", dict(workers=0, batch_docs=100, segment_bytes=1 << 16)
+    progress = tmp_path / "s.partial" / "part-00000.progress.json"
+    with pytest.raises(ValueError, match="is a JSON int"):
+        build_store(path, [str(src)], tok, BLOCK, tok.eos_token_id, **kw)
+    assert json.loads(progress.read_text())["n_tokens"] > 0
+    with pytest.warns(UserWarning, match="another tokenizer"), pytest.raises(ValueError, match="is a JSON int"):
+        build_store(path, [str(src)], tok, BLOCK, tok.eos_token_id + 1, **{**kw, "segment_bytes": 1 << 40})  # no commit
+    src.write_text("".join(lines), encoding="utf-8")
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
+    report = build_store(path, [str(src)], tok, BLOCK, tok.eos_token_id, **kw)
+    assert report.documents_reused == 0
+    clean = tmp_path / "clean"
+    build_store(clean, [str(src)], tok, BLOCK, tok.eos_token_id, **kw)
+    assert (path / TOKENS).read_bytes() == (clean / TOKENS).read_bytes()
+    # a damaged progress record
+    src2 = tmp_path / "two.jsonl"
+    src2.write_text("".join(lines) + '{"text": 5}\n', encoding="utf-8")
+    path2 = tmp_path / "s2"
+    with pytest.raises(ValueError, match="is a JSON int"):
+        build_store(path2, [str(src2)], tok, BLOCK, tok.eos_token_id, **kw)
+    (tmp_path / "s2.partial" / "part-00000.progress.json").write_text("{}")
+    src2.write_text("".join(lines), encoding="utf-8")
+    with pytest.warns(UserWarning, match="from the start"):
+        report = build_store(path2, [str(src2)], tok, BLOCK, tok.eos_token_id, **kw)
+    assert report.documents_reused == 0 and (path2 / TOKENS).read_bytes() == (clean / TOKENS).read_bytes()

@@ -388,3 +388,13 @@ def test_finetune_hf_from_a_checkpoint_under_zero3_matches_minillm(runs):
         theirs = AutoModelForCausalLM.from_pretrained(runs / "full-z3-hf").eval()(input_ids=x).logits
         ours = CausalLM.from_pretrained(runs / "full-z3-hf").eval()(x).logits
     assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_hf_from_a_checkpoint_under_zero3_refuses_a_dtype_it_would_ignore(tmp_path, monkeypatch):
+    """--impl hf --model_name_or_path under ZeRO-3: transformers loads inside deepspeed.zero.Init, which sets the
+    weights' dtype from the DeepSpeed config (measured: a --dtype bfloat16 run trained and saved float32)."""
+    (tmp_path / "m").mkdir()
+    with pytest.raises(SystemExit, match="--dtype bfloat16 with --impl hf --model_name_or_path under ZeRO-3"):
+        _main("finetune.py", ["--impl", "hf", "--model_name_or_path", str(tmp_path / "m"), "--dtype", "bfloat16",
+                              "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), "--output_dir",
+                              str(tmp_path / "o")], monkeypatch)

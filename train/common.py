@@ -215,6 +215,11 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
         fail(err)
     if training_args.deepspeed:
         stage = check_ds_config(training_args.deepspeed)
+        if stage == 3 and model_args.impl == "hf" and model_args.model_name_or_path and model_args.dtype != "float32":
+            # measured: a --dtype bfloat16 run trained and saved float32 weights
+            fail(f"--dtype {model_args.dtype} with --impl hf --model_name_or_path under ZeRO-3: transformers loads the "
+                 "weights inside deepspeed.zero.Init, which gives them the DeepSpeed config's dtype (float32 here), so "
+                 "--dtype would be silently ignored; use --bf16/--fp16 (mixed precision), or ZeRO-2")
         if stage == 3 and peft_args is not None and peft_args.peft in ("prefix", "prompt", "adapter"):
             # (and peft's save of a prompt encoder under ZeRO-3 runs its forward on the saving rank alone: it hangs)
             fail(f"--peft {peft_args.peft} under ZeRO-3 is not supported (its few trainable tensors gain nothing "
@@ -522,7 +527,7 @@ def build_model(model_args: ModelArguments, tokenizer, seed: int) -> torch.nn.Mo
             model = CausalLM.from_pretrained(path)
         else:
             join_deepspeed_comm()
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)  # (ZeRO-3: see check_args)
         logger.info(f"Loaded {model_args.impl} model from {path}")
     else:
         torch.manual_seed(seed)
