@@ -246,9 +246,11 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], piece_chars: int = 1 << 1
 
 
 def _encode_texts(backend: Any, texts: Sequence[str], piece_chars: int, pieces_per_call: int) -> list[np.ndarray]:
+    # encode_batch_fast: the same ids without tracking character offsets (unused here), measured 1.3-1.4x faster
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     out: list[np.ndarray | None] = [None] * len(texts)
     short = [i for i, t in enumerate(texts) if len(t) <= piece_chars or not splittable(backend)]
-    for i, enc in zip(short, backend.encode_batch([texts[i] for i in short], add_special_tokens=False)):
+    for i, enc in zip(short, encode([texts[i] for i in short], add_special_tokens=False)):
         out[i] = np.asarray(enc.ids, dtype=np.int32)
     for i, text in enumerate(texts):
         if out[i] is not None:
@@ -258,6 +260,6 @@ def _encode_texts(backend: Any, texts: Sequence[str], piece_chars: int, pieces_p
         ids = []
         for k in range(0, len(pieces), pieces_per_call):  # a few pieces per call: parallel, still bounded
             ids += [np.asarray(e.ids, dtype=np.int32)
-                    for e in backend.encode_batch(pieces[k:k + pieces_per_call], add_special_tokens=False)]
+                    for e in encode(pieces[k:k + pieces_per_call], add_special_tokens=False)]
         out[i] = np.concatenate(ids) if ids else np.zeros(0, np.int32)
     return out
