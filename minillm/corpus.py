@@ -67,6 +67,23 @@ def _bad(path: os.PathLike | str, lineno: int, reason: str, skip: bool, stats: J
         stats.first_skipped.append(where)
 
 
+def parse_record(line: bytes, key: str | None = None, check: Callable[[Any], str | None] | None = None
+                 ) -> tuple[Any, str | None]:
+    """One non-blank jsonl line: (its JSON object, or its `key` field; None) or (None, why it is malformed).
+    `check(value)` may return a reason why a value is malformed."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"malformed JSON ({e})"
+    if key is not None:
+        if not isinstance(obj, dict) or key not in obj:
+            found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            return None, f"missing key {key!r} (found {found})"
+        obj = obj[key]
+    reason = check(obj) if check is not None else None
+    return (None, reason) if reason is not None else (obj, None)
+
+
 def iter_jsonl(
     path: os.PathLike | str,
     key: str | None = None,
@@ -89,18 +106,7 @@ def iter_jsonl(
                 stats.blank += 1
                 continue
             stats.lines += 1
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                _bad(path, lineno, f"malformed JSON ({e})", skip_malformed, stats)
-                continue
-            if key is not None:
-                if not isinstance(obj, dict) or key not in obj:
-                    found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    _bad(path, lineno, f"missing key {key!r} (found {found})", skip_malformed, stats)
-                    continue
-                obj = obj[key]
-            reason = check(obj) if check is not None else None
+            obj, reason = parse_record(line, key, check)
             if reason is not None:
                 _bad(path, lineno, reason, skip_malformed, stats)
                 continue
@@ -109,7 +115,8 @@ def iter_jsonl(
             yield obj
 
 
-def _check_text(text: Any) -> str | None:
+def check_text(text: Any) -> str | None:
+    """Why a pretraining record's `text` cannot be used (not a string, bad Unicode), or None."""
     if not isinstance(text, str):
         return f"'text' is {'null' if text is None else 'a JSON ' + type(text).__name__}, not a string"
     return unicode_problem(text, "'text'")
@@ -121,7 +128,7 @@ def _conversation(record: Any) -> Any:
 
 def iter_pretrain_texts(path: os.PathLike | str = SAMPLE_PRETRAIN, **kw: Any) -> Iterator[str]:
     """The `text` of every line of a seq-monkey style jsonl file (keywords as `iter_jsonl`)."""
-    return iter_jsonl(path, key="text", check=_check_text, **kw)
+    return iter_jsonl(path, key="text", check=check_text, **kw)
 
 
 def iter_sft_conversations(path: os.PathLike | str = SAMPLE_SFT, **kw: Any) -> Iterator[list[dict]]:

@@ -117,21 +117,6 @@ def _tokenize_batch(batch: tuple[list[str], Any]) -> tuple[np.ndarray, int, Any]
     return _stream(ids, w["eos"], w["dtype"]), len(texts), position
 
 
-def _parse_text(path: str, lineno: int, raw: bytes) -> str:
-    """One jsonl line's `text`, or corpus.iter_pretrain_texts' error for the line (file:line: why)."""
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON ({e})") from None
-    if not isinstance(obj, dict) or "text" not in obj:
-        found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path}:{lineno}: missing key 'text' (found {found})")
-    reason = corpus._check_text(obj["text"])
-    if reason is not None:
-        raise ValueError(f"{path}:{lineno}: {reason}")
-    return obj["text"]
-
-
 def _text_batches(path: str, batch_docs: int, batch_chars: int, offset: int = 0, line: int = 0
                   ) -> Iterator[tuple[list[str], tuple[int, int]]]:
     """The file's documents from byte `offset` (just after line `line`) on, in lists of at most batch_docs
@@ -146,7 +131,10 @@ def _text_batches(path: str, batch_docs: int, batch_chars: int, offset: int = 0,
             offset += len(raw)
             if not raw.strip():  # blank lines are no documents (as in corpus.iter_jsonl)
                 continue
-            batch.append(_parse_text(path, line, raw))
+            text, reason = corpus.parse_record(raw, "text", corpus.check_text)  # iter_pretrain_texts' rules
+            if reason is not None:
+                raise ValueError(f"{path}:{line}: {reason}")
+            batch.append(text)
             chars += len(batch[-1])
             if len(batch) >= batch_docs or chars >= batch_chars:
                 yield batch, (offset, line)
