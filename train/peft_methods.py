@@ -145,43 +145,31 @@ def add_peft(model: nn.Module, impl: str, peft_args: PeftArguments, seed: int, t
     if method == "none":
         return model
     torch.manual_seed(seed)  # both sides draw the new weights in the same order from here
-    text = peft_args.prompt_tuning_init_text
-    P = peft_args.num_virtual_tokens
+    text, targets = peft_args.prompt_tuning_init_text, peft_args.lora_target_modules
+    # one set of settings per method for both sides: minillm's configs take peft's keyword names
+    settings = {
+        "lora": dict(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
+                     target_modules="all-linear" if targets == ["all-linear"] else targets),
+        "prompt": dict(num_virtual_tokens=peft_args.num_virtual_tokens, prompt_tuning_init="TEXT" if text else "RANDOM",
+                       prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer_path if text else None),
+        "prefix": dict(num_virtual_tokens=peft_args.num_virtual_tokens, prefix_projection=peft_args.prefix_projection,
+                       encoder_hidden_size=peft_args.encoder_hidden_size),
+    }.get(method)
     if impl == "hf":
         import peft
 
-        if method == "lora":
-            targets = peft_args.lora_target_modules
-            cfg = peft.LoraConfig(task_type="CAUSAL_LM", r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha,
-                                  lora_dropout=peft_args.lora_dropout,
-                                  target_modules="all-linear" if targets == ["all-linear"] else targets)
-        elif method == "prompt":
-            cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
-                                          prompt_tuning_init="TEXT" if text else "RANDOM",
-                                          prompt_tuning_init_text=text,
-                                          tokenizer_name_or_path=tokenizer_path if text else None)
-        else:  # prefix
-            cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
-                                          prefix_projection=peft_args.prefix_projection,
-                                          encoder_hidden_size=peft_args.encoder_hidden_size)
-        model = peft.get_peft_model(model, cfg)
+        config_class = {"lora": peft.LoraConfig, "prompt": peft.PromptTuningConfig,
+                        "prefix": peft.PrefixTuningConfig}[method]
+        model = peft.get_peft_model(model, config_class(task_type="CAUSAL_LM", **settings))
         model.print_trainable_parameters()
         return model
     if method == "lora":
-        targets = peft_args.lora_target_modules
-        model = apply_lora(model, LoraConfig(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha,
-                                             lora_dropout=peft_args.lora_dropout,
-                                             target_modules="all-linear" if targets == ["all-linear"] else targets),
-                           verbose=False)
+        model = apply_lora(model, LoraConfig(**settings), verbose=False)
     elif method == "prompt":
         ids = tokenizer(text)["input_ids"] if text else None  # what peft's TEXT init tokenizes
-        model = PromptTuningLM(model, PromptTuningConfig(
-            num_virtual_tokens=P, prompt_tuning_init="TEXT" if text else "RANDOM", prompt_tuning_init_text=text,
-            init_token_ids=ids, tokenizer_name_or_path=tokenizer_path if text else None))
+        model = PromptTuningLM(model, PromptTuningConfig(**settings, init_token_ids=ids))
     elif method == "prefix":
-        model = PrefixTuningLM(model, PrefixTuningConfig(num_virtual_tokens=P,
-                                                         prefix_projection=peft_args.prefix_projection,
-                                                         encoder_hidden_size=peft_args.encoder_hidden_size))
+        model = PrefixTuningLM(model, PrefixTuningConfig(**settings))
     else:  # adapter
         model = houlsby.apply_adapters(model, houlsby.HoulsbyConfig(
             bottleneck=peft_args.adapter_bottleneck, non_linearity=peft_args.adapter_non_linearity), verbose=False)
