@@ -199,16 +199,6 @@ ADAPTER_KINDS = {"LORA": "LoRA adapter", "PROMPT_TUNING": "prompt-tuning adapter
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
-def adapter_kind(path: str | Path) -> str:
-    """"LoRA adapter", "prefix-tuning adapter", ...: what an adapter directory's adapter_config.json says it is
-    (peft's LoRA configs always carry peft_type; an old one without it is LoRA); "adapter" if unreadable."""
-    try:
-        kind = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type", "LORA")
-    except (ValueError, AttributeError, OSError):
-        return "adapter"
-    return ADAPTER_KINDS.get(kind, f"adapter (peft_type {kind!r})")
-
-
 def adapter_instead_of_model(path: str | Path, flag: str = "--model",
                              then: str = "load it with python -m minillm.generate --model {base} --adapter {path}"
                              ) -> str | None:
@@ -219,11 +209,12 @@ def adapter_instead_of_model(path: str | Path, flag: str = "--model",
     cfg = p / "adapter_config.json"
     if not cfg.is_file() or any((p / f).is_file() for f in MODEL_FILES):
         return None
-    kind = adapter_kind(p)
     try:
-        base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+        base, peft_type = d.get("base_model_name_or_path"), d.get("peft_type", "LORA")  # old LoRA configs lack it
     except (ValueError, AttributeError, OSError) as e:
         return f"{flag} {path} is an adapter, not a model, and its {cfg} is unreadable ({e})"
+    kind = ADAPTER_KINDS.get(peft_type, f"adapter (peft_type {peft_type!r})")
     if not base:
         return (f"{flag} {path} is a {kind}, not a model; its adapter_config.json records no base model: "
                 + then.format(base="BASE", path=path) + ", with BASE the model it was trained from")
