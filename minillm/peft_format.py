@@ -77,7 +77,9 @@ def save_adapter(model: nn.Module, save_dir: str | os.PathLike, base_model_name_
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def _read_config(save_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+def read_config(save_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(path, contents) of the directory's adapter_config.json, its peft_type one minillm implements; errors
+    name the file."""
     path, d = lora.read_adapter_json(save_dir)
     if d.get("peft_type", "LORA") not in PEFT_TYPES:  # peft's LoRA configs always carry it; old ones may not
         raise ValueError(f"{path}: peft_type {d.get('peft_type')!r} is not one minillm implements {PEFT_TYPES}")
@@ -111,7 +113,7 @@ def _tensor(save_dir: str | os.PathLike, key: str, shape: tuple[int, ...]) -> to
 
 def load_adapter(model: nn.Module, save_dir: str | os.PathLike, verbose: bool = False) -> nn.Module:
     """Load any adapter directory into `model` (a plain CausalLM); returns the adapted model (maybe a wrapper)."""
-    path, d = _read_config(save_dir)
+    path, d = read_config(save_dir)
     kind = d.get("peft_type", "LORA")
     if kind == "LORA":
         return lora.load_adapter(model, save_dir, verbose=verbose)

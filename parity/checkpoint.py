@@ -34,6 +34,7 @@ import torch
 import transformers
 
 from minillm import CausalLM, peft_format
+from minillm import adapter as houlsby
 from minillm.generate import ADAPTER_KINDS, adapter_instead_of_model, model_instead_of_adapter
 from parity.harness import Row, fixed_check, format_table
 from parity.tolerances import tol
@@ -97,17 +98,12 @@ def stop_at_eos(out: torch.Tensor, prompt_len: int, eos: list[int], pad: int) ->
     return torch.cat([out[:, :prompt_len], new], dim=1)
 
 
-HOULSBY = "MINILLM_HOULSBY_ADAPTER"
+HOULSBY = houlsby.PEFT_TYPE  # minillm's own peft_type: peft cannot load it
 
 
 def adapter_type(adapter: str) -> str:
     """The adapter directory's peft_type (an old LoRA config may lack it: LORA); errors name the file."""
-    from minillm.lora import read_adapter_json
-    path, d = read_adapter_json(adapter)
-    kind = d.get("peft_type", "LORA")
-    if kind not in peft_format.PEFT_TYPES:
-        raise ValueError(f"{path}: peft_type {kind!r} is not one minillm implements {peft_format.PEFT_TYPES}")
-    return kind
+    return peft_format.read_config(adapter)[1].get("peft_type", "LORA")
 
 
 def _load_pair(path: str, adapter: str | None, dtype: torch.dtype):
