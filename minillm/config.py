@@ -22,6 +22,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+# The dtype names config.json's "dtype" may hold, and the tensor dtypes they stand for (one table, used by
+# checkpoint saving/loading and the training scripts' --dtype).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")  # the MLP activations minillm implements
@@ -246,7 +252,6 @@ def _kwargs_from_hf(d: dict) -> tuple[dict[str, Any], list[str]]:
         raise ValueError("key 'quantization_config': quantized checkpoints are not supported; use a dequantized one")
     dtype = d.get("dtype", d.get("torch_dtype"))
     if dtype is not None:
-        from minillm.checkpoint import DTYPES  # one table of dtype names (lazy: checkpoint imports this module)
         if dtype not in DTYPES:
             key = "dtype" if "dtype" in d else "torch_dtype"
             raise ValueError(f"key {key!r}: unknown dtype name {json.dumps(dtype)}; minillm knows {sorted(DTYPES)}")

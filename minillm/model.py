@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minillm.config import ModelConfig
+from minillm.generation import KVCache, generate
+from minillm.infra.checkpoint import load_pretrained, save_pretrained
 from minillm.loss import causal_lm_loss, linear_cross_entropy
 
 
@@ -154,24 +157,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# KV cache and masks
+# Masks
 # ---------------------------------------------------------------------------------------------
-class KVCache:
-    """Keys/values of every layer, preallocated for `max_len` tokens: decoding writes in place."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # tokens stored (all layers); the model advances it after the last layer
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, D)
-
-
 def packed_documents(position_ids: torch.Tensor) -> torch.Tensor | None:
     """(B, T) position ids -> (B, T) document index of every token, or None when no row holds several documents.
 
@@ -438,7 +425,7 @@ class CausalLM(nn.Module):
 
         `inputs_embeds` (B, T, C) replaces the embedding lookup (prompt tuning prepends trained vectors there).
         `cache` may also be any object with `length` and `update(layer, k, v) -> (k, v)`; one whose
-        `recompute_safe` is True (its update does not mutate it, e.g. minillm.prefix.PrefixCache) is passed
+        `recompute_safe` is True (its update does not mutate it, e.g. minillm.peft.prefix.PrefixCache) is passed
         to checkpointed layers too, the others are not (a KVCache would be written twice).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -489,8 +476,7 @@ class CausalLM(nn.Module):
         self._ckpt_every = every_n_layers
         self._ckpt_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         # as transformers: the embedding output requires grad, or re-entrant checkpointing differentiates
-        # nothing behind a frozen embedding (LoRA). See minillm.lora.enable_input_require_grads.
-        from minillm.lora import enable_input_require_grads
+        # nothing behind a frozen embedding (LoRA): see enable_input_require_grads below.
         enable_input_require_grads(self)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
@@ -514,15 +500,69 @@ class CausalLM(nn.Module):
 
     # -- checkpoints and generation live in their own files; these are the entry points ------------
     @classmethod
-    def from_pretrained(cls, path, **kwargs: Any) -> "CausalLM":
-        from minillm.checkpoint import load_pretrained
-        return load_pretrained(path, **kwargs)
+    def from_pretrained(cls, path, dtype: str | torch.dtype | None = None,
+                        attn_implementation: str = "sdpa") -> "CausalLM":
+        """An HF checkpoint directory (config.json + safetensors). dtype: None = float32, "auto" = as stored."""
+        model = load_pretrained(Path(path).expanduser(), lambda cfg: cls(cfg, attn_implementation=attn_implementation),
+                                dtype)
+        rope = model.model.rotary_emb  # a non-persistent buffer, not in the file: computed on the real device
+        rope.inv_freq = rope_inv_freq(model.config)[0]
+        rope.original_inv_freq = rope.inv_freq.clone()  # dynamic RoPE resets to it (RotaryEmbedding)
+        return model
 
     def save_pretrained(self, path, **kwargs: Any) -> None:
-        from minillm.checkpoint import save_pretrained
         save_pretrained(self, path, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs: Any) -> torch.Tensor:
-        from minillm.generate import generate
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
+
+# ---------------------------------------------------------------------------------------------
+# Counting parameters and the input-grad hook (for any module: a CausalLM or a PEFT wrapper around one)
+# ---------------------------------------------------------------------------------------------
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) over model.parameters(), shared tensors counted once (as peft does)."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}")
+
+
+def _make_output_require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
+
+
+def enable_input_require_grads(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Make the input embedding's output require grad: transformers' `enable_input_require_grads`.
+
+    Re-entrant activation checkpointing (`use_reentrant=True`) differentiates a checkpointed layer only if
+    one of its tensor inputs requires grad. With the embedding frozen (LoRA) none does: the loss has no
+    grad_fn ("element 0 of tensors does not require grad"), or, with a trainable lm_head, every LoRA
+    weight inside the layers silently gets no gradient. transformers installs this hook whenever
+    checkpointing is enabled, peft when it wraps a checkpointing model; minillm does both (CausalLM.
+    activation_checkpointing_enable and apply_lora). Values are unchanged; backward also computes the
+    gradient w.r.t. the embedding output, which nothing uses. Idempotent; returns the hook handle.
+    """
+    handle = getattr(model, "_require_grads_hook", None)
+    if handle is not None:
+        return handle
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is None:
+        raise ValueError(f"{type(model).__name__} has no input embedding to hook")
+    model._require_grads_hook = emb.register_forward_hook(_make_output_require_grad)
+    return model._require_grads_hook
+
+
+def disable_input_require_grads(model: nn.Module) -> None:
+    handle = getattr(model, "_require_grads_hook", None)
+    if handle is not None:
+        handle.remove()
+        del model._require_grads_hook

@@ -53,7 +53,7 @@ of real data, in practice) gives the same ids as apply_chat_template in both mod
 that relies on it. `chatml_prompt_ids` applies the same rule to a chat prompt.
 
 Data errors: `conversation_problem(record)` says why a JSON line is not a usable conversation (any type,
-unknown role, non-string or invalid-Unicode content); `minillm.corpus.iter_sft_conversations` uses it to
+unknown role, non-string or invalid-Unicode content); `minillm.infra.corpus.iter_sft_conversations` uses it to
 report `file:line: reason` before the masker sees the data.
 """
 
@@ -164,7 +164,7 @@ def conversation_problem(record: Any) -> str | None:
 
 def _turns(conversation: Any, index: int) -> list[tuple[str, str]]:
     """Turns -> [(role, content)], roles normalised; a ValueError names the conversation's batch position
-    (read files with minillm.corpus, which names file:line before this point)."""
+    (read files with minillm.infra.corpus, which names file:line before this point)."""
     turns = _conversation_turns(conversation)
     if isinstance(turns, str):
         raise ValueError(f"conversation {index}: {turns}")

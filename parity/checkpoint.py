@@ -5,7 +5,7 @@
     python -m parity.checkpoint out/pretrain --adapter out/sft   # an adapter on its base: minillm vs peft
 
 Loads DIR twice — with `minillm.CausalLM.from_pretrained` and with `transformers.AutoModelForCausalLM`
-(local files only, no remote code), plus the adapter (`minillm.peft_format.load_adapter` /
+(local files only, no remote code), plus the adapter (`minillm.peft.files.load_adapter` /
 `peft.PeftModel.from_pretrained`) — then compares logits on non-padded positions of a left-padded batch
 (random ids, plus text prompts when the checkpoint has a tokenizer.json), the loss, and greedy generation.
 
@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from minillm import CausalLM, peft_format
-from minillm import adapter as houlsby
+from minillm import CausalLM
+from minillm.peft import files as peft_format
+from minillm.peft import houlsby
 from minillm.generate import ADAPTER_KINDS, adapter_instead_of_model, model_instead_of_adapter
 from parity.harness import Row, fixed_check, format_table
 from parity.tolerances import tol
@@ -143,9 +144,9 @@ def _houlsby_rows(ours, ref, adapter: str, ids: torch.Tensor, mask: torch.Tensor
                   eos: list[int], pad: int, what: str, note: str, t0: float) -> list[Row]:
     """A Houlsby adapter (minillm's own format): minillm vs the paper's equations on the transformers model's
     weights, with the adapter's tensors read from the file (not from minillm's modules), one row at a time."""
-    from minillm import adapter as ha
-    from minillm.checkpoint import read_safetensors_file
-    from minillm.lora import read_adapter_json
+    from minillm.peft import houlsby as ha
+    from minillm.infra.checkpoint import read_safetensors_file
+    from minillm.peft.lora import read_adapter_json
     from parity.peft_methods import houlsby_reference
 
     name = "Houlsby adapter vs paper equations"
@@ -275,7 +276,7 @@ def compare(path: str, dtype: torch.dtype = torch.float32, new_tokens: int = 32,
         else:
             ga, gb = greedy_both(ours, ref, ids, mask, new_tokens, eos, pad)
         if kind == "LORA":  # merged into the base weights on both sides (W + B @ A * scaling): the same merged model
-            from minillm.lora import merge_and_unload
+            from minillm.peft.lora import merge_and_unload
             merged = merge_and_unload(ours)(ids, attention_mask=mask, position_ids=pos).logits.float()
             ref_merged = ref.merge_and_unload()(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
             d_merged = (merged - ref_merged)[keep].abs().max().item()

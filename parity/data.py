@@ -24,9 +24,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from minillm.chunk import group_texts
-from minillm.corpus import SAMPLE_PRETRAIN, SAMPLE_SFT, TOKENIZER_DIR, iter_pretrain_texts, iter_sft_conversations
+from minillm.infra.corpus import SAMPLE_PRETRAIN, SAMPLE_SFT, TOKENIZER_DIR, iter_pretrain_texts, iter_sft_conversations
 from minillm.sft import IM_END, IM_START, ROLES, mask_batch
-from minillm.train_tokenizer import CHAT_TEMPLATE
+from minillm.data.train_tokenizer import CHAT_TEMPLATE
 from parity.course import run_clm_group_texts
 from parity.harness import Row, property_check
 

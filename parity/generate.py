@@ -1,10 +1,10 @@
-"""minillm.generate vs transformers' generate: eos stopping on peaked weights, sampling warpers, sampled decoding.
+"""minillm.generation vs transformers' generate: eos stopping on peaked weights, sampling warpers, sampled decoding.
 
 Rows:
 - greedy generation over drawn weights whose output distributions are peaked (the final norm scaled up,
   as training does to a model) with a left-padded batch and eos ids chosen so that rows stop at
   different steps: the same tokens, the same stop positions, the same padding after them.
-- temperature / top-k / top-p filtering: `minillm.generate.warp_logits` against the processors that
+- temperature / top-k / top-p filtering: `minillm.generation.warp_logits` against the processors that
   transformers' `generate` itself builds (`_get_logits_processor`, so its composition order is what is
   compared too), on drawn logits with ties, -inf entries and peaked rows, and drawn parameters, including
   values where cumulative probabilities hit 1 - top_p exactly (equal logits, power-of-two counts), so an
@@ -25,7 +25,7 @@ import transformers
 from hypothesis import strategies as st
 
 from minillm import ModelConfig
-from minillm.generate import warp_logits
+from minillm.generation import warp_logits
 from parity.harness import Row, property_rows
 from parity.model import hf_copy, random_model
 

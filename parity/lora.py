@@ -1,6 +1,6 @@
-"""minillm.lora vs peft: same base weights, same A/B, same outputs, gradients and merged weights.
+"""minillm.peft.lora vs peft: same base weights, same A/B, same outputs, gradients and merged weights.
 
-The minillm side is `minillm.CausalLM` + `minillm.lora.apply_lora`; the reference is the transformers
+The minillm side is `minillm.CausalLM` + `minillm.peft.lora.apply_lora`; the reference is the transformers
 model of the same architecture holding the same state dict (`load_state_dict(strict=True)`) +
 `peft.get_peft_model`. Adapter weights are randomised on the peft side (B = 0 would hide most bugs)
 and copied over by name: peft's `X.lora_A.default.weight` is minillm's `X.lora_A.weight`.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from minillm import lora as ml
+from minillm.peft import lora as ml
 from parity.harness import Row, fixed_check, named_check, property_rows
 from parity.model import hf_copy
 

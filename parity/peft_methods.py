@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from minillm import adapter as ha
-from minillm import peft_format
-from minillm.lora import trainable_summary
-from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
-from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
+from minillm.peft import houlsby as ha
+from minillm.peft import files as peft_format
+from minillm.model import trainable_summary
+from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
+from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM
 from parity.harness import fixed_check, named_check, property_rows
 from parity.lora import Case, _max_abs, base_models
 
@@ -58,14 +58,14 @@ TEXT = "Answer the question briefly."
 def _text_ids() -> list[int]:
     from transformers import AutoTokenizer
 
-    from minillm.corpus import TOKENIZER_DIR
+    from minillm.infra.corpus import TOKENIZER_DIR
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))(TEXT)["input_ids"]
 
 
 def pair(c: PCase, seed: int = 0, randomize: bool = True):
     """(minillm wrapper, peft model) over identical base weights; the same seed before each prompt encoder."""
     import peft
-    from minillm.corpus import TOKENIZER_DIR
+    from minillm.infra.corpus import TOKENIZER_DIR
     ours, ref = base_models(c.base, seed)
     torch.manual_seed(seed + 10)
     with warnings.catch_warnings():
@@ -255,7 +255,7 @@ def prefix_ckpt(c: PCase) -> float:
     x, mask, labels, _ = _batch(c)
     w.train()
     results = []
-    for mode in (None, False):  # re-entrant: refused (minillm/prefix.py says why)
+    for mode in (None, False):  # re-entrant: refused (minillm/peft/prefix.py says why)
         if mode is not None:
             w.gradient_checkpointing_enable({"use_reentrant": mode})
         w.zero_grad(set_to_none=True)
@@ -291,7 +291,7 @@ def houlsby_reference(hf, adapters: dict, x: torch.Tensor, act) -> torch.Tensor:
         m = FFN(LN2(h));        h = h + m + U_m f(D_m m + d_m) + u_m
 
     `adapters[i] = ((D_a, d_a, U_a, u_a), (D_m, d_m, U_m, u_m))` as plain tensors; plain causal softmax
-    attention (no padding), default RoPE. Independent of minillm.adapter's modules."""
+    attention (no padding), default RoPE. Independent of minillm.peft.houlsby's modules."""
     cfg = hf.config
     H, K, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     B, T = x.shape

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm import ModelConfig, peft_format
-from minillm import adapter as ha
+from minillm import ModelConfig
+from minillm.peft import files as peft_format
+from minillm.peft import houlsby as ha
 from minillm import generate as mg
-from minillm.lora import LoraConfig, apply_lora
-from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
-from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
+from minillm import generation as gen
+from minillm.peft.lora import LoraConfig, apply_lora
+from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
+from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM
 from minillm.sft import chatml_prompt_ids
 from parity import checkpoint as pc
 from parity import model as pm
@@ -81,7 +83,7 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 
 def _greedy_ids(model, tok, n: int = 12) -> list[int]:
     ids = torch.tensor([chatml_prompt_ids(tok, MESSAGES)])
-    return mg.generate(model, ids, max_new_tokens=n, eos_token_id=mg.stop_ids(model, tok))[0, ids.shape[1]:].tolist()
+    return gen.generate(model, ids, max_new_tokens=n, eos_token_id=mg.stop_ids(model, tok))[0, ids.shape[1]:].tolist()
 
 
 # ---- the chat CLI's loader --------------------------------------------------------------------------
@@ -218,7 +220,7 @@ def test_virtual_tokens_count_towards_max_position_embeddings():
     limit = model.config.max_position_embeddings
     ids = torch.ones(1, limit - 4, dtype=torch.long)
     with pytest.warns(UserWarning, match=r"3 virtual tokens \+ prompt \+ max_new_tokens"):
-        mg.generate(model, ids, max_new_tokens=2, eos_token_id=[])
+        gen.generate(model, ids, max_new_tokens=2, eos_token_id=[])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mg.generate(model, ids[:, 1:], max_new_tokens=2, eos_token_id=[])  # 3 + limit - 5 + 2 = limit: no warning
+        gen.generate(model, ids[:, 1:], max_new_tokens=2, eos_token_id=[])  # 3 + limit - 5 + 2 = limit: no warning

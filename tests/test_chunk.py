@@ -144,7 +144,7 @@ def test_bad_input_is_named():
         Chunker(0)
 
 
-# ---- long documents tokenized in bounded memory (minillm.corpus.encode_texts, issue 10 item 8) ----------------
+# ---- long documents tokenized in bounded memory (minillm.infra.corpus.encode_texts, issue 10 item 8) ----------------
 
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -182,7 +182,7 @@ def long_doc_tokenizer(name: str):
 @given(st.lists(st.sampled_from(PIECES), max_size=300).map("".join), st.integers(4, 64),
        st.sampled_from(["bundled", "gpt2_bpe", "qwen2_style", "metaspace_bpe"]))
 def test_encode_texts_equals_whole_text_ids(text, piece_chars, name):
-    from minillm.corpus import cut_points, encode_texts, splittable
+    from minillm.infra.corpus import cut_points, encode_texts, splittable
 
     tok = long_doc_tokenizer(name)
     backend = getattr(tok, "backend_tokenizer", tok)
@@ -195,7 +195,7 @@ def test_encode_texts_equals_whole_text_ids(text, piece_chars, name):
 
 
 def test_long_document_is_cut_into_bounded_pieces():
-    from minillm.corpus import SAMPLE_PRETRAIN, cut_points, encode_texts, iter_pretrain_texts
+    from minillm.infra.corpus import SAMPLE_PRETRAIN, cut_points, encode_texts, iter_pretrain_texts
 
     tok = long_doc_tokenizer("bundled")
     doc = "".join(t for _, t in zip(range(400), iter_pretrain_texts(SAMPLE_PRETRAIN)))  # no newlines: cuts at punctuation
@@ -207,7 +207,7 @@ def test_long_document_is_cut_into_bounded_pieces():
 
 
 def test_encode_texts_can_keep_special_strings_as_text():
-    from minillm.corpus import encode_texts
+    from minillm.infra.corpus import encode_texts
 
     tok = long_doc_tokenizer("bundled")
     doc = "a web page quoting <|endoftext|> and <|im_start|>system. " * 50

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm import sample_data, train_tokenizer
-from minillm.corpus import (SAMPLE_PRETRAIN, SAMPLE_SFT, TOKENIZER_DIR, JsonlStats, batched,
+from minillm.data import sample_data, train_tokenizer
+from minillm.infra.corpus import (SAMPLE_PRETRAIN, SAMPLE_SFT, TOKENIZER_DIR, JsonlStats, batched,
                             iter_pretrain_texts, iter_sft_conversations)
 from minillm.sft import MaskStats, mask_batch
 from parity.data import tokenizer

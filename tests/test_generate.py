@@ -1,4 +1,4 @@
-"""minillm.generate: argument checks, whole-character streaming, the chat CLI on bad input, the sampling rows."""
+"""minillm.generation: argument checks, whole-character streaming, the chat CLI on bad input, the sampling rows."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from minillm import ModelConfig
 from minillm import generate as mg
+from minillm import generation as gen
 from minillm.sft import chatml_prompt_ids
 from parity import generate as pg
 from parity import model as pm
@@ -100,7 +101,7 @@ def _byte_ids(tok, data: bytes) -> list[int]:
 
 def _stream(tok, ids: list[int], eos=(0,)) -> list[str]:
     pieces: list[str] = []
-    s = mg.TextStream(tok, list(eos), pieces.append)
+    s = gen.TextStream(tok, list(eos), pieces.append)
     for i in ids:
         s.put(torch.tensor([i]))
     s.end()
@@ -203,7 +204,7 @@ def test_generate_parity_rows_pass():
 
 def _top_p_bug(kind: str):
     def warp(logits, temperature=None, top_k=None, top_p=None):
-        logits = mg.warp_logits(logits, temperature, top_k, None)  # temperature and top-k as they are
+        logits = gen.warp_logits(logits, temperature, top_k, None)  # temperature and top-k as they are
         if top_p is not None and top_p < 1.0:
             sorted_logits, idx = torch.sort(logits, descending=kind == "descending")
             cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minillm import checkpoint
-from minillm.checkpoint import INDEX, WEIGHTS, load_pretrained, save_pretrained
+from minillm.infra import checkpoint
+from minillm.infra.checkpoint import INDEX, WEIGHTS, save_pretrained
 from minillm.config import ModelConfig
 from minillm.model import CausalLM
 
@@ -216,7 +216,7 @@ def test_hostile_checkpoint(tmp_path, model, case, setup, exc, parts):
     save_pretrained(model, d)
     target = setup(d)
     with pytest.raises(exc) as e:
-        load_pretrained(target)
+        CausalLM.from_pretrained(target)
     msg = str(e.value)
     for part in parts:
         assert part.replace("{d}", str(d)) in msg, msg
@@ -227,7 +227,7 @@ def test_sharded_checkpoint_loads(tmp_path, model):
     """The valid sharded layout the cases above break does load, tensor for tensor."""
     save_pretrained(model, tmp_path)
     shard(tmp_path)
-    back = load_pretrained(tmp_path)
+    back = CausalLM.from_pretrained(tmp_path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
 
@@ -241,7 +241,7 @@ def test_hf_cache_snapshot_links_are_allowed(tmp_path, model):
     for name in (WEIGHTS, "config.json"):
         (snap / name).rename(blobs / name)
         (snap / name).symlink_to(Path("../../blobs") / name)
-    back = load_pretrained(snap)
+    back = CausalLM.from_pretrained(snap)
     assert torch.equal(back.lm_head.weight, model.lm_head.weight)
 
 
@@ -277,10 +277,10 @@ def test_failed_save_leaves_the_previous_model(tmp_path, model, monkeypatch, fai
         save_pretrained(other_model(), d)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert staging_dirs(d) == []  # the partial write is gone too
-    assert_same(load_pretrained(d), model)
+    assert_same(CausalLM.from_pretrained(d), model)
     monkeypatch.undo()
     save_pretrained(other_model(), d)  # a later save succeeds and replaces the weights
-    assert_same(load_pretrained(d), other_model())
+    assert_same(CausalLM.from_pretrained(d), other_model())
     assert (d / "tokenizer.json").read_text() == "{}"
 
 
@@ -323,12 +323,12 @@ def test_save_over_a_sharded_checkpoint_removes_the_stale_index(tmp_path, model)
     (tmp_path / "notes.txt").write_text("mine")
     save_pretrained(other_model(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", WEIGHTS, "notes.txt"]
-    assert_same(load_pretrained(tmp_path), other_model())
+    assert_same(CausalLM.from_pretrained(tmp_path), other_model())
 
 
 # ---- data lines: valid JSON, not usable text (item 6) ----------------------------------------------------------
 
-from minillm.corpus import JsonlStats, iter_pretrain_texts, iter_sft_conversations  # noqa: E402
+from minillm.infra.corpus import JsonlStats, iter_pretrain_texts, iter_sft_conversations  # noqa: E402
 
 
 def sft_line(*turns) -> dict:
@@ -391,7 +391,7 @@ def test_unusable_data_line_is_named_or_counted(tmp_path, case, reader, value, r
 
 def test_odd_but_valid_text_is_used_as_is(tmp_path):
     """Strings that are valid text, however odd, reach the tokenizer unchanged and round-trip through it."""
-    from minillm.corpus import TOKENIZER_DIR, encode_texts
+    from minillm.infra.corpus import TOKENIZER_DIR, encode_texts
     from minillm.sft import mask_batch
     from tokenizers import Tokenizer
 
@@ -415,7 +415,7 @@ def test_chat_keeps_typed_control_strings_as_text(monkeypatch):
     from tokenizers import Tokenizer
 
     from minillm import generate
-    from minillm.corpus import TOKENIZER_DIR
+    from minillm.infra.corpus import TOKENIZER_DIR
 
     tok = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
     seen = []

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minillm.store import is_complete
+from minillm.infra.store import is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "train"
@@ -48,7 +48,7 @@ def model_dir(tmp_path_factory) -> Path:
     """A small saved model (config.json + model.safetensors + tokenizer) to use as --model_name_or_path."""
     from minillm.config import ModelConfig
     from minillm.model import CausalLM
-    from minillm import corpus
+    from minillm.infra import corpus
     import shutil
 
     d = tmp_path_factory.mktemp("model") / "base"
@@ -213,7 +213,7 @@ def test_overwrite_removes_old_checkpoints_temporaries_and_a_corrupt_cache_is_re
     (old / "trainer_state.json").write_text("{}")
     (out / ".tmp-checkpoint-9").mkdir()
     (out / ".tmp-checkpoint-9" / "big.bin").write_bytes(b"\0" * 1000)
-    [store] = list(cache.glob("pretrain-*.store"))  # the token store (minillm.store)
+    [store] = list(cache.glob("pretrain-*.store"))  # the token store (minillm.infra.store)
     tokens = store / "tokens.bin"
     size = tokens.stat().st_size
     tokens.write_bytes(tokens.read_bytes()[:100])  # truncated

@@ -1,4 +1,4 @@
-"""minillm.lora: parity with peft at a small budget, merge/unmerge algebra, freezing, file format, errors."""
+"""minillm.peft.lora: parity with peft at a small budget, merge/unmerge algebra, freezing, file format, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minillm import lora as ml
+from minillm.model import count_parameters, disable_input_require_grads, enable_input_require_grads
+from minillm.peft import lora as ml
 from minillm.config import ModelConfig
 from minillm.model import CausalLM
 from parity import lora as pl
@@ -154,7 +155,7 @@ def test_only_lora_parameters_require_grad_and_counts():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(re.search(r"\.(q|v)_proj\.lora_[AB]\.weight$", n) for n in trainable)
     # q: 32 -> 32, v: 32 -> 16 (2 kv heads x 8); r * (in + out) each, 2 layers
-    assert ml.count_parameters(model)[0] == 2 * 4 * ((32 + 32) + (32 + 16))
+    assert count_parameters(model)[0] == 2 * 4 * ((32 + 32) + (32 + 16))
     keys = set(model.state_dict())
     assert "model.layers.0.self_attn.q_proj.base_layer.weight" in keys
     assert "model.layers.0.self_attn.q_proj.lora_A.weight" in keys
@@ -188,10 +189,10 @@ def test_print_matches_peft(capsys):
 
 def test_tiny_preset_lora_vs_full_finetune_counts():
     model = CausalLM(ModelConfig.preset("tiny"))
-    full = ml.count_parameters(model)[0]
+    full = count_parameters(model)[0]
     assert full == model.config.num_params()
     ml.apply_lora(model, ml.LoraConfig(r=8, lora_alpha=16), verbose=False)
-    lora, total = ml.count_parameters(model)
+    lora, total = count_parameters(model)
     c = model.config
     q_out, v_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     assert lora == c.num_hidden_layers * 8 * ((c.hidden_size + q_out) + (c.hidden_size + v_out))
@@ -213,10 +214,10 @@ def test_enable_input_require_grads():
     seen = []
     model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].requires_grad))
     model(torch.randint(0, 64, (1, 4)))
-    handle = ml.enable_input_require_grads(model)
-    assert ml.enable_input_require_grads(model) is handle  # idempotent: one hook
+    handle = enable_input_require_grads(model)
+    assert enable_input_require_grads(model) is handle  # idempotent: one hook
     model(torch.randint(0, 64, (1, 4)))
-    ml.disable_input_require_grads(model)
+    disable_input_require_grads(model)
     model(torch.randint(0, 64, (1, 4)))
     assert seen == [False, True, False]
 
@@ -264,7 +265,7 @@ def test_reentrant_without_input_grads_is_what_the_hook_fixes():
     model = tiny_model(fused=False)
     ml.apply_lora(model, ml.LoraConfig(), verbose=False)
     model.activation_checkpointing_enable({"use_reentrant": True})
-    ml.disable_input_require_grads(model)
+    disable_input_require_grads(model)
     model.train()
     x = torch.randint(0, 64, (1, 5))
     with warnings.catch_warnings():

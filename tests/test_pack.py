@@ -14,7 +14,7 @@ import transformers
 from tokenizers import Tokenizer
 
 from minillm import CausalLM, ModelConfig
-from minillm.corpus import SAMPLE_SFT, TOKENIZER_DIR
+from minillm.infra.corpus import SAMPLE_SFT, TOKENIZER_DIR
 from minillm.pack import (IGNORE_INDEX, DocumentMaskCollator, PackedCollator, PackedDataset, StreamingPacker,
                           best_fit, document_positions, efficiency, pack_rows, pack_samples)
 from minillm.sft import SFTCollator, mask_batch

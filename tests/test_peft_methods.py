@@ -1,4 +1,4 @@
-"""Prompt tuning, prefix tuning, Houlsby adapters and the one peft-format save/load pair (minillm/peft_format.py)."""
+"""Prompt tuning, prefix tuning, Houlsby adapters and the one peft-format save/load pair (minillm/peft/files.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minillm
-from minillm import adapter as ha
-from minillm import peft_format
+from minillm.peft import houlsby as ha
+from minillm.peft import files as peft_format
 from minillm.config import ModelConfig
 from minillm.model import CausalLM
-from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
-from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM, text_init_ids
+from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
+from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM, text_init_ids
 from parity import peft_methods as pm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

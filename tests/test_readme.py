@@ -114,7 +114,7 @@ def test_readme_commands_run(tmp_path):
 
 def _merge_standin(tmp: Path, env: dict) -> None:
     """out/demo/sft-full-minillm's stand-in: the README's LoRA run (out/pretrain + out/sft) merged into a model."""
-    code = ("import sys; from minillm.model import CausalLM; from minillm.lora import load_adapter, merge_and_unload;"
+    code = ("import sys; from minillm.model import CausalLM; from minillm.peft.lora import load_adapter, merge_and_unload;"
             "import shutil; m = CausalLM.from_pretrained('out/pretrain'); load_adapter(m, 'out/sft');"
             "merge_and_unload(m).save_pretrained('out/sft-merged');"
             "shutil.copy('out/sft/tokenizer.json', 'out/sft-merged/tokenizer.json')")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from minillm.corpus import TOKENIZER_DIR
+from minillm.infra.corpus import TOKENIZER_DIR
 from minillm.sft import IGNORE_INDEX, IM_END, IM_START, MaskStats, SFTCollator, SFTMasker, mask_batch, mask_conversation
 from parity.data import conversations, reference_messages, sft_rows, tokenizer
 
@@ -239,7 +239,7 @@ def test_chat_prompt_equals_the_bundled_chat_template():
     """What `python -m minillm.generate` feeds the model is the chat template's own rendering."""
     from transformers import AutoTokenizer
 
-    from minillm.corpus import TOKENIZER_DIR
+    from minillm.infra.corpus import TOKENIZER_DIR
     from minillm.sft import chatml_prompt
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))

@@ -1,4 +1,4 @@
-"""The token store (minillm/store.py): blocks equal to the Chunker's, deterministic for any worker count, bounded
+"""The token store (minillm/infra/store.py): blocks equal to the Chunker's, deterministic for any worker count, bounded
 memory while building and reading, killed builds never look complete and resume from finished files and from the
 last committed segment within a file, the lock file removed safely, the validation split, streaming sharded over
 ranks x DataLoader workers, and resume landing on the same block."""
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from minillm import corpus
+from minillm.infra import corpus
 from minillm.chunk import Chunker
-from minillm.store import (INDEX, TOKENS, StoreDataset, StreamingBlocks, _exclusive, build_store, is_complete,
+from minillm.infra.store import (INDEX, TOKENS, StoreDataset, StreamingBlocks, _exclusive, build_store, is_complete,
                            open_store, split_sizes, store_splits, token_dtype, wait_for_store)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,8 +129,8 @@ def test_bad_line_named_and_nothing_complete(tmp_path, files, tok):
 KILLER = textwrap.dedent("""
     import sys
     from transformers import AutoTokenizer
-    from minillm import corpus
-    from minillm.store import build_store
+    from minillm.infra import corpus
+    from minillm.infra.store import build_store
     tok = AutoTokenizer.from_pretrained(corpus.TOKENIZER_DIR)
     build_store(sys.argv[1], sys.argv[2:], tok, 64, tok.eos_token_id, workers=1, batch_docs=20)
 """)
@@ -164,7 +164,7 @@ def test_waiting_rank_maps_the_builders_store(tmp_path, store, files, tok):
     """A non-building rank waits for the completeness marker, then reads the same blocks."""
     path = tmp_path / "w.store"
     waiter = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        from minillm.store import open_store
+        from minillm.infra.store import open_store
         ds = open_store({str(path)!r}, [], None, 64, None, build=False, timeout_s=120, )
         print(len(ds), ds.block(len(ds) - 1).tolist())
     """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -185,7 +185,7 @@ def test_reading_rss_stays_flat(tmp_path):
                                           "n_blocks": n // 1024, "complete": True}))
     code = textwrap.dedent(f"""
         import numpy as np
-        from minillm.store import StoreDataset
+        from minillm.infra.store import StoreDataset
         def rss():
             return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024
         ds = StoreDataset({str(path)!r})
@@ -211,7 +211,7 @@ def test_reading_rss_stays_flat(tmp_path):
 BUILD_RSS = textwrap.dedent("""
     import json, resource, sys
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from minillm.store import build_store
+    from minillm.infra.store import build_store
     # A byte-level tokenizer without merges: one token per byte, fast, and the most tokens per corpus byte.
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
@@ -306,8 +306,8 @@ def test_huge_document_tokenized_in_pieces_same_ids(tmp_path, tok):
 SEGMENT_KILLER = textwrap.dedent("""
     import sys
     from transformers import AutoTokenizer
-    from minillm import corpus
-    from minillm.store import build_store
+    from minillm.infra import corpus
+    from minillm.infra.store import build_store
     tok = AutoTokenizer.from_pretrained(corpus.TOKENIZER_DIR)
     build_store(sys.argv[1], [sys.argv[2]], tok, 64, tok.eos_token_id, workers=1, batch_docs=50, segment_bytes=1 << 18)
 """)

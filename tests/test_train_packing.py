@@ -189,7 +189,7 @@ def test_streaming_packing_two_ranks_two_workers_sees_each_conversation_once(tmp
     import finetune
     from common import ModelArguments, load_tokenizer
 
-    from minillm import corpus
+    from minillm.infra import corpus
 
     tok = load_tokenizer(ModelArguments())
     expected = Counter(tuple(s["input_ids"]) for s in

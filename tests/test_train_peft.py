@@ -42,7 +42,7 @@ def base(tmp_path_factory) -> Path:
     sys.path.insert(0, str(ROOT / "train"))
     import common
 
-    from minillm import corpus
+    from minillm.infra import corpus
     from minillm.model import CausalLM
 
     d = tmp_path_factory.mktemp("peft") / "base"
@@ -79,7 +79,7 @@ def _logits_both_ways(base: Path, adapter: Path) -> float:
     import peft
     from transformers import AutoModelForCausalLM
 
-    from minillm import peft_format
+    from minillm.peft import files as peft_format
     from minillm.model import CausalLM
 
     ours = peft_format.load_adapter(CausalLM.from_pretrained(base), adapter).eval()
@@ -106,8 +106,8 @@ def test_zero2_both_impls_train_alike_and_files_move_both_ways(ds_runs, base, me
 def test_zero2_houlsby_adapter_trains_and_resumes(ds_runs, base):
     """The adapter run lowers the loss and saves minillm's adapter format; killed after checkpoint-3 (here: only
     checkpoint-3 kept) and rerun, it ends with the same adapter as the uninterrupted run."""
-    from minillm import peft_format
-    from minillm.adapter import AdaptedLinear
+    from minillm.peft import files as peft_format
+    from minillm.peft.houlsby import AdaptedLinear
     from minillm.model import CausalLM
 
     ref = ds_runs / "adapter-minillm"

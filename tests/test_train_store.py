@@ -1,4 +1,4 @@
-"""train/pretrain.py on minillm.store (issue 12): the main process writes one token store that the other rank
+"""train/pretrain.py on minillm.infra.store (issue 12): the main process writes one token store that the other rank
 reads, a second run reuses it without tokenizing, --validation_split_percentage evaluates on the first blocks,
 --streaming with DataLoader workers trains on every block once.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.store import StoreDataset, StreamingBlocks, is_complete, split_sizes
+from minillm.infra.store import StoreDataset, StreamingBlocks, is_complete, split_sizes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train import ROOT, TRAIN, _cmd, _env  # noqa: E402

@@ -49,12 +49,12 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import rotate_checkpoints
 from transformers import trainer_pt_utils
 
-from minillm import corpus
-from minillm.checkpoint import DTYPES, staged_dir
+from minillm.infra import corpus
+from minillm.infra.checkpoint import DTYPES, staged_dir
 from minillm.config import PRESETS, ModelConfig
-from minillm import peft_format
+from minillm.peft import files as peft_format
 from minillm.generate import adapter_instead_of_model
-from minillm.lora import load_adapter, lora_layers
+from minillm.peft.lora import load_adapter, lora_layers
 from minillm.model import CausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +149,7 @@ def fail(msg: str) -> None:
 
 
 def read_or_fail(reader, files: list[str]):
-    """Records of every file from a minillm.corpus reader; a malformed line stops the run with its file:line."""
+    """Records of every file from a minillm.infra.corpus reader; a malformed line stops the run with its file:line."""
     for path in files:
         try:
             yield from reader(path)
@@ -705,7 +705,7 @@ def zero3(trainer: transformers.Trainer) -> bool:
 def save_final(trainer: Trainer, tokenizer, output_dir: str) -> None:
     """The final model in HF format (or the adapter in peft format) with the tokenizer files alongside.
 
-    Written into a staging directory beside output_dir, then each file renamed into it (minillm.checkpoint's
+    Written into a staging directory beside output_dir, then each file renamed into it (minillm.infra.checkpoint's
     staged_dir): a save that fails (a full disk, non-finite weights) leaves the previous model loadable.
     """
     if trainer.args.should_save:

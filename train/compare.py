@@ -245,7 +245,7 @@ def methods_table(methods: dict[str, dict], lrs: dict[str, str]) -> str:
 def split_sft(out: Path) -> tuple[Path, Path]:
     """The bundled SFT file as train (all but the last HELDOUT conversations) and held-out. Rewritten only when
     the content changed, so the preprocessed-data cache (keyed by path, size and mtime) is reused."""
-    from minillm import corpus
+    from minillm.infra import corpus
 
     lines = Path(corpus.SAMPLE_SFT).read_text().splitlines(keepends=True)
     paths = (out / "sft-train.jsonl", out / "sft-heldout.jsonl")

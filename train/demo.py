@@ -70,7 +70,8 @@ def taught_answers(path: Path, questions: list[str]) -> dict[str, str]:
 
 def score_chat(model_dir: Path, adapter: Path | None, answers: dict[str, str]) -> list[dict]:
     """Greedy replies (the chat CLI's defaults) to each question; match = the taught answer, then <|im_end|>."""
-    from minillm.generate import _load, generate, stop_ids
+    from minillm.generate import _load, stop_ids
+    from minillm.generation import generate
     from minillm.sft import DEFAULT_SYSTEM_PROMPT, chatml_prompt_ids
 
     model, tok = _load(str(model_dir), str(adapter) if adapter else None)

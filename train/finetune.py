@@ -39,10 +39,10 @@ from common import (  # noqa: E402
 
 from peft_methods import add_peft, check_fits  # noqa: E402
 
-from minillm import corpus  # noqa: E402
+from minillm.infra import corpus  # noqa: E402
 from minillm.pack import PackedCollator, PackedDataset, StreamingPacker  # noqa: E402
 from minillm.sft import MaskStats, SFTCollator, mask_batch  # noqa: E402
-from minillm.store import split_sizes  # noqa: E402
+from minillm.infra.store import split_sizes  # noqa: E402
 
 BATCH_CONVERSATIONS = 1000
 
@@ -138,7 +138,7 @@ def packed(ds: SFTDataset, data_args, training_args) -> PackedDataset:
 
 def dataset(files, tokenizer, data_args, training_args, limit=None, desc="train", validation_split: float = 0):
     """The masked conversations of `files`, and with `validation_split` > 0 the first that % of them held out
-    (run_clm's `train[:N%]` / `train[N%:]`, rounded as minillm.store.split_sizes): (train, validation or None)."""
+    (run_clm's `train[:N%]` / `train[N%:]`, rounded as minillm.infra.store.split_sizes): (train, validation or None)."""
     if data_args.streaming:
         return StreamingSFT(files, tokenizer, data_args.max_len), None
     path = cache_path(data_args, "sft", files, tokenizer, max_len=data_args.max_len)

@@ -26,9 +26,9 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "train"))
-from minillm import corpus  # noqa: E402
+from minillm.infra import corpus  # noqa: E402
 from minillm.config import ModelConfig, PRESETS  # noqa: E402
-from minillm.lora import LoraConfig, apply_lora, merge_and_unload  # noqa: E402
+from minillm.peft.lora import LoraConfig, apply_lora, merge_and_unload  # noqa: E402
 from minillm.model import CausalLM  # noqa: E402
 from minillm.sft import mask_batch  # noqa: E402
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args(argv)
     from demo import QUESTIONS, taught_answers  # noqa: E402
-    from minillm.generate import generate
+    from minillm.generation import generate
     from minillm.sft import DEFAULT_SYSTEM_PROMPT, chatml_prompt_ids
 
     tok = AutoTokenizer.from_pretrained(str(corpus.TOKENIZER_DIR))

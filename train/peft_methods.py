@@ -1,6 +1,6 @@
 """`finetune.py --peft lora|prefix|prompt|adapter`: the chapter's efficient fine-tuning methods (§3.3) for training.
 
-Each method wraps the frozen model on either side: minillm's hand-written one (minillm.lora, .prefix,
+Each method wraps the frozen model on either side: minillm's hand-written one (minillm.peft.lora, .prefix,
 .prompt_tuning, .adapter) for --impl minillm, peft's get_peft_model for --impl hf, both seeded the same just
 before so they start from the same weights (parity/peft_methods.py checks forward, gradients and files).
 Houlsby adapters (--peft adapter) exist only in minillm: peft 0.21 has no such method, so --impl hf is refused.
@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minillm import adapter as houlsby
-from minillm.checkpoint import copy_matching, read_safetensors_file
-from minillm.lora import LoraConfig, apply_lora, lora_layers, trainable_summary
-from minillm.model import CausalLM
-from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
-from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
+from minillm.peft import houlsby
+from minillm.infra.checkpoint import copy_matching, read_safetensors_file
+from minillm.model import CausalLM, trainable_summary
+from minillm.peft.lora import LoraConfig, apply_lora, lora_layers
+from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
+from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM
 
 METHODS = ("none", "lora", "prefix", "prompt", "adapter")
 TRAINABLE_FILE = "trainable.safetensors"  # checkpoints of minillm's prefix/prompt/adapter runs (resume)
@@ -101,7 +101,7 @@ def check_peft_args(peft_args: PeftArguments, impl: str, packing: bool, training
         return f"--encoder_hidden_size {peft_args.encoder_hidden_size}: must be >= 1"
     if method == "adapter":
         if impl == "hf":
-            return ("--peft adapter: peft has no Houlsby adapters (minillm/adapter.py is minillm's own method, "
+            return ("--peft adapter: peft has no Houlsby adapters (minillm/peft/houlsby.py is minillm's own method, "
                     "checked against the paper's equations in parity/peft_methods.py); use --impl minillm")
         if peft_args.adapter_bottleneck < 1:
             return f"--adapter_bottleneck {peft_args.adapter_bottleneck}: must be >= 1"

@@ -8,7 +8,7 @@
 
 Data: every document is tokenized and followed by EOS, the stream is cut into blocks of
 `block_size` tokens (only the final tail is dropped), and the ids are written once into a token store on
-disk (minillm.store: tokens.bin + index.json, keyed by the files, the tokenizer and block_size) that every
+disk (minillm.infra.store: tokens.bin + index.json, keyed by the files, the tokenizer and block_size) that every
 rank reads block by block: a rank's memory does not grow with the corpus, and a second run skips
 preprocessing. The main process of each node builds it (--preprocessing_num_workers tokenizer processes;
 a killed build resumes from its finished files), the node's other ranks wait for it.
@@ -33,15 +33,15 @@ from common import (  # noqa: E402
     run_record, setup_logging, train_and_save,
 )
 
-from minillm import corpus  # noqa: E402
+from minillm.infra import corpus  # noqa: E402
 from minillm.pack import DocumentMaskCollator  # noqa: E402
-from minillm.store import StoreDataset, StreamingBlocks, is_complete, open_store, store_splits  # noqa: E402
+from minillm.infra.store import StoreDataset, StreamingBlocks, is_complete, open_store, store_splits  # noqa: E402
 
 def dataset(files: list[str], tokenizer, block_size: int, data_args: DataTrainingArguments,
             training_args: TrainingArguments, validation_split: float = 0, desc: str = "train"):
     """(blocks, the first `validation_split`% of them held out or None) of `files`.
 
-    A token store on disk that every rank reads (minillm.store): the main process of each node builds it
+    A token store on disk that every rank reads (minillm.infra.store): the main process of each node builds it
     (or reuses it), the node's other ranks wait for it and read the same file. --streaming: blocks made
     lazily, no store (rank 0 of 1: accelerate splits an iterable dataset over the ranks itself; the
     DataLoader workers are split by StreamingBlocks).

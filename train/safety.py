@@ -14,7 +14,7 @@
   unless --allow_changed_resume.
 - Staging. Checkpoints are written under a `.tmp-` name in the output directory and renamed when every
   rank has finished (`STAGING`); `clean_staging()` removes what a killed run left. (The final model goes
-  through minillm.checkpoint.staged_dir.)
+  through minillm.infra.checkpoint.staged_dir.)
 """
 
 from __future__ import annotations

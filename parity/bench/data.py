@@ -75,7 +75,7 @@ def chunker_cases(names: list[str], quick: bool, block_size: int = 1024, map_bat
 
 
 def masker_case(quick: bool, max_len: int = 1024, batch: int = 1000) -> dict:
-    from minillm.corpus import SAMPLE_SFT, iter_sft_conversations
+    from minillm.infra.corpus import SAMPLE_SFT, iter_sft_conversations
     from minillm.sft import DEFAULT_SYSTEM_PROMPT, mask_batch
     from parity.course import course_preprocess, course_preprocess_corrected
     from parity.data import tokenizer

@@ -46,7 +46,7 @@ def build(side: str, cfg, weights: str, method: str) -> torch.nn.Module:
     if method == "houlsby":
         if side == "reference":  # minillm's LoRA q_proj + v_proj, exactly lora_qv's minillm side
             return _build("minillm", cfg, weights, "qv")
-        from minillm.adapter import HoulsbyConfig, apply_adapters
+        from minillm.peft.houlsby import HoulsbyConfig, apply_adapters
         model = _build("minillm", cfg, weights, None)
         torch.manual_seed(1)
         return apply_adapters(model, HoulsbyConfig(bottleneck=HOULSBY_BOTTLENECK), verbose=False).float().train()
@@ -57,10 +57,10 @@ def build(side: str, cfg, weights: str, method: str) -> torch.nn.Module:
     torch.manual_seed(10)  # same seed before each side's encoder: same initial tensors (peft_methods "same seed")
     if side == "minillm":
         if prompt:
-            from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
+            from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM
             model = PromptTuningLM(model, PromptTuningConfig(num_virtual_tokens=P))
         else:
-            from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
+            from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
             model = PrefixTuningLM(model, PrefixTuningConfig(num_virtual_tokens=P,
                                                              prefix_projection=method == "prefix_proj"))
     else:

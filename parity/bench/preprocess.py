@@ -1,4 +1,4 @@
-"""Pretraining preprocessing at corpus scale: minillm.store.build_store vs the course's datasets pipeline.
+"""Pretraining preprocessing at corpus scale: minillm.infra.store.build_store vs the course's datasets pipeline.
 
     python -m parity.bench --only preprocess            # the bench case (>= 100 MB corpus; --quick: ~2 MB)
     python -m parity.bench.preprocess --scaling          # minillm's peak RSS at 10/40/160 MB, 1 and 2 workers
@@ -42,7 +42,7 @@ BLOCK_SIZE = 512
 def synthetic_corpus(path: os.PathLike | str, n_bytes: int, seed: int = 0) -> Path:
     """A jsonl corpus of about n_bytes: the bundled pretrain.jsonl, then copies of it with the lines
     shuffled, digits permuted and each text rotated at a random character (so copies are not identical text)."""
-    from minillm.corpus import SAMPLE_PRETRAIN, iter_pretrain_texts
+    from minillm.infra.corpus import SAMPLE_PRETRAIN, iter_pretrain_texts
 
     texts = list(iter_pretrain_texts(SAMPLE_PRETRAIN))
     rng = random.Random(seed)
@@ -87,13 +87,13 @@ def _peaks() -> dict:
 def _child(side: str, corpus_path: str, workers: int, block_size: int, tmp: str) -> None:
     from transformers import AutoTokenizer
 
-    from minillm.corpus import TOKENIZER_DIR
+    from minillm.infra.corpus import TOKENIZER_DIR
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     h = hashlib.sha256()
     _print({"ready": True})
     if side == "minillm":
-        from minillm.store import TOKENS, StoreDataset, build_store
+        from minillm.infra.store import TOKENS, StoreDataset, build_store
 
         t0 = time.perf_counter()
         report = build_store(Path(tmp) / "store", [corpus_path], tok, block_size, tok.eos_token_id, workers=workers)
@@ -222,7 +222,7 @@ def preprocess_case(quick: bool, workers: int = 2, nice: int = 0) -> dict:
         ref = run_side("reference", path, workers, nice=nice)
     same = ml["sha256"] == ref["sha256"] and ml["tokens"] == ref["tokens"]
     return {"corpus_mb": n_bytes / 1e6, "workers": workers, "block_size": BLOCK_SIZE,
-            "path": "minillm.store.build_store(workers=N): jsonl -> tokenizer processes -> uint16 token file",
+            "path": "minillm.infra.store.build_store(workers=N): jsonl -> tokenizer processes -> uint16 token file",
             "reference": "course 3.1.3: load_dataset('json') + map(tokenize, num_proc=N) + map(group_texts, num_proc=N)",
             "seconds": {"minillm": ml["seconds"], "reference": ref["seconds"]},
             "tokens_s": {"minillm": ml["tokens"] / ml["seconds"], "reference": ref["tokens"] / ref["seconds"]},

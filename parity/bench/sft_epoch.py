@@ -43,7 +43,7 @@ ROUNDS = 20  # each pipeline's epoch is cut into this many slices, run in altern
 
 def chat_mix(n: int, seed: int = 0, max_pairs: int = 12, mean_pairs: float = 2.0) -> list[list[dict]]:
     """n chats stitched from the bundled turn pairs: 1 + floor(Exp(mean_pairs)) pairs, at most max_pairs."""
-    from minillm.corpus import SAMPLE_SFT, iter_sft_conversations
+    from minillm.infra.corpus import SAMPLE_SFT, iter_sft_conversations
 
     pairs = []
     for conv in iter_sft_conversations(SAMPLE_SFT):
@@ -147,7 +147,7 @@ def sft_epoch_case(quick: bool, threads: int) -> dict:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     from minillm import CausalLM, ModelConfig
-    from minillm.corpus import TOKENIZER_DIR
+    from minillm.infra.corpus import TOKENIZER_DIR
     from minillm.pack import PackedCollator, PackedDataset
     from minillm.sft import SFTCollator
     from parity.model import hf_copy

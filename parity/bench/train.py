@@ -64,7 +64,7 @@ def _build(side: str, cfg: ModelConfig, weights: str, lora: str | None) -> torch
         model = CausalLM(cfg)
         model.load_state_dict(load_file(weights), strict=True, assign=True)
         if lora is not None:
-            from minillm.lora import LoraConfig, apply_lora
+            from minillm.peft.lora import LoraConfig, apply_lora
             torch.manual_seed(1)
             apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS[lora]), verbose=False)
     else:

@@ -12,7 +12,7 @@ documents (tests/test_store.py checks it). The final tail (< block_size tokens) 
     train[0] -> {"input_ids": LongTensor(block_size), "labels": same}
 
 Building, in bounded memory (peak RSS independent of the corpus size):
-- documents stream from the jsonl files (minillm.corpus readers: a bad line stops with file:line) in
+- documents stream from the jsonl files (minillm.infra.corpus readers: a bad line stops with file:line) in
   batches of at most `batch_docs` documents / `batch_chars` characters;
 - a pool of `workers` tokenizer processes (tokenizers' own Rust threads off, one core each; 0: this process
   with the Rust threads) tokenizes them with `corpus.encode_texts` (a huge document is tokenized in pieces);
@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from minillm import corpus
+from minillm.infra import corpus
 
 STORE_VERSION = 1
 INDEX = "index.json"

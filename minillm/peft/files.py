@@ -2,10 +2,10 @@
 
 A directory holds adapter_config.json (its "peft_type" says which method) and adapter_model.safetensors:
 
-    LORA            lora_A/lora_B (+ lora_embedding_A/B, DoRA magnitudes, modules_to_save)  minillm/lora.py
-    PROMPT_TUNING   prompt_embeddings (P, C)                                                minillm/prompt_tuning.py
-    PREFIX_TUNING   prompt_embeddings (P, layers * 2 * kv_heads * head_dim)                 minillm/prefix.py
-    MINILLM_HOULSBY_ADAPTER  the adapters' tensors: minillm's own, peft cannot read it       minillm/adapter.py
+    LORA            lora_A/lora_B (+ lora_embedding_A/B, DoRA magnitudes, modules_to_save)  minillm/peft/lora.py
+    PROMPT_TUNING   prompt_embeddings (P, C)                                                minillm/peft/prompt.py
+    PREFIX_TUNING   prompt_embeddings (P, layers * 2 * kv_heads * head_dim)                 minillm/peft/prefix.py
+    MINILLM_HOULSBY_ADAPTER  the adapters' tensors: minillm's own, peft cannot read it       minillm/peft/houlsby.py
 
 The first three are what peft 0.21 writes and reads (`PeftModel.from_pretrained` loads what save_adapter
 writes, and the other way round). Prompt and prefix tuning wrap the model: `load_adapter` then returns
@@ -24,11 +24,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minillm import adapter as houlsby
-from minillm import lora
-from minillm.checkpoint import copy_matching, read_safetensors_file, staged_dir
-from minillm.prefix import PrefixTuningConfig, PrefixTuningLM
-from minillm.prompt_tuning import PromptTuningConfig, PromptTuningLM
+from minillm.peft import houlsby
+from minillm.peft import lora
+from minillm.model import trainable_summary
+from minillm.infra.checkpoint import copy_matching, read_safetensors_file, staged_dir
+from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
+from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM
 
 CONFIG, WEIGHTS = lora.ADAPTER_CONFIG_NAME, lora.ADAPTER_WEIGHTS_NAME
 PEFT_TYPES = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING", houlsby.PEFT_TYPE)
@@ -36,7 +37,7 @@ PEFT_TYPES = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING", houlsby.PEFT_TYPE)
 
 def print_trainable_parameters(model: nn.Module) -> None:
     """peft's line: `trainable params: X || all params: Y || trainable%: Z` (parity/peft_methods.py compares it)."""
-    print(lora.trainable_summary(model))
+    print(trainable_summary(model))
 
 
 def _prompt_learning_config(model: PromptTuningLM | PrefixTuningLM, name: str | None) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def save_adapter(model: nn.Module, save_dir: str | os.PathLike, base_model_name_
                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the adapter of `model` (whichever method) as peft's save_pretrained does; atomic.
 
-    `state_dict` (LoRA only): take the tensors from a consolidated state dict (see minillm.lora.save_adapter)."""
+    `state_dict` (LoRA only): take the tensors from a consolidated state dict (see minillm.peft.lora.save_adapter)."""
     if isinstance(model, (PromptTuningLM, PrefixTuningLM)):
         cfg = _prompt_learning_config(model, base_model_name_or_path)
         state = model.adapter_state_dict()
@@ -153,5 +154,5 @@ def load_adapter(model: nn.Module, save_dir: str | os.PathLike, verbose: bool = 
     with torch.no_grad():
         target.copy_(table.to(target.dtype))
     if verbose:
-        print(lora.trainable_summary(wrapped))
+        print(trainable_summary(wrapped))
     return wrapped

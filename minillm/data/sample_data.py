@@ -1,4 +1,4 @@
-"""Generate the bundled sample corpora: `python -m minillm.sample_data` rewrites minillm/data/*.jsonl.
+"""Generate the bundled sample corpora: `python -m minillm.data.sample_data` rewrites minillm/data/*.jsonl.
 
 Everything here is original to minillm: a made-up world (towns, people, prices, recipes) described
 by templates in English and Chinese, arithmetic, counting, and a few hand-written paragraphs. The
@@ -20,7 +20,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+from minillm.data import DATA_DIR
+
 
 SYLLABLES = ["lor", "van", "mi", "ra", "tel", "os", "ka", "ren", "dus", "po", "li", "ne", "sa", "tor", "bel", "un", "ga", "hi"]
 ZH_CHARS = "青石安平河云山桥川宁泉林湖溪松梅兰竹北南东西新长清明"

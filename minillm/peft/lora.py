@@ -35,7 +35,7 @@ small peft-format adapter). Activation checkpointing, re-entrant or not, works w
 frozen: `enable_input_require_grads` is hooked in by CausalLM.activation_checkpointing_enable (as
 transformers does) and by apply_lora on a model already checkpointing (as peft does).
 
-Imports only torch, safetensors, the standard library and minillm.checkpoint (its safetensors reader and
+Imports only torch, safetensors, the standard library and minillm.infra.checkpoint (its safetensors reader and
 atomic save).
 """
 
@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from minillm.checkpoint import read_safetensors_file, staged_dir
+from minillm.infra.checkpoint import read_safetensors_file, staged_dir
+from minillm.model import enable_input_require_grads, trainable_summary
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -404,21 +405,6 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LORA_MODULES)}
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) over model.parameters(), shared tensors counted once (as peft does)."""
-    trainable = total = 0
-    for p in model.parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
-def trainable_summary(model: nn.Module) -> str:
-    trainable, total = count_parameters(model)
-    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / total:.4f}")
-
-
 def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn.Module:
     """Wrap the matched nn.Linear modules of `model` in LoRALinear, in place; freeze everything else.
 
@@ -527,39 +513,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
-
-
-def _make_output_require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-    output.requires_grad_(True)
-
-
-def enable_input_require_grads(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Make the input embedding's output require grad: transformers' `enable_input_require_grads`.
-
-    Re-entrant activation checkpointing (`use_reentrant=True`) differentiates a checkpointed layer only if
-    one of its tensor inputs requires grad. With the embedding frozen (LoRA) none does: the loss has no
-    grad_fn ("element 0 of tensors does not require grad"), or, with a trainable lm_head, every LoRA
-    weight inside the layers silently gets no gradient. transformers installs this hook whenever
-    checkpointing is enabled, peft when it wraps a checkpointing model; minillm does both (CausalLM.
-    activation_checkpointing_enable and apply_lora). Values are unchanged; backward also computes the
-    gradient w.r.t. the embedding output, which nothing uses. Idempotent; returns the hook handle.
-    """
-    handle = getattr(model, "_require_grads_hook", None)
-    if handle is not None:
-        return handle
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    if emb is None:
-        raise ValueError(f"{type(model).__name__} has no input embedding to hook")
-    model._require_grads_hook = emb.register_forward_hook(_make_output_require_grad)
-    return model._require_grads_hook
-
-
-def disable_input_require_grads(model: nn.Module) -> None:
-    handle = getattr(model, "_require_grads_hook", None)
-    if handle is not None:
-        handle.remove()
-        del model._require_grads_hook
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -706,7 +659,7 @@ def read_adapter_config(save_dir: str | os.PathLike) -> LoraConfig:
             raise ValueError(f"{path}: key {key!r} must be {want}, got {d[key]!r}")
     for key, default in _PEFT_DEFAULTS_REQUIRED.items():
         if d.get(key, default) not in (default, None, {}, False):
-            raise ValueError(f"{path}: key {key!r}={d[key]!r} is not supported by minillm.lora (only {default!r})")
+            raise ValueError(f"{path}: key {key!r}={d[key]!r} is not supported by minillm.peft.lora (only {default!r})")
     try:
         return LoraConfig(r=d["r"], lora_alpha=d["lora_alpha"], lora_dropout=d.get("lora_dropout", 0.0),
                           target_modules=d["target_modules"], use_rslora=d.get("use_rslora", False),

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillm.model import trainable_summary
+
 PEFT_TYPE = "MINILLM_HOULSBY_ADAPTER"  # not a peft type: minillm's own adapter_config.json
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 PLACES = ("self_attn.o_proj", "mlp.down_proj")  # after attention, after the MLP (Houlsby's Figure 2)
@@ -104,7 +106,6 @@ def apply_adapters(model: nn.Module, config: HoulsbyConfig, verbose: bool = True
         model.model.norm.weight.requires_grad_(True)
     model.adapter_config = config
     if verbose:
-        from minillm.lora import trainable_summary
         print(trainable_summary(model))
     return model
 
@@ -118,4 +119,4 @@ def config_dict(config: HoulsbyConfig) -> dict[str, Any]:
     return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "bottleneck": config.bottleneck,
             "non_linearity": config.non_linearity, "init": config.init, "train_norms": config.train_norms,
             "placement": list(PLACES),
-            "note": "minillm's Houlsby adapter (minillm/adapter.py); not a peft format, peft cannot load it"}
+            "note": "minillm's Houlsby adapter (minillm/peft/houlsby.py); not a peft format, peft cannot load it"}

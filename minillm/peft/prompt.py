@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.model import KVCache
+from minillm.generation import KVCache, generate
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -57,16 +57,6 @@ def text_init_ids(ids: list[int], n: int) -> list[int]:
     if len(ids) < n:
         ids = ids * math.ceil(n / len(ids))
     return list(ids[:n])
-
-
-def ensure_capacity(cache: KVCache, extra: int) -> None:
-    """Grow a preallocated KVCache by `extra` slots (before its first write): generate() sized it for the
-    prompt + new tokens, but the virtual tokens / prefix occupy cache slots too."""
-    if cache.length != 0:
-        raise ValueError("ensure_capacity on a cache that already holds tokens")
-    L, B, K, S, D = cache.k.shape
-    cache.k = cache.k.new_zeros((L, B, K, S + extra, D))
-    cache.v = cache.v.new_zeros((L, B, K, S + extra, D))
 
 
 class PromptTuningLM(nn.Module):
@@ -117,11 +107,10 @@ class PromptTuningLM(nn.Module):
         if labels is not None:
             labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
         if cache is not None:
-            ensure_capacity(cache, P)
+            cache.grow(P)
         return self.base_model(inputs_embeds=h, attention_mask=attention_mask, labels=labels, cache=cache, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs: Any) -> torch.Tensor:
-        from minillm.generate import generate
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

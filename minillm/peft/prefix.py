@@ -30,8 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minillm.model import KVCache
-from minillm.prompt_tuning import ensure_capacity
+from minillm.generation import KVCache, generate
 
 
 @dataclass
@@ -127,7 +126,7 @@ class PrefixTuningLM(nn.Module):
             cache = PrefixCache(*self.past_key_values(B))
         elif cache.length == 0:  # generate()'s prefill: put the prefix in its cache first
             keys, values = self.past_key_values(B)
-            ensure_capacity(cache, P)
+            cache.grow(P)
             for i in range(self.n_layers):
                 cache.update(i, keys[i], values[i])
             cache.length = P
@@ -135,7 +134,6 @@ class PrefixTuningLM(nn.Module):
                                cache=cache, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs: Any) -> torch.Tensor:
-        from minillm.generate import generate
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

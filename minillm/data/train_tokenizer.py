@@ -1,4 +1,4 @@
-"""Train the bundled byte-level BPE tokenizer: `python -m minillm.train_tokenizer`.
+"""Train the bundled byte-level BPE tokenizer: `python -m minillm.data.train_tokenizer`.
 
 Trains on the bundled pretraining corpus plus the SFT set (so the chat words are in the vocabulary)
 and writes `tokenizer.json` + `tokenizer_config.json` into minillm/data/tokenizer/, loadable with
@@ -27,7 +27,10 @@ from typing import Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+from minillm.data import DATA_DIR
+from minillm.infra.corpus import iter_pretrain_texts, iter_sft_conversations
+from minillm.sft import ROLES
+
 VOCAB_SIZE = 4096
 EOS, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END, PAD]  # ids 0..3 in this order
@@ -67,10 +70,7 @@ def build_tokenizer() -> Tokenizer:
 
 
 def iter_texts(data_dir: Path) -> Iterator[str]:
-    """The training texts; a malformed line stops with `file:line: reason` (minillm.corpus's readers)."""
-    from minillm.corpus import iter_pretrain_texts, iter_sft_conversations
-    from minillm.sft import ROLES
-
+    """The training texts; a malformed line stops with `file:line: reason` (minillm.infra.corpus's readers)."""
     yield from iter_pretrain_texts(data_dir / "pretrain.jsonl")
     for conversation in iter_sft_conversations(data_dir / "sft.jsonl"):
         # the text between ChatML special tokens, as the masker will tokenize it

@@ -32,19 +32,18 @@ import stat
 import struct
 import uuid
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from minillm.config import ModelConfig
-from minillm.model import CausalLM, rope_inv_freq
+from minillm.config import DTYPES, ModelConfig
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # Tensors some published checkpoints carry that are recomputed, not learned (old Llama conversions).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAX_HEADER = 100_000_000  # safetensors refuses larger headers
 
 
@@ -216,9 +215,11 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX}{hint}; found {found[:10]}")
 
 
-def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
-                    attn_implementation: str = "sdpa") -> CausalLM:
-    """Build a CausalLM from an HF checkpoint directory. dtype: None = float32, "auto" = as stored."""
+def load_pretrained(path: str | Path, build: Callable[[ModelConfig], nn.Module],
+                    dtype: str | torch.dtype | None = None) -> nn.Module:
+    """The model `build(config)` makes (called on the meta device), holding an HF checkpoint directory's
+    weights, every tensor checked first. dtype: None = float32, "auto" = as stored. Buffers that are not
+    saved (RoPE's inverse frequencies) are the caller's to recompute on the real device."""
     path = Path(path)
     if (path / "config.json").exists() or (path / "config.json").is_symlink():
         checked_file(path, "config.json", "checkpoint")  # a FIFO config.json would block the read for ever
@@ -228,7 +229,7 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
         tensors.pop("lm_head.weight", None)  # transformers ties it to the embedding whatever the file says
     # Build on the meta device: no memory or time spent on a random init that the weights overwrite.
     with torch.device("meta"):
-        model = CausalLM(config, attn_implementation=attn_implementation)
+        model = build(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -252,9 +253,6 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = None,
     model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    rope = model.model.rotary_emb  # non-persistent buffer: recompute it on the real device
-    rope.inv_freq = rope_inv_freq(config)[0]
-    rope.original_inv_freq = rope.inv_freq.clone()  # dynamic RoPE resets to it (model.RotaryEmbedding)
     return model
 
 
@@ -359,7 +357,7 @@ def _remove_stale_shards(path: Path) -> None:
             checked_file(path, name, "stale shard").unlink()
 
 
-def save_pretrained(model: CausalLM, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+def save_pretrained(model: nn.Module, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write config.json + model.safetensors that `transformers.AutoModelForCausalLM` loads as is, atomically.
 
     `state_dict` (default: the model's) lets a trainer pass weights it gathered itself.

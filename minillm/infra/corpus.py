@@ -15,7 +15,7 @@ EOS; an empty reply: the template renders it), NUL and control characters, speci
 SFT masker keeps those as text, see minillm.sft), huge documents (`encode_texts` tokenizes them in
 bounded memory).
 
-Bundled samples (original content, see minillm/sample_data.py): `SAMPLE_PRETRAIN`, `SAMPLE_SFT`,
+Bundled samples (original content, see minillm/data/sample_data.py): `SAMPLE_PRETRAIN`, `SAMPLE_SFT`,
 and the tokenizer folder `TOKENIZER_DIR` (load it with `AutoTokenizer.from_pretrained(TOKENIZER_DIR)`).
 This module is named `corpus` because `minillm/data/` is the folder holding those files.
 """
@@ -33,12 +33,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from minillm.data import DATA_DIR, SAMPLE_PRETRAIN, SAMPLE_SFT, TOKENIZER_DIR  # noqa: F401 (re-exported)
 from minillm.sft import conversation_problem, split_special_tokens, unicode_problem
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-SAMPLE_PRETRAIN = DATA_DIR / "pretrain.jsonl"
-SAMPLE_SFT = DATA_DIR / "sft.jsonl"
-TOKENIZER_DIR = DATA_DIR / "tokenizer"
 
 T = TypeVar("T")
 

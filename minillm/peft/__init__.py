@@ -1,0 +1,1 @@
+"""The course's parameter-efficient fine-tuning methods, each one file implementing one interface (`base.py`)."""
