@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
+from tokenizers import Tokenizer
+
 from minillm.generation import TextStream, check_generation_args, generate
+from minillm.model import CausalLM
+from minillm.peft import METHODS, load_adapter, merge_and_unload, method_of
 from minillm.sft import chatml_prompt_ids
 
-ADAPTER_KINDS = {"LORA": "LoRA adapter", "PROMPT_TUNING": "prompt-tuning adapter",
-                 "PREFIX_TUNING": "prefix-tuning adapter", "MINILLM_HOULSBY_ADAPTER": "Houlsby adapter"}
+ADAPTER_KINDS = {peft_type: method.title for peft_type, method in METHODS.items()}  # "LoRA adapter", ...
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -63,24 +66,18 @@ def model_instead_of_adapter(path: str | Path, flag: str = "--adapter") -> str |
 
 
 def _load(model_dir: str, adapter: str | None):
-    """(model, tokenizer) for the chat. An adapter of any type is loaded with minillm.peft.files.load_adapter:
-    LoRA is merged into the weights (a plain CausalLM, as fast as the base); prompt and prefix tuning return
-    their wrapper (PromptTuningLM / PrefixTuningLM, whose forward fills generate's KV cache with the virtual
-    tokens); Houlsby adapters stay in the model as applied."""
-    from tokenizers import Tokenizer  # the only place this file needs the tokenizers library
-
-    from minillm.model import CausalLM
-
+    """(model, tokenizer) for the chat. An adapter of any type is loaded with minillm.peft.load_adapter; a method
+    that merges (LoRA, (IA)^3) is folded into the weights (a plain CausalLM, as fast as the base); prompt and prefix
+    tuning stay wrappers whose forward fills generate's KV cache with the virtual tokens; Houlsby adapters stay in
+    the model as applied."""
     if adapter:  # before loading the model: a wrong directory is a one-line error at once
         hint = model_instead_of_adapter(adapter)
         if hint:
             raise ValueError(hint)
     model = CausalLM.from_pretrained(model_dir)
     if adapter:
-        from minillm.peft.lora import lora_layers, merge_and_unload
-        from minillm.peft.files import load_adapter
         model = load_adapter(model, adapter)  # maybe a wrapper: always its return value
-        if lora_layers(model):
+        if method_of(model).can_merge:
             model = merge_and_unload(model)
     dirs = [Path(adapter)] if adapter else []
     tok_dir = next((d for d in dirs + [Path(model_dir)] if (d / "tokenizer.json").exists()), None)

@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from minillm.peft.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from minillm import CausalLM
-from minillm.peft import files as peft_format
+from minillm import peft as peft_format
 from minillm.peft import houlsby
 from minillm.generate import ADAPTER_KINDS, adapter_instead_of_model, model_instead_of_adapter
 from parity.harness import Row, fixed_check, format_table
@@ -146,7 +147,6 @@ def _houlsby_rows(ours, ref, adapter: str, ids: torch.Tensor, mask: torch.Tensor
     weights, with the adapter's tensors read from the file (not from minillm's modules), one row at a time."""
     from minillm.peft import houlsby as ha
     from minillm.infra.checkpoint import read_safetensors_file
-    from minillm.peft.lora import read_adapter_json
     from parity.peft_methods import houlsby_reference
 
     name = "Houlsby adapter vs paper equations"
@@ -157,8 +157,8 @@ def _houlsby_rows(ours, ref, adapter: str, ids: torch.Tensor, mask: torch.Tensor
         return [Row(f"{name} ({what})", "no reference", 0, float("nan"), tol("houlsby_checkpoint"), finite,
                     ("skipped: " if finite else "minillm's logits are not finite; ")
                     + f"no reference for {gap}: minillm loaded the adapter, nothing compared")]
-    saved = read_safetensors_file(os.path.join(adapter, peft_format.WEIGHTS))
-    act = ha.ACTS[read_adapter_json(adapter)[1]["non_linearity"]]
+    saved = read_safetensors_file(os.path.join(adapter, ADAPTER_WEIGHTS_NAME))
+    act = ha.ACTS[peft_format.read_config(adapter)[1]["non_linearity"]]
     pre = "base_model.model."
     parts = ("down.weight", "down.bias", "up.weight", "up.bias")
     adapters = {i: tuple(tuple(saved[f"{pre}model.layers.{i}.{place}.adapter.{p}"].float() for p in parts)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
+from minillm import peft as peft_format
 from minillm.peft import lora as ml
 from parity.harness import Row, fixed_check, named_check, property_rows
 from parity.model import hf_copy
@@ -316,7 +317,7 @@ def minillm_to_peft(case: Case, seed: int = 0) -> float:
     x = _inputs(case, seed)
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ml.save_adapter(ours, d)
+        peft_format.save_adapter(ours, d)
         pm = peft.PeftModel.from_pretrained(ref, d).eval()
         with torch.no_grad():
             return _max_abs(ours(x).logits, pm(input_ids=x).logits)
@@ -334,7 +335,7 @@ def peft_to_minillm(case: Case, seed: int = 0) -> float:
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.save_pretrained(d)
-        ml.load_adapter(ours, d)
+        peft_format.load_adapter(ours, d)
         ours.eval()
         with torch.no_grad():
             return _max_abs(ours(x).logits, pm(input_ids=x).logits)

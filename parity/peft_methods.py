@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from minillm.peft import houlsby as ha
-from minillm.peft import files as peft_format
+from minillm import peft as peft_format
 from minillm.model import trainable_summary
 from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
 from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from minillm import ModelConfig
-from minillm.peft import files as peft_format
+from minillm import peft as peft_format
 from minillm.peft import houlsby as ha
 from minillm import generate as mg
 from minillm import generation as gen

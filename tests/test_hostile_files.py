@@ -258,7 +258,7 @@ def assert_same(a: CausalLM, b: CausalLM) -> None:
 
 
 def staging_dirs(d: Path) -> list[str]:
-    return sorted(p.name for p in d.parent.iterdir() if p.name.startswith(f".{d.name}.saving-"))
+    return sorted(p.name for p in d.parent.iterdir() if p.name.startswith(f".{d.name}.minillm-staging-"))
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
@@ -295,9 +295,9 @@ def test_fresh_target_appears_whole(tmp_path, model, monkeypatch):
 def test_stale_staging_of_a_killed_save_is_removed(tmp_path, model):
     d = tmp_path / "out"
     host = os.uname().nodename
-    dead = tmp_path / f".out.saving-{host}-{2**22 + 12345}-deadbeef"  # above pid_max's default: no such process
-    alive = tmp_path / f".out.saving-{host}-{os.getppid()}-cafecafe"  # a live process's save in progress
-    other_host = tmp_path / ".out.saving-elsewhere-1-00000000"
+    dead = tmp_path / f".out.minillm-staging-{host}-{2**22 + 12345}-deadbeef"  # above pid_max's default: no such process
+    alive = tmp_path / f".out.minillm-staging-{host}-{os.getppid()}-cafecafe"  # a live process's save in progress
+    other_host = tmp_path / ".out.minillm-staging-elsewhere-1-00000000"
     for p in (dead, alive, other_host):
         p.mkdir()
         (p / WEIGHTS).write_bytes(b"\0" * 2_000_000)

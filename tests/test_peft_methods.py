@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import minillm
 from minillm.peft import houlsby as ha
-from minillm.peft import files as peft_format
+from minillm.peft import lora as ml
+from minillm import peft as peft_format
 from minillm.config import ModelConfig
 from minillm.model import CausalLM
 from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
@@ -182,7 +183,7 @@ def test_save_load_roundtrip(kind, tmp_path):
     if kind == "houlsby":
         w = ha.apply_adapters(model, ha.HoulsbyConfig(bottleneck=4), verbose=False)
     elif kind == "lora-embedding":
-        w = minillm.apply_lora(model, minillm.LoraConfig(target_modules=["embed_tokens", "v_proj"]), verbose=False)
+        w = ml.apply_lora(model, ml.LoraConfig(target_modules=["embed_tokens", "v_proj"]), verbose=False)
     else:
         w = wrap(kind, model)
     randomize(w)
@@ -190,13 +191,13 @@ def test_save_load_roundtrip(kind, tmp_path):
     x, mask = batch()
     with torch.no_grad():
         want = w(x, attention_mask=mask).logits
-    minillm.save_adapter(w, tmp_path)
+    peft_format.save_adapter(w, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == {"houlsby": ha.PEFT_TYPE, "lora-embedding": "LORA"}.get(
         kind, "PROMPT_TUNING" if kind == "prompt" else "PREFIX_TUNING")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = minillm.load_adapter(tiny(), tmp_path).eval()
+        loaded = peft_format.load_adapter(tiny(), tmp_path).eval()
     with torch.no_grad():
         assert (loaded(x, attention_mask=mask).logits - want).abs().max() <= 1e-6
 

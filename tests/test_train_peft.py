@@ -39,16 +39,16 @@ ADAPTER_TOL = 1e-4  # trained adapters of the two impls after 6 AdamW steps from
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A seeded random tiny model in HF format, with the bundled tokenizer beside it."""
-    sys.path.insert(0, str(ROOT / "train"))
-    import common
+    from train.args import ModelArguments
+    from train.models import load_tokenizer, model_config
 
     from minillm.infra import corpus
     from minillm.model import CausalLM
 
     d = tmp_path_factory.mktemp("peft") / "base"
-    tok = common.load_tokenizer(common.ModelArguments())
+    tok = load_tokenizer(ModelArguments())
     torch.manual_seed(0)
-    CausalLM(common.model_config(common.ModelArguments(config_name="tiny"), tok)).save_pretrained(d)
+    CausalLM(model_config(ModelArguments(config_name="tiny"), tok)).save_pretrained(d)
     for f in corpus.TOKENIZER_DIR.iterdir():
         shutil.copy(f, d / f.name)
     return d
@@ -79,7 +79,7 @@ def _logits_both_ways(base: Path, adapter: Path) -> float:
     import peft
     from transformers import AutoModelForCausalLM
 
-    from minillm.peft import files as peft_format
+    from minillm import peft as peft_format
     from minillm.model import CausalLM
 
     ours = peft_format.load_adapter(CausalLM.from_pretrained(base), adapter).eval()
@@ -106,7 +106,7 @@ def test_zero2_both_impls_train_alike_and_files_move_both_ways(ds_runs, base, me
 def test_zero2_houlsby_adapter_trains_and_resumes(ds_runs, base):
     """The adapter run lowers the loss and saves minillm's adapter format; killed after checkpoint-3 (here: only
     checkpoint-3 kept) and rerun, it ends with the same adapter as the uninterrupted run."""
-    from minillm.peft import files as peft_format
+    from minillm import peft as peft_format
     from minillm.peft.houlsby import AdaptedLinear
     from minillm.model import CausalLM
 

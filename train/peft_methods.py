@@ -29,12 +29,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minillm.peft import houlsby
 from minillm.infra.checkpoint import copy_matching, read_safetensors_file
-from minillm.model import CausalLM, trainable_summary
-from minillm.peft.lora import LoraConfig, apply_lora, lora_layers
-from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
-from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM
+from minillm.model import trainable_summary
+from minillm.peft import BY_NAME, apply, method_of
 
 METHODS = ("none", "lora", "prefix", "prompt", "adapter")
 TRAINABLE_FILE = "trainable.safetensors"  # checkpoints of minillm's prefix/prompt/adapter runs (resume)
@@ -154,7 +151,8 @@ def add_peft(model: nn.Module, impl: str, peft_args: PeftArguments, seed: int, t
                        prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer_path if text else None),
         "prefix": dict(num_virtual_tokens=peft_args.num_virtual_tokens, prefix_projection=peft_args.prefix_projection,
                        encoder_hidden_size=peft_args.encoder_hidden_size),
-    }.get(method)
+        "adapter": dict(bottleneck=peft_args.adapter_bottleneck, non_linearity=peft_args.adapter_non_linearity),
+    }[method]
     if impl == "hf":
         import peft
 
@@ -163,16 +161,9 @@ def add_peft(model: nn.Module, impl: str, peft_args: PeftArguments, seed: int, t
         model = peft.get_peft_model(model, config_class(task_type="CAUSAL_LM", **settings))
         model.print_trainable_parameters()
         return model
-    if method == "lora":
-        model = apply_lora(model, LoraConfig(**settings), verbose=False)
-    elif method == "prompt":
-        ids = tokenizer(text)["input_ids"] if text else None  # what peft's TEXT init tokenizes
-        model = PromptTuningLM(model, PromptTuningConfig(**settings, init_token_ids=ids))
-    elif method == "prefix":
-        model = PrefixTuningLM(model, PrefixTuningConfig(**settings))
-    else:  # adapter
-        model = houlsby.apply_adapters(model, houlsby.HoulsbyConfig(
-            bottleneck=peft_args.adapter_bottleneck, non_linearity=peft_args.adapter_non_linearity), verbose=False)
+    if text:  # prompt tuning's TEXT init: the ids of what peft's TEXT init tokenizes
+        settings["init_token_ids"] = tokenizer(text)["input_ids"]
+    model = apply(model, BY_NAME[method].config_class(**settings))
     print(trainable_summary(model), flush=True)
     return model
 
@@ -180,9 +171,8 @@ def add_peft(model: nn.Module, impl: str, peft_args: PeftArguments, seed: int, t
 # ---- saving and resuming minillm's prefix/prompt/adapter runs -------------------------------------------------
 
 def minillm_adapted(model: nn.Module) -> bool:
-    """A minillm model whose adapter peft_format.save_adapter writes (prefix, prompt, Houlsby, LoRA)."""
-    return isinstance(model, (PromptTuningLM, PrefixTuningLM)) or \
-        (isinstance(model, CausalLM) and (hasattr(model, "adapter_config") or bool(lora_layers(model))))
+    """A minillm model with a fine-tuning method applied (minillm.peft.save_adapter writes its adapter)."""
+    return method_of(model) is not None
 
 
 def prompt_learning(model: nn.Module) -> bool:

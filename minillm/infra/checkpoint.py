@@ -14,25 +14,16 @@ A checkpoint directory is treated as untrusted input:
 - a truncated or corrupt safetensors file, an absurd header length or an unknown dtype is reported as
   one sentence naming the file (safetensors parses; its error is rephrased, never swallowed).
 
-Saving is atomic (`save_pretrained`, `staged_dir`): every file is written into a hidden staging
-directory next to the target and only renamed into place once all of them are complete, so a failed
-save (full disk, an exception, Ctrl-C) leaves the previous model loadable. Staging directories left by a
-killed process are removed by the next save to the same target. Files get mode 0666 & ~umask (0644
-usually) and directories 0777 & ~umask: safetensors 0.8 (and so transformers' own save_pretrained)
-writes weights 0600 beside a 0644 config.json; a checkpoint meant to be shared is readable as a whole.
+Saving is atomic: `save_pretrained` writes through minillm/infra/files.py's `staged_dir` (stage, fsync, rename).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import stat
 import struct
-import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -40,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minillm.config import DTYPES, ModelConfig
+from minillm.infra.files import checked_file, read_json_object, staged_dir
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 # Tensors some published checkpoints carry that are recomputed, not learned (old Llama conversions).
@@ -48,46 +40,6 @@ _MAX_HEADER = 100_000_000  # safetensors refuses larger headers
 
 
 # ---- reading untrusted files ------------------------------------------------------------------------------
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _hf_cache_blob(link: Path, target: Path) -> bool:
-    """A Hugging Face cache snapshot (`<repo>/snapshots/<rev>/file`) links into `<repo>/blobs/`: allowed."""
-    snapshot = link.parent
-    return snapshot.parent.name == "snapshots" and target.parent == (snapshot.parent.parent / "blobs").resolve()
-
-
-def checked_file(root: Path, name: object, what: str) -> Path:
-    """`root/name` if it is a regular file inside `root`, else a ValueError naming it. Never opens it."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{what}: file name must be a non-empty string, got {name!r}")
-    rel = Path(name)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"{what}: {name!r} is outside the checkpoint directory {root} (absolute or '..')")
-    path = root / rel
-    try:
-        link = os.lstat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what}: {path} does not exist") from None
-    if stat.S_ISLNK(link.st_mode):
-        target = path.resolve()
-        if not (target.is_relative_to(root.resolve()) or _hf_cache_blob(path, target)):
-            raise ValueError(f"{what}: {path} is a symlink to {target}, outside the checkpoint directory {root}")
-    try:
-        mode = os.stat(path).st_mode  # follows the link: the type of what would be opened
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what}: {path} is a dangling symlink") from None
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{what}: {path} is {_file_kind(mode)}, not a regular file")
-    return path
-
 
 def _safetensors_problem(path: Path, error: Exception) -> str:
     """A sentence for why safetensors could not read `path` (reads at most the header)."""
@@ -162,11 +114,7 @@ def copy_matching(params: Mapping[str, torch.Tensor], saved: Mapping[str, torch.
 def _read_index(path: Path) -> dict[str, str]:
     """The index's weight_map {tensor name: shard file}, validated as JSON of the right shape."""
     index = checked_file(path, INDEX, "sharded checkpoint")
-    try:
-        data = json.loads(index.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{index}: not valid JSON ({e})") from None
-    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    wmap = read_json_object(index).get("weight_map")
     if not isinstance(wmap, dict):
         raise ValueError(f"{index}: expected an object with a 'weight_map' object of tensor name -> shard file")
     for key, name in wmap.items():
@@ -256,91 +204,7 @@ def load_pretrained(path: str | Path, build: Callable[[ModelConfig], nn.Module],
     return model
 
 
-# ---- atomic saving ------------------------------------------------------------------------------------------
-
-_STAGING = ".saving-"  # staging directory: .{target name}.saving-{host}-{pid}-{random}
-
-
-def _umask() -> int:
-    with contextlib.suppress(OSError, StopIteration, ValueError):  # Linux: read it without changing it
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
-    mask = os.umask(0)  # elsewhere: set and restore at once (racy with other threads creating files)
-    os.umask(mask)
-    return mask
-
-
-def _remove_stale_staging(path: Path) -> None:
-    """Remove staging directories of `path` left by a killed process of this host (pid no longer alive)."""
-    prefix = f".{path.name}{_STAGING}{os.uname().nodename}-"
-    for old in path.parent.glob(f".{path.name}{_STAGING}*"):
-        rest = old.name[len(prefix):] if old.name.startswith(prefix) else ""
-        pid = rest.split("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue  # another host's, or one of this process's (in use)
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(old, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _install(staging: Path, path: Path) -> None:
-    """Move every file of `staging` into `path`: one rename of the directory when `path` does not exist yet,
-    otherwise one rename per file (weights and other files first, *.json last: config.json names the rest)."""
-    mask = _umask()
-    for root, dirs, files in os.walk(staging):
-        os.chmod(root, 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
-            _fsync(Path(root, name))  # on disk before the rename makes it visible
-    if not path.exists():
-        try:
-            os.rename(staging, path)
-            _fsync(path.parent)
-            return
-        except OSError:
-            if not path.exists():
-                raise  # else another process created it meanwhile: install file by file
-    if not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a directory")
-    for entry in sorted(staging.iterdir(), key=lambda p: (p.suffix == ".json", p.name)):
-        target = path / entry.name
-        if entry.is_dir() and target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    _fsync(path)
-
-
-@contextlib.contextmanager
-def staged_dir(path: str | Path) -> Iterator[Path]:
-    """Atomic save: write files into the yielded (empty, hidden) directory; when the block ends without
-    an exception they replace their namesakes in `path` (other files of `path` are kept). On an exception
-    nothing in `path` changes and the staging directory is removed.
-
-        with staged_dir(out) as tmp:
-            save_file(tensors, tmp / "model.safetensors"); (tmp / "config.json").write_text(...)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(path)
-    staging = path.parent / f".{path.name}{_STAGING}{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        _install(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
+# ---- saving --------------------------------------------------------------------------------------------------
 
 def _remove_stale_shards(path: Path) -> None:
     """After writing model.safetensors over a sharded checkpoint: drop its index (which the loader would

@@ -21,13 +21,14 @@ equations written out independently, and the zero-init identity.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minillm.model import trainable_summary
+from minillm.peft.base import PEFT_PREFIX, check_tensors, config_of, copy_into, freeze, is_positive_int
 
 PEFT_TYPE = "MINILLM_HOULSBY_ADAPTER"  # not a peft type: minillm's own adapter_config.json
 ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -36,13 +37,14 @@ PLACES = ("self_attn.o_proj", "mlp.down_proj")  # after attention, after the MLP
 
 @dataclass
 class HoulsbyConfig:
+    peft_type: ClassVar[str] = PEFT_TYPE
     bottleneck: int = 16  # m
     non_linearity: str = "gelu"
     init: str = "zero"  # "zero": W_up = 0 (exact identity); "houlsby": N(0, 1e-2) truncated, near-identity
     train_norms: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
+        if not is_positive_int(self.bottleneck):
             raise ValueError(f"HoulsbyConfig.bottleneck must be a positive int, got {self.bottleneck!r}")
         if self.non_linearity not in ACTS:
             raise ValueError(f"HoulsbyConfig.non_linearity must be one of {sorted(ACTS)}, got {self.non_linearity!r}")
@@ -83,17 +85,20 @@ class AdaptedLinear(nn.Module):
         self.adapter = HoulsbyAdapter(base_layer.out_features, config).to(
             device=w.device, dtype=torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
 
+        self.disabled = False  # switched off (Houlsby.set_enabled): the base layer's output exactly
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.disabled:
+            return y
         return self.adapter(y.to(self.adapter.down.weight.dtype)).to(y.dtype)
 
 
 def apply_adapters(model: nn.Module, config: HoulsbyConfig, verbose: bool = True) -> nn.Module:
     """Freeze `model` and put a Houlsby adapter after every layer's attention and MLP, in place."""
-    if any(isinstance(m, AdaptedLinear) for m in model.modules()):
+    if config_of(model) is not None:
         raise ValueError(f"{type(model).__name__} already has adapters; apply_adapters once per model")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze(model)
     for layer in model.model.layers:
         for place in PLACES:
             parent_name, child = place.split(".")
@@ -104,19 +109,69 @@ def apply_adapters(model: nn.Module, config: HoulsbyConfig, verbose: bool = True
                 norm.weight.requires_grad_(True)
     if config.train_norms:
         model.model.norm.weight.requires_grad_(True)
-    model.adapter_config = config
+    model.peft_config = config
     if verbose:
         print(trainable_summary(model))
     return model
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors by their model names, prefixed with peft's `base_model.model.`."""
-    return {f"base_model.model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
 
 
-def config_dict(config: HoulsbyConfig) -> dict[str, Any]:
-    return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "bottleneck": config.bottleneck,
-            "non_linearity": config.non_linearity, "init": config.init, "train_norms": config.train_norms,
-            "placement": list(PLACES),
-            "note": "minillm's Houlsby adapter (minillm/peft/houlsby.py); not a peft format, peft cannot load it"}
+class Houlsby:
+    """Houlsby adapters behind the one interface of minillm/peft/base.py (a file format of minillm's own)."""
+
+    peft_type, name, config_class = PEFT_TYPE, "adapter", HoulsbyConfig
+    title, can_merge = "Houlsby adapter", False
+
+    def apply(self, model: nn.Module, config: HoulsbyConfig) -> nn.Module:
+        return apply_adapters(model, config, verbose=False)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The adapters (and, with train_norms, the norms) by their model names, prefixed as peft does."""
+        params = {f"{n}.adapter.{k}": p for n, m in adapted_layers(model).items()
+                  for k, p in m.adapter.named_parameters()}
+        if model.peft_config.train_norms:
+            params.update({n: p for n, p in model.named_parameters()  # the norms apply_adapters unfroze
+                           if n.endswith(("input_layernorm.weight", "post_attention_layernorm.weight"))
+                           or n == "model.norm.weight"})
+        return {PEFT_PREFIX + n: p for n, p in params.items()}
+
+    def config_dict(self, model: nn.Module) -> dict[str, Any]:
+        c: HoulsbyConfig = model.peft_config
+        return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "bottleneck": c.bottleneck,
+                "non_linearity": c.non_linearity, "init": c.init, "train_norms": c.train_norms,
+                "placement": list(PLACES),
+                "note": "minillm's Houlsby adapter (minillm/peft/houlsby.py); not a peft format, peft cannot load it"}
+
+    def config_from_dict(self, d: dict[str, Any], model: nn.Module) -> HoulsbyConfig:
+        return HoulsbyConfig(bottleneck=d.get("bottleneck"), non_linearity=d.get("non_linearity"),
+                             init=d.get("init", "zero"), train_norms=d.get("train_norms", False))
+
+    def load(self, model: nn.Module, config: HoulsbyConfig, tensors: dict[str, torch.Tensor], path: str) -> nn.Module:
+        if config_of(model) is None:
+            d = model.config.hidden_size  # the file's shapes are (m, d) and (d, m): check before allocating
+            for key, value in tensors.items():
+                if key.endswith("down.weight") and tuple(value.shape) != (config.bottleneck, d):
+                    raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, this model needs "
+                                     f"{(config.bottleneck, d)}")
+            apply_adapters(model, config, verbose=False)
+        expected = self.state_dict(model)
+        check_tensors(expected, tensors, path)
+        copy_into(expected, tensors)
+        return model
+
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        if model.peft_config.train_norms:
+            raise ValueError("Houlsby adapters with train_norms cannot be switched off: the norms are trained in "
+                             "place and no original copy is kept")
+        for layer in adapted_layers(model).values():
+            layer.disabled = not enabled
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        raise ValueError("Houlsby adapters have no merge: the adapter is a non-linear bottleneck, not a change of "
+                         "weights; load the adapter with the model instead")
+
+
+METHOD = Houlsby()

@@ -35,31 +35,25 @@ small peft-format adapter). Activation checkpointing, re-entrant or not, works w
 frozen: `enable_input_require_grads` is hooked in by CausalLM.activation_checkpointing_enable (as
 transformers does) and by apply_lora on a model already checkpointing (as peft does).
 
-Imports only torch, safetensors, the standard library and minillm.infra.checkpoint (its safetensors reader and
-atomic save).
+Saving and loading go through minillm/peft/methods.py (`save_adapter`, `load_adapter`); `LoRA` at the end of this
+file is what it calls: the config as peft writes it, the tensors under peft's keys, switching off, merging.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from minillm.infra.checkpoint import read_safetensors_file, staged_dir
 from minillm.model import enable_input_require_grads, trainable_summary
+from minillm.peft.base import PEFT_PREFIX, check_tensors, copy_into, is_target
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM -> LoraModel -> the base model
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's default for llama, qwen2 and qwen3
 
@@ -72,25 +66,13 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any = 0.0) -> None:
-    """ValueError (naming the argument) unless r is a positive int, alpha finite and dropout in [0, 1).
-
-    A NaN alpha would otherwise train silently to an all-NaN model (issue 10).
-    """
-    if not _is_int(r) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    if not _is_real(lora_alpha) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-    if not _is_real(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
-
-
 def _is_str_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
 @dataclass
 class LoraConfig:
+    peft_type: ClassVar[str] = "LORA"
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
@@ -103,10 +85,13 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self) -> None:
-        try:
-            check_lora_args(self.r, self.lora_alpha, self.lora_dropout)
-        except ValueError as e:
-            raise ValueError(f"LoraConfig.{e}") from None
+        # every value is checked here, once: the layers, the file loader and the training flags build a LoraConfig
+        if not _is_int(self.r) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
+        if not _is_real(self.lora_alpha) or not math.isfinite(self.lora_alpha):  # NaN would train to all-NaN
+            raise ValueError(f"LoraConfig.lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if not _is_real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         if self.bias != "none":
             raise ValueError(f"LoraConfig.bias={self.bias!r}: minillm supports only bias='none' (peft's default)")
         for name in ("use_rslora", "use_dora"):
@@ -139,17 +124,15 @@ class LoraConfig:
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update (and DoRA magnitude), peft's `lora.Linear`."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, use_dora: bool = False) -> None:
+    def __init__(self, base_layer: nn.Linear, config: LoraConfig) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
-        check_lora_args(r, lora_alpha, lora_dropout)
         self.base_layer = base_layer
-        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        r, self.r, self.lora_alpha, self.use_dora = config.r, config.r, config.lora_alpha, config.use_dora
+        self.scaling = config.scaling
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
         # Adapters live in fp32 next to a bf16/fp16 base (peft's autocast_adapter_dtype), on its device.
         w = base_layer.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -163,11 +146,12 @@ class LoRALinear(nn.Module):
         self.lora_A.to(device=w.device, dtype=dtype)
         self.lora_B.to(device=w.device, dtype=dtype)
         self.merged = False  # True while B A s (or DoRA's rescaling) is folded into base_layer.weight
+        self.disabled = False  # switched off (LoRA.set_enabled): the base layer's output exactly
         # Set by apply_lora when base_layer.weight is shared with another module (a tied lm_head): merge() first
         # gives the layer its own copy, so that folding the update in does not move the input embedding too.
         self.untie_on_merge = False
         self._dora_norm: torch.Tensor | None = None  # DoRA: row norms used by merge(), needed by unmerge()
-        if use_dora:
+        if self.use_dora:
             with torch.no_grad():
                 lora_weight = self.lora_B.weight @ self.lora_A.weight
                 norm = self._weight_norm(w.to(dtype), lora_weight, self.scaling)
@@ -192,7 +176,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         result_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
@@ -274,17 +258,15 @@ class LoRAEmbedding(nn.Module):
     token's column of A receives no gradient).
     """
 
-    def __init__(self, base_layer: nn.Embedding, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, use_dora: bool = False) -> None:
+    def __init__(self, base_layer: nn.Embedding, config: LoraConfig) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"LoRAEmbedding wraps nn.Embedding, got {type(base_layer).__name__}")
-        if use_dora:
+        if config.use_dora:
             raise ValueError("use_dora on an embedding (DoRA's embedding variant) is not implemented in minillm")
-        check_lora_args(r, lora_alpha, lora_dropout)
         self.base_layer = base_layer
-        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, False
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        r, self.r, self.lora_alpha, self.use_dora = config.r, config.r, config.lora_alpha, False
+        self.scaling = config.scaling
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         w = base_layer.weight
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -297,6 +279,7 @@ class LoRAEmbedding(nn.Module):
             self.lora_embedding_A.data = self.lora_embedding_A.data.to(device=w.device, dtype=dtype)
             self.lora_embedding_B.data = self.lora_embedding_B.data.to(device=w.device, dtype=dtype)
         self.merged = False
+        self.disabled = False
         self.untie_on_merge = False  # set by apply_lora when the weight is shared with lm_head (tied embeddings)
         base_layer.weight.requires_grad_(False)
 
@@ -311,7 +294,7 @@ class LoRAEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (B, T, C)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
@@ -362,12 +345,6 @@ def _output_layer_names(model: nn.Module) -> set[str]:
     return names | {n for n, _ in model.named_modules() if n == "lm_head" or n.endswith(".lm_head")}
 
 
-def _is_target(name: str, target_modules: list[str] | str) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return name in target_modules or any(name.endswith("." + t) for t in target_modules)
-
-
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules `config` adapts, in `named_modules()` order (peft's order)."""
     targets = config.target_modules
@@ -375,7 +352,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         skip = _output_layer_names(model)
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in skip]
     else:
-        names = [n for n, _ in model.named_modules() if n and _is_target(n, targets)]
+        names = [n for n, _ in model.named_modules() if n and is_target(n, targets)]
     names = [n for n in names if not _matches_modules_to_save(n, config.modules_to_save)]
     if not names:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -430,7 +407,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn
         base = modules[name]
         tied = _holders(model, base.weight, name)
         cls = LoRAEmbedding if isinstance(base, nn.Embedding) else LoRALinear
-        layer = cls(base, config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora)
+        layer = cls(base, config)
         if tied:  # peft warns here too ("a tied layer is part of the adapter")
             warnings.warn(f"LoRA target {name!r} shares its weight with {tied} (tied embeddings): the adapter changes "
                           f"only {name!r}, and merging gives {name!r} its own copy of the weight first so that "
@@ -438,7 +415,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, verbose: bool = True) -> nn
             layer.untie_on_merge = True
         setattr(modules[parent] if parent else model, child, layer)
     _make_modules_to_save_trainable(model, config.modules_to_save)
-    model.lora_config = config
+    model.peft_config = config
     if getattr(model, "gradient_checkpointing", False):
         enable_input_require_grads(model)  # as peft.get_peft_model does on a model that already checkpoints
     if verbose:
@@ -510,8 +487,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         layer.merge()
         parent, child = _split(name)
         setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    model.__dict__.pop("peft_config", None)
     return model
 
 
@@ -530,80 +506,6 @@ _PEFT_DEFAULTS_REQUIRED: dict[str, Any] = {
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft: a targeted one also has its base weight saved
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, nn.Parameter]:
-    """What save_adapter writes: peft's key -> the live parameter (lora_A/B, DoRA magnitudes, modules_to_save,
-    and the base weight of a targeted lm_head, which peft saves too).
-
-    Under ZeRO-3 these parameters are partitioned (numel 0): gather them around the save, e.g.
-    `with deepspeed.zero.GatheredParameters(list(adapter_state_dict(model).values())): save_adapter(...)`,
-    or pass a consolidated `state_dict` to save_adapter.
-    """
-    config: LoraConfig | None = getattr(model, "lora_config", None)
-    layers = lora_layers(model)
-    if not layers or config is None:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers: call apply_lora first")
-    state: dict[str, nn.Parameter] = {}
-    for name, layer in layers.items():
-        if isinstance(layer, LoRAEmbedding):  # peft: lora_embedding_A.default -> lora_embedding_A
-            state[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = layer.lora_embedding_A
-            state[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = layer.lora_embedding_B
-            state[f"{PEFT_PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight  # save_embedding_layers
-            continue
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
-        if layer.use_dora:
-            state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
-        if name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES:
-            state[f"{PEFT_PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight
-    if config.modules_to_save:
-        modules = dict(model.named_modules())
-        for name in _modules_to_save(model, config.modules_to_save):
-            for pname, p in modules[name].named_parameters():
-                state[f"{PEFT_PREFIX}{name}.{pname}"] = p  # peft saves them under the module's own name
-    return state
-
-
-
-def save_adapter(model: nn.Module, save_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write adapter_config.json + adapter_model.safetensors as peft's save_pretrained does.
-
-    `peft.PeftModel.from_pretrained(transformers_model, save_dir)` loads the result. `state_dict`: the model's
-    full state dict (minillm names, e.g. a ZeRO-3 consolidated one) to take the adapter tensors from instead of
-    the live parameters. An empty tensor (a ZeRO-3 partition that was not gathered) is an error, never a
-    silently empty adapter.
-    """
-    config: LoraConfig = getattr(model, "lora_config", None)
-    state = adapter_state_dict(model)
-    layers = lora_layers(model)
-    if any(layer.merged for layer in layers.values()):
-        raise ValueError("save_adapter on a merged model: call unmerge_lora first (the saved A/B would be fine, "
-                         "but a merged base would then get the update twice when loaded)")
-    if state_dict is not None:
-        missing = [k.removeprefix(PEFT_PREFIX) for k in state if k.removeprefix(PEFT_PREFIX) not in state_dict]
-        if missing:
-            raise ValueError(f"save_adapter: state_dict lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
-        state = {k: state_dict[k.removeprefix(PEFT_PREFIX)] for k in state}
-    empty = [k for k, v in state.items() if v.numel() == 0]
-    if empty:
-        raise ValueError(f"save_adapter: {len(empty)} adapter tensors are empty (partitioned by ZeRO-3 and not "
-                         f"gathered?), e.g. {empty[:3]}; gather them or pass a consolidated state_dict")
-    targets = config.target_modules
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        targets = sorted(layers)  # peft saves "all-linear" expanded to the full module names
-    cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "inference_mode": True, "r": config.r, "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout, "target_modules": targets, "bias": config.bias,
-        "use_rslora": config.use_rslora, "use_dora": config.use_dora, "modules_to_save": config.modules_to_save,
-        "init_lora_weights": True, **_PEFT_DEFAULTS_REQUIRED,
-    }
-    with staged_dir(save_dir) as tmp:  # atomic: a failed save leaves an older adapter in save_dir intact
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / ADAPTER_WEIGHTS_NAME,
-                  metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 # The type each key of adapter_config.json must have (JSON null is accepted where peft's default is None).
@@ -626,89 +528,116 @@ _CONFIG_TYPES: dict[str, tuple[str, Any]] = {
 }
 
 
-def read_adapter_json(save_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
-    """(path, object) of a directory's adapter_config.json, for every adapter type; a file that is missing, not
-    UTF-8, not JSON (its line named) or not a JSON object is an error naming it."""
-    path = os.path.join(save_dir, ADAPTER_CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no adapter config (expected peft's {ADAPTER_CONFIG_NAME})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return path, d
+class LoRA:
+    """LoRA (and rsLoRA, DoRA) behind the one interface of minillm/peft/base.py."""
 
+    peft_type, name, config_class = "LORA", "lora", LoraConfig
+    title, can_merge = "LoRA adapter", True
 
-def read_adapter_config(save_dir: str | os.PathLike) -> LoraConfig:
-    """The LoraConfig of a peft-format adapter directory.
+    def apply(self, model: nn.Module, config: LoraConfig) -> nn.Module:
+        return apply_lora(model, config, verbose=False)
 
-    Every problem is a ValueError naming the file and the key: malformed JSON (with its line), a key of the
-    wrong type or value (`_CONFIG_TYPES`), or a peft option minillm does not implement.
-    """
-    path, d = read_adapter_json(save_dir)
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in d:
-            raise ValueError(f"{path}: missing key {key!r}")
-    for key, (want, ok) in _CONFIG_TYPES.items():
-        if key in d and not ok(d[key]):
-            raise ValueError(f"{path}: key {key!r} must be {want}, got {d[key]!r}")
-    for key, default in _PEFT_DEFAULTS_REQUIRED.items():
-        if d.get(key, default) not in (default, None, {}, False):
-            raise ValueError(f"{path}: key {key!r}={d[key]!r} is not supported by minillm.peft.lora (only {default!r})")
-    try:
-        return LoraConfig(r=d["r"], lora_alpha=d["lora_alpha"], lora_dropout=d.get("lora_dropout", 0.0),
-                          target_modules=d["target_modules"], use_rslora=d.get("use_rslora", False),
-                          bias=d.get("bias", "none"), modules_to_save=d.get("modules_to_save"),
-                          use_dora=d.get("use_dora", False))
-    except ValueError as e:  # e.g. an invalid regex in target_modules
-        raise ValueError(f"{path}: {e}") from None
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """peft's key -> the live parameter: lora_A/B, DoRA magnitudes, modules_to_save, and the base weight of a
+        targeted embedding or lm_head (peft saves those too: save_embedding_layers="auto").
 
-
-def load_adapter(model: nn.Module, save_dir: str | os.PathLike, verbose: bool = False) -> nn.Module:
-    """Load a peft-format adapter (saved by peft or by save_adapter) into `model`, in place.
-
-    Applies LoRA per the saved config if the model has none yet. Every tensor in the file must find
-    its place and every adapter weight of the model must be in the file, with the same shape.
-    """
-    config = read_adapter_config(save_dir)
-    wpath = os.path.join(save_dir, ADAPTER_WEIGHTS_NAME)
-    if not os.path.isfile(wpath):
-        raise FileNotFoundError(f"{wpath}: no adapter weights")
-    saved = read_safetensors_file(wpath)  # a corrupt file: ValueError naming it
-    if not lora_layers(model):
-        # A target module the model lacks must be an error here, before apply_lora adapts what it can find.
-        names = {n for n, _ in model.named_modules()}
-        for key in saved:
-            module = key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
-            if ".lora_" in key and module not in names:
-                raise ValueError(f"{wpath}: key {key!r} is for module {module!r}, which "
-                                 f"{type(model).__name__} does not have")
-        apply_lora(model, config, verbose=verbose)
-    else:
-        have: LoraConfig = model.lora_config
-        for f in ("r", "lora_alpha", "use_rslora", "use_dora"):
-            if getattr(have, f) != getattr(config, f):
-                raise ValueError(f"{save_dir}: adapter has {f}={getattr(config, f)!r} but the model's LoRA has "
-                                 f"{f}={getattr(have, f)!r}")
-    expected = adapter_state_dict(model)
-    # peft saves a targeted lm_head's base weight, older adapters may not have it: optional on load
-    missing = sorted(k for k in set(expected) - set(saved) if not k.endswith(".base_layer.weight"))
-    unexpected = sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{wpath}: adapter keys do not match the model: {len(missing)} missing "
-                         f"{missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for key, param in expected.items():
-            if key not in saved:
+        Under ZeRO-3 these parameters are partitioned (numel 0): gather them around the save, or pass a
+        consolidated `state_dict` to minillm.peft.save_adapter."""
+        config: LoraConfig = model.peft_config
+        state: dict[str, torch.Tensor] = {}
+        for name, layer in lora_layers(model).items():
+            if isinstance(layer, LoRAEmbedding):  # peft: lora_embedding_A.default -> lora_embedding_A
+                state[f"{PEFT_PREFIX}{name}.lora_embedding_A"] = layer.lora_embedding_A
+                state[f"{PEFT_PREFIX}{name}.lora_embedding_B"] = layer.lora_embedding_B
+                state[f"{PEFT_PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight
                 continue
-            value = saved[key]
-            if value.shape != param.shape:
-                raise ValueError(f"{wpath}: {key} has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(param.shape)} (r={config.r})")
-            param.copy_(value.to(param.dtype))
-    return model
+            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
+            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+            if layer.use_dora:
+                state[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+            if name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES:
+                state[f"{PEFT_PREFIX}{name}.base_layer.weight"] = layer.base_layer.weight
+        if config.modules_to_save:
+            modules = dict(model.named_modules())
+            for name in _modules_to_save(model, config.modules_to_save):
+                for pname, p in modules[name].named_parameters():
+                    state[f"{PEFT_PREFIX}{name}.{pname}"] = p  # peft saves them under the module's own name
+        return state
+
+    def config_dict(self, model: nn.Module) -> dict[str, Any]:
+        config: LoraConfig = model.peft_config
+        layers = lora_layers(model)
+        if any(layer.merged for layer in layers.values()):
+            raise ValueError("save_adapter on a merged model: call unmerge_lora first (the saved A/B would be fine, "
+                             "but a merged base would then get the update twice when loaded)")
+        targets = config.target_modules
+        if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+            targets = sorted(layers)  # peft saves "all-linear" expanded to the full module names
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "revision": None, "inference_mode": True,
+                "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                "target_modules": targets, "bias": config.bias, "use_rslora": config.use_rslora,
+                "use_dora": config.use_dora, "modules_to_save": config.modules_to_save, "init_lora_weights": True,
+                **_PEFT_DEFAULTS_REQUIRED}
+
+    def config_from_dict(self, d: dict[str, Any], model: nn.Module) -> LoraConfig:
+        """Every key type-checked (`_CONFIG_TYPES`); a peft option minillm does not implement is refused."""
+        for key in ("r", "lora_alpha", "target_modules"):
+            if key not in d:
+                raise ValueError(f"missing key {key!r}")
+        for key, (want, ok) in _CONFIG_TYPES.items():
+            if key in d and not ok(d[key]):
+                raise ValueError(f"key {key!r} must be {want}, got {d[key]!r}")
+        for key, default in _PEFT_DEFAULTS_REQUIRED.items():
+            if d.get(key, default) not in (default, None, {}, False):
+                raise ValueError(f"key {key!r}={d[key]!r} is not supported by minillm.peft.lora (only {default!r})")
+        return LoraConfig(r=d["r"], lora_alpha=d["lora_alpha"], lora_dropout=d.get("lora_dropout", 0.0),
+                            target_modules=d["target_modules"], use_rslora=d.get("use_rslora", False),
+                            bias=d.get("bias", "none"), modules_to_save=d.get("modules_to_save"),
+                            use_dora=d.get("use_dora", False))
+        return config
+
+    def load(self, model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path: str) -> nn.Module:
+        """Apply LoRA per the saved config (unless the model has it already: a resume), then copy. Every tensor in
+        the file must find its place and every adapter weight of the model must be in the file."""
+        if lora_layers(model):
+            have: LoraConfig = model.peft_config
+            for f in ("r", "lora_alpha", "use_rslora", "use_dora"):
+                if getattr(have, f) != getattr(config, f):
+                    raise ValueError(f"{path}: adapter has {f}={getattr(config, f)!r} but the model's LoRA has "
+                                     f"{f}={getattr(have, f)!r}")
+        else:
+            # Before apply_lora allocates anything: every module the file names exists, and each A has r rows (a
+            # config whose r disagrees with its own file, e.g. r = 2**31, is refused, not allocated).
+            names = {n for n, _ in model.named_modules()}
+            for key, value in tensors.items():
+                module, lora, rest = key.removeprefix(PEFT_PREFIX).partition(".lora_")
+                if lora and module not in names:
+                    raise ValueError(f"{path}: key {key!r} is for module {module!r}, which "
+                                     f"{type(model).__name__} does not have")
+                r_axis = 0 if rest == "A.weight" else 1 if rest in ("B.weight", "embedding_B") else None
+                if r_axis is not None and (value.dim() != 2 or value.shape[r_axis] != config.r):
+                    raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, which does not fit r={config.r}")
+            apply_lora(model, config, verbose=False)
+        expected = self.state_dict(model)
+        # peft saves a targeted lm_head's base weight, older adapters may not have it: optional on load
+        check_tensors(expected, tensors, path, optional=(".base_layer.weight",))
+        copy_into(expected, tensors)
+        for name, layer in lora_layers(model).items():  # a finite file can still overflow: alpha 1e308, huge A, B
+            if not torch.isfinite(layer.delta_weight()).all():
+                raise ValueError(f"{path}: the update of {name} (B A * {layer.scaling:g}) is not finite")
+        return model
+
+    def set_enabled(self, model: nn.Module, enabled: bool) -> None:
+        if model.peft_config.modules_to_save:
+            raise ValueError("LoRA with modules_to_save cannot be switched off: minillm trains those modules in "
+                             "place and keeps no original copy")
+        for layer in lora_layers(model).values():
+            if layer.merged:
+                raise ValueError("a merged LoRA cannot be switched off: unmerge_lora first")
+            layer.disabled = not enabled
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        return merge_and_unload(model)
+
+
+METHOD = LoRA()

@@ -25,16 +25,18 @@ there is one (peft keeps no MLP in the file; a loaded adapter is the plain table
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from minillm.generation import KVCache, generate
+from minillm.peft.base import check_tensors, config_of, copy_into, expect_key, freeze, is_positive_int
 
 
 @dataclass
 class PrefixTuningConfig:
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
     num_virtual_tokens: int = 8
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None  # the projection's hidden width; None: the kv width K*D (peft)
@@ -42,7 +44,7 @@ class PrefixTuningConfig:
     def __post_init__(self) -> None:
         for name in ("num_virtual_tokens", "encoder_hidden_size"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            if v is not None and not is_positive_int(v):
                 raise ValueError(f"PrefixTuningConfig.{name} must be a positive int, got {v!r}")
         if not isinstance(self.prefix_projection, bool):
             raise ValueError(f"PrefixTuningConfig.prefix_projection must be true or false, "
@@ -72,8 +74,8 @@ class PrefixTuningLM(nn.Module):
         """inference_mode: the prefix is a plain table even with prefix_projection (what peft loads)."""
         super().__init__()
         self.base_model, self.peft_config = model, config
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self.disabled = False  # switched off (PrefixTuning.set_enabled): the base model alone, as peft's disable_adapter
+        freeze(model)
         cfg = model.config
         self.n_layers, self.n_kv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         P, width = config.num_virtual_tokens, cfg.num_key_value_heads * cfg.head_dim
@@ -111,6 +113,9 @@ class PrefixTuningLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, **kwargs: Any):
+        if self.disabled:
+            return self.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                                   cache=cache, **kwargs)
         B, P = input_ids.shape[0], self.peft_config.num_virtual_tokens
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], dim=1)
@@ -145,3 +150,59 @@ class PrefixTuningLM(nn.Module):
 
     def gradient_checkpointing_disable(self) -> None:
         self.base_model.gradient_checkpointing_disable()
+
+
+class PrefixTuning:
+    """Prefix tuning behind the one interface of minillm/peft/base.py: a wrapper around the model."""
+
+    peft_type, name, config_class = "PREFIX_TUNING", "prefix", PrefixTuningConfig
+    title, can_merge = "prefix-tuning adapter", False
+
+    def apply(self, model: nn.Module, config: PrefixTuningConfig) -> nn.Module:
+        return PrefixTuningLM(model, config)
+
+    def state_dict(self, model: PrefixTuningLM) -> dict[str, torch.Tensor]:
+        return model.adapter_state_dict()
+
+    def config_dict(self, model: PrefixTuningLM) -> dict[str, Any]:
+        cfg, pc = model.config, model.peft_config
+        width = cfg.num_key_value_heads * cfg.head_dim  # peft's token_dim for GQA models: the kv width
+        return {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "revision": None, "inference_mode": True,
+                "auto_mapping": None, "modules_to_save": None, "num_virtual_tokens": pc.num_virtual_tokens,
+                "num_layers": cfg.num_hidden_layers, "num_transformer_submodules": 1, "token_dim": width,
+                "num_attention_heads": cfg.num_key_value_heads, "encoder_hidden_size": pc.encoder_hidden_size or width,
+                "prefix_projection": pc.prefix_projection, "init_weights": None}
+
+    def config_from_dict(self, d: dict[str, Any], model: nn.Module) -> PrefixTuningConfig:
+        cfg = model.config
+        if not is_positive_int(d.get("num_virtual_tokens")):
+            raise ValueError(f"key 'num_virtual_tokens' must be a positive integer, got {d.get('num_virtual_tokens')!r}")
+        expect_key(d, "num_transformer_submodules", 1)
+        expect_key(d, "num_layers", cfg.num_hidden_layers)
+        expect_key(d, "token_dim", cfg.num_key_value_heads * cfg.head_dim)
+        expect_key(d, "num_attention_heads", cfg.num_key_value_heads)
+        projection = d.get("prefix_projection", False)
+        if not isinstance(projection, bool):
+            raise ValueError(f"key 'prefix_projection' must be true or false, got {projection!r}")
+        return PrefixTuningConfig(num_virtual_tokens=d["num_virtual_tokens"], prefix_projection=projection,
+                                  encoder_hidden_size=d.get("encoder_hidden_size"))
+
+    def load(self, model: nn.Module, config: PrefixTuningConfig, tensors: dict[str, torch.Tensor],
+             path: str) -> nn.Module:
+        """A saved prefix is the table after any projection (peft's rule): it loads as a plain table."""
+        cfg = model.config
+        width = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
+        check_tensors({"prompt_embeddings": (config.num_virtual_tokens, width)}, tensors, path)
+        wrapped = model if config_of(model) is not None else PrefixTuningLM(model, config, inference_mode=True)
+        copy_into({"prompt_embeddings": wrapped.embedding.weight}, tensors)
+        return wrapped
+
+    def set_enabled(self, model: PrefixTuningLM, enabled: bool) -> None:
+        model.disabled = not enabled
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        raise ValueError("prefix tuning has no merge: its prefix is extra keys and values every layer attends to, "
+                         "not a change of weights; load the adapter with the model instead")
+
+
+METHOD = PrefixTuning()

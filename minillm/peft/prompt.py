@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from minillm.generation import KVCache, generate
+from minillm.peft.base import check_tensors, config_of, copy_into, expect_key, freeze, is_positive_int
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
 
 @dataclass
 class PromptTuningConfig:
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
     num_virtual_tokens: int = 8
     prompt_tuning_init: str = "RANDOM"  # peft's PromptTuningInit values
     prompt_tuning_init_text: str | None = None  # what the ids came from (saved in adapter_config.json)
@@ -40,8 +42,7 @@ class PromptTuningConfig:
     tokenizer_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
-                or self.num_virtual_tokens <= 0:
+        if not is_positive_int(self.num_virtual_tokens):
             raise ValueError(f"PromptTuningConfig.num_virtual_tokens must be a positive int, "
                              f"got {self.num_virtual_tokens!r}")
         if self.prompt_tuning_init not in INITS:
@@ -68,8 +69,8 @@ class PromptTuningLM(nn.Module):
     def __init__(self, model: nn.Module, config: PromptTuningConfig) -> None:
         super().__init__()
         self.base_model, self.peft_config = model, config
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self.disabled = False  # switched off (PromptTuning.set_enabled): the base model alone, as peft's disable_adapter
+        freeze(model)
         emb = model.model.embed_tokens
         emb = getattr(emb, "base_layer", emb)  # a LoRA'd embedding: its frozen table
         P, C = config.num_virtual_tokens, model.config.hidden_size
@@ -96,6 +97,9 @@ class PromptTuningLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None, **kwargs: Any):
+        if self.disabled:
+            return self.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                                   cache=cache, **kwargs)
         B, P = input_ids.shape[0], self.peft_config.num_virtual_tokens
         del position_ids  # as peft: not supported with virtual tokens, positions come from the cache length
         if attention_mask is not None:  # the virtual tokens are always attended
@@ -123,3 +127,54 @@ class PromptTuningLM(nn.Module):
 
     def gradient_checkpointing_disable(self) -> None:
         self.base_model.gradient_checkpointing_disable()
+
+
+class PromptTuning:
+    """Prompt tuning behind the one interface of minillm/peft/base.py: a wrapper around the model."""
+
+    peft_type, name, config_class = "PROMPT_TUNING", "prompt", PromptTuningConfig
+    title, can_merge = "prompt-tuning adapter", False
+
+    def apply(self, model: nn.Module, config: PromptTuningConfig) -> nn.Module:
+        return PromptTuningLM(model, config)
+
+    def state_dict(self, model: PromptTuningLM) -> dict[str, torch.Tensor]:
+        return model.adapter_state_dict()
+
+    def config_dict(self, model: PromptTuningLM) -> dict[str, Any]:
+        cfg, pc = model.config, model.peft_config
+        return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "revision": None, "inference_mode": True,
+                "auto_mapping": None, "modules_to_save": None, "num_virtual_tokens": pc.num_virtual_tokens,
+                "num_layers": cfg.num_hidden_layers, "num_transformer_submodules": 1, "token_dim": cfg.hidden_size,
+                "num_attention_heads": cfg.num_attention_heads, "prompt_tuning_init": pc.prompt_tuning_init,
+                "prompt_tuning_init_text": pc.prompt_tuning_init_text,
+                "tokenizer_name_or_path": pc.tokenizer_name_or_path, "tokenizer_kwargs": None}
+
+    def config_from_dict(self, d: dict[str, Any], model: nn.Module) -> PromptTuningConfig:
+        cfg = model.config
+        if not is_positive_int(d.get("num_virtual_tokens")):
+            raise ValueError(f"key 'num_virtual_tokens' must be a positive integer, got {d.get('num_virtual_tokens')!r}")
+        expect_key(d, "num_transformer_submodules", 1)
+        expect_key(d, "num_layers", cfg.num_hidden_layers)
+        expect_key(d, "token_dim", cfg.hidden_size)
+        # the table is loaded as saved: the init it came from does not matter any more
+        return PromptTuningConfig(num_virtual_tokens=d["num_virtual_tokens"],
+                                  prompt_tuning_init_text=d.get("prompt_tuning_init_text"),
+                                  tokenizer_name_or_path=d.get("tokenizer_name_or_path"))
+
+    def load(self, model: nn.Module, config: PromptTuningConfig, tensors: dict[str, torch.Tensor],
+             path: str) -> nn.Module:
+        check_tensors({"prompt_embeddings": (config.num_virtual_tokens, model.config.hidden_size)}, tensors, path)
+        wrapped = model if config_of(model) is not None else PromptTuningLM(model, config)
+        copy_into({"prompt_embeddings": wrapped.prompt_encoder.weight}, tensors)
+        return wrapped
+
+    def set_enabled(self, model: PromptTuningLM, enabled: bool) -> None:
+        model.disabled = not enabled
+
+    def merge_and_unload(self, model: nn.Module) -> nn.Module:
+        raise ValueError("prompt tuning has no merge: its virtual tokens are extra inputs, not a change of weights; "
+                         "load the adapter with the model instead")
+
+
+METHOD = PromptTuning()
