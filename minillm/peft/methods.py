@@ -3,6 +3,7 @@
     LORA                     LoRA, rsLoRA, DoRA; LoRA on embeddings        minillm/peft/lora.py
     PROMPT_TUNING            P trainable input vectors                     minillm/peft/prompt.py
     PREFIX_TUNING            P trainable keys/values per layer             minillm/peft/prefix.py
+    IA3                      learned vectors scaling k, v, the MLP input   minillm/peft/ia3.py
     MINILLM_HOULSBY_ADAPTER  bottleneck adapters (minillm's own format)    minillm/peft/houlsby.py
 
 Each is one object implementing `PeftMethod` (minillm/peft/base.py). A model with a method applied carries its
@@ -26,11 +27,11 @@ from torch import nn
 from minillm.infra.checkpoint import read_safetensors_file
 from minillm.infra.files import checked_file, read_json_object, staged_dir
 from minillm.model import trainable_summary
-from minillm.peft import houlsby, lora, prefix, prompt
+from minillm.peft import houlsby, ia3, lora, prefix, prompt
 from minillm.peft.base import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_PREFIX, PeftMethod, config_of
 
 METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (
-    lora.METHOD, prompt.METHOD, prefix.METHOD, houlsby.METHOD)}
+    lora.METHOD, prompt.METHOD, prefix.METHOD, ia3.METHOD, houlsby.METHOD)}
 BY_NAME: dict[str, PeftMethod] = {m.name: m for m in METHODS.values()}  # finetune.py's --peft values
 
 
