@@ -22,8 +22,8 @@ import torch
 
 from minillm.infra import corpus
 from minillm.chunk import Chunker
-from minillm.infra.store import (INDEX, TOKENS, StoreDataset, StreamingBlocks, _exclusive, build_store, is_complete,
-                           open_store, split_sizes, store_splits, token_dtype, wait_for_store)
+from minillm.infra.store import (INDEX, STORE_VERSION, TOKENS, StoreDataset, StreamingBlocks, _exclusive, build_store,
+                                 is_complete, open_store, split_sizes, store_splits, token_dtype, wait_for_store)
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 64
@@ -161,11 +161,15 @@ def test_killed_build_never_looks_complete_and_resumes(tmp_path, store, files, t
 
 
 def test_waiting_rank_maps_the_builders_store(tmp_path, store, files, tok):
-    """A non-building rank waits for the completeness marker, then reads the same blocks."""
+    """A non-building rank waits for the completeness marker of a store that agrees with its own arguments
+    (files, tokenizer, block_size, EOS: issue 19), then reads the same blocks."""
     path = tmp_path / "w.store"
     waiter = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from transformers import AutoTokenizer
+        from minillm.infra.corpus import TOKENIZER_DIR
         from minillm.infra.store import open_store
-        ds = open_store({str(path)!r}, [], None, 64, None, build=False, timeout_s=120, )
+        tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        ds = open_store({str(path)!r}, {files!r}, tok, {BLOCK}, tok.eos_token_id, build=False, timeout_s=120)
         print(len(ds), ds.block(len(ds) - 1).tolist())
     """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     time.sleep(0.5)
@@ -181,8 +185,10 @@ def test_reading_rss_stays_flat(tmp_path):
     path.mkdir()
     n = 16 * 2**20  # uint16 tokens: 32 MB
     np.arange(n, dtype=np.uint16).tofile(path / TOKENS)
-    (path / INDEX).write_text(json.dumps({"version": 1, "dtype": "<u2", "n_tokens": n, "block_size": 1024,
-                                          "n_blocks": n // 1024, "complete": True}))
+    (path / INDEX).write_text(json.dumps({  # every key the reader checks (issue 19)
+        "version": STORE_VERSION, "dtype": "<u2", "n_tokens": n, "block_size": 1024, "n_blocks": n // 1024,
+        "complete": True, "tokenizer": "-", "eos_token_id": None, "specials_as_text": False, "max_token_id": 65535,
+        "documents": 0, "max_id": 65535, "sources": [{"path": "-", "size": 0, "mtime_ns": 0, "n_tokens": n}]}))
     code = textwrap.dedent(f"""
         import numpy as np
         from minillm.infra.store import StoreDataset

@@ -15,6 +15,15 @@ EOS; an empty reply: the template renders it), NUL and control characters, speci
 SFT masker keeps those as text, see minillm.sft), huge documents (`encode_texts` tokenizes them in
 bounded memory).
 
+What one line may cost is bounded, so that no line can exhaust the program (issue 19): a line longer than
+`MAX_LINE_BYTES` (64 MiB) is never read into memory (it is read in pieces of 64 KiB and passed over), and a
+line whose JSON nests deeper than `MAX_DEPTH` (64) levels is malformed (a line of 100,000 `[` exhausts the
+recursion of Python's JSON parser: that RecursionError is caught and reported the same way). Both are
+malformed lines like any other: `file:line: reason`, or counted by `skip_malformed`. (A line within the
+limit still costs more once parsed: about its size again as text, up to ~20x for a line of empty lists.)
+Every reader of jsonl data goes through `read_lines` and `parse_record` (the token store's builder
+included), so both training scripts get the same limits.
+
 Bundled samples (original content, see minillm/data/sample_data.py): `SAMPLE_PRETRAIN`, `SAMPLE_SFT`,
 and the tokenizer folder `TOKENIZER_DIR` (load it with `AutoTokenizer.from_pretrained(TOKENIZER_DIR)`).
 This module is named `corpus` because `minillm/data/` is the folder holding those files.
@@ -38,6 +47,11 @@ from minillm.sft import conversation_problem, split_special_tokens, unicode_prob
 
 
 T = TypeVar("T")
+
+# The most one jsonl line may cost. Module constants: a corpus that needs more can raise them before reading.
+MAX_LINE_BYTES = 64 << 20  # bytes in one line, its newline excluded (a seq-monkey line is a few KB)
+MAX_DEPTH = 64  # nesting of [ and { in one line's JSON (an SFT record needs 3)
+_SKIP_PIECE = 1 << 16  # bytes read at a time while passing over a line that is too long
 
 
 @dataclass
@@ -64,14 +78,65 @@ def _bad(path: os.PathLike | str, lineno: int, reason: str, skip: bool, stats: J
         stats.first_skipped.append(where)
 
 
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
+
+
+def read_lines(f: Any, lineno: int = 0) -> Iterator[tuple[int, int, bytes | None]]:
+    """(line number, bytes consumed, the line or None) for each line of the binary file `f` from where it is.
+
+    A line longer than MAX_LINE_BYTES is None: it is consumed in pieces of _SKIP_PIECE bytes and never held
+    whole (a 2 GB line read as one `bytes` peaked at 4.7 GB RSS once parsed). `lineno`: the number of the
+    line before the first one read (a resumed read starts in the middle of a file).
+    """
+    limit = MAX_LINE_BYTES  # read at call time: a test or a caller may have changed the module constant
+    while line := f.readline(limit + 1):  # at most the limit and its newline
+        lineno += 1
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield lineno, len(line), line
+            continue
+        n = len(line)
+        del line  # the piece read so far is not kept while the rest is passed over
+        while piece := f.readline(_SKIP_PIECE):
+            n += len(piece)
+            if piece.endswith(b"\n"):
+                break
+        yield lineno, n, None
+
+
+def too_long() -> str:
+    """The reason given for a line `read_lines` passed over."""
+    return f"line longer than {_mib(MAX_LINE_BYTES)} (minillm.infra.corpus.MAX_LINE_BYTES): not read"
+
+
+def _nested_too_deep(obj: Any) -> bool:
+    """Whether a parsed JSON value nests lists/objects more than MAX_DEPTH levels (a walk with its own stack:
+    no recursion to exhaust)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                return True
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
 def parse_record(line: bytes, key: str | None = None, check: Callable[[Any], str | None] | None = None
                  ) -> tuple[Any, str | None]:
     """One non-blank jsonl line: (its JSON object, or its `key` field; None) or (None, why it is malformed).
-    `check(value)` may return a reason why a value is malformed."""
+    `check(value)` may return a reason why a value is malformed. Also every other JSON file minillm reads
+    itself (the token store's index and markers): one parser, one depth limit."""
+    too_deep = f"JSON nested more than {MAX_DEPTH} levels deep (minillm.infra.corpus.MAX_DEPTH)"
     try:
         obj = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return None, f"malformed JSON ({e})"
+    except RecursionError:  # json's C parser recurses once per level and stops at Python's recursion limit
+        return None, too_deep
+    # The walk only when the line could nest that deep: an ordinary record has a handful of brackets.
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and _nested_too_deep(obj):
+        return None, too_deep
     if key is not None:
         if not isinstance(obj, dict) or key not in obj:
             found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
@@ -96,14 +161,14 @@ def iter_jsonl(
     stats = stats if stats is not None else JsonlStats()
     count = 0
     with open(path, "rb") as f:  # binary + json.loads(bytes): no separate decode step
-        for lineno, line in enumerate(f, 1):
+        for lineno, _, line in read_lines(f):
             if limit is not None and count >= limit:
                 return
-            if not line.strip():
+            if line is not None and not line.strip():
                 stats.blank += 1
                 continue
             stats.lines += 1
-            obj, reason = parse_record(line, key, check)
+            obj, reason = parse_record(line, key, check) if line is not None else (None, too_long())
             if reason is not None:
                 _bad(path, lineno, reason, skip_malformed, stats)
                 continue
