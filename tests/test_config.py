@@ -24,9 +24,9 @@ def _write(tmp_path, content) -> str:
 
 # (what the file holds, a fragment the error must contain: the key, or what is wrong)
 BAD = [
-    ("[1, 2]", "must hold a JSON object, not list"),
-    ('"llama"', "must hold a JSON object, not str"),
-    ("{nope", "invalid JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('"llama"', "expected a JSON object, got str"),
+    ("{nope", "not valid JSON"),
     ({"vocab_size": 100}, "model_type None"),
     ({**BASE, "model_type": "gpt2"}, "model_type 'gpt2'"),
     ({k: v for k, v in BASE.items() if k != "hidden_size"}, "'hidden_size' is missing"),

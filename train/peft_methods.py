@@ -22,9 +22,11 @@ What this file adds to the training scripts, and why:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import peft
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -33,16 +35,17 @@ from minillm.infra.checkpoint import copy_matching, read_safetensors_file
 from minillm.model import trainable_summary
 from minillm.peft import BY_NAME, apply, method_of
 
-METHODS = ("none", "lora", "prefix", "prompt", "adapter")
+METHODS = ("none", "lora", "prefix", "prompt", "ia3", "adapter")
 TRAINABLE_FILE = "trainable.safetensors"  # checkpoints of minillm's prefix/prompt/adapter runs (resume)
 
 
 @dataclass
 class PeftArguments:
-    peft: Literal["none", "lora", "prefix", "prompt", "adapter"] = field(
+    peft: Literal["none", "lora", "prefix", "prompt", "ia3", "adapter"] = field(
         default="none", metadata={"help": "efficient fine-tuning (the chapter's §3.3): lora; prefix (prefix tuning); "
-                                          "prompt (prompt tuning); adapter (Houlsby adapters, --impl minillm only: "
-                                          "peft has none); none: train all weights"})
+                                          "prompt (prompt tuning); ia3 ((IA)^3: learned vectors scaling keys, values "
+                                          "and the MLP's down-projection input); adapter (Houlsby adapters, --impl "
+                                          "minillm only: peft has none); none: train all weights"})
     use_lora: bool = field(default=False, metadata={"help": "the course's flag: the same as --peft lora"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
@@ -59,6 +62,12 @@ class PeftArguments:
     prompt_tuning_init_text: str | None = field(
         default=None, metadata={"help": "prompt: start the virtual tokens from this text's token embeddings "
                                         "(peft's PromptTuningInit.TEXT); default random"})
+    ia3_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "ia3: the modules that get a vector (default peft's: k_proj v_proj down_proj "
+                                        "for llama, q_proj v_proj down_proj for qwen2/qwen3)"})
+    ia3_feedforward_modules: list[str] | None = field(
+        default=None, metadata={"help": "ia3: which of the targets scale their input rather than their output "
+                                        "(default down_proj)"})
     adapter_bottleneck: int = field(default=16, metadata={"help": "adapter: bottleneck width m (< hidden_size)"})
     adapter_non_linearity: Literal["gelu", "relu", "silu", "tanh"] = field(
         default="gelu", metadata={"help": "adapter: the non-linearity between the down- and up-projection"})
@@ -75,8 +84,48 @@ class PeftArguments:
 _FLAG_METHODS = {"lora_r": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",),
                  "lora_target_modules": ("lora",), "num_virtual_tokens": ("prefix", "prompt"),
                  "prefix_projection": ("prefix",), "encoder_hidden_size": ("prefix",),
-                 "prompt_tuning_init_text": ("prompt",), "adapter_bottleneck": ("adapter",),
+                 "prompt_tuning_init_text": ("prompt",), "ia3_target_modules": ("ia3",),
+                 "ia3_feedforward_modules": ("ia3",), "adapter_bottleneck": ("adapter",),
                  "adapter_non_linearity": ("adapter",)}
+
+
+def settings(peft_args: PeftArguments, tokenizer_path: str) -> dict[str, Any]:
+    """The method's settings under peft's keyword names: one set for both sides (minillm's configs take them)."""
+    text, targets = peft_args.prompt_tuning_init_text, peft_args.lora_target_modules
+    return {
+        "lora": dict(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
+                     target_modules="all-linear" if targets == ["all-linear"] else targets),
+        "prompt": dict(num_virtual_tokens=peft_args.num_virtual_tokens, prompt_tuning_init="TEXT" if text else "RANDOM",
+                       prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer_path if text else None),
+        "prefix": dict(num_virtual_tokens=peft_args.num_virtual_tokens, prefix_projection=peft_args.prefix_projection,
+                       encoder_hidden_size=peft_args.encoder_hidden_size),
+        "ia3": dict(target_modules=peft_args.ia3_target_modules, feedforward_modules=peft_args.ia3_feedforward_modules),
+        "adapter": dict(bottleneck=peft_args.adapter_bottleneck, non_linearity=peft_args.adapter_non_linearity),
+    }[peft_args.peft]
+
+
+def _text_ids(peft_args: PeftArguments, encode) -> dict[str, Any]:
+    """minillm's prompt-tuning TEXT init takes the token ids of the text (peft tokenizes it itself)."""
+    text = peft_args.prompt_tuning_init_text
+    return {"init_token_ids": encode(text)} if peft_args.peft == "prompt" and text else {}
+
+
+# a config field -> the flag that sets it, so that a config's ValueError becomes the flag's one-line error
+_FLAG_OF = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+            "num_virtual_tokens": "num_virtual_tokens", "encoder_hidden_size": "encoder_hidden_size",
+            "bottleneck": "adapter_bottleneck", "non_linearity": "adapter_non_linearity",
+            "feedforward_modules": "ia3_feedforward_modules"}
+
+
+def _flag_sentence(peft_args: PeftArguments, error: str) -> str:
+    """"LoraConfig.r must be a positive int, got 0" -> "--lora_r 0: must be a positive int, got 0"."""
+    m = re.match(r"\w+Config\.(\w+) (.*)", error)
+    if not m:
+        return f"--peft {peft_args.peft}: {error}"
+    field_name, reason = m.groups()
+    flag = _FLAG_OF.get(field_name) or f"{'lora' if peft_args.peft == 'lora' else peft_args.peft}_{field_name}"
+    value = getattr(peft_args, flag, None)
+    return f"--{flag} {value}: {reason}" if value is not None else f"--{flag}: {reason}"
 
 
 def check_peft_args(peft_args: PeftArguments, impl: str, packing: bool, training_args) -> str | None:
@@ -87,21 +136,19 @@ def check_peft_args(peft_args: PeftArguments, impl: str, packing: bool, training
     for flag, owners in _FLAG_METHODS.items():
         if method not in owners and getattr(peft_args, flag) != getattr(defaults, flag):
             return f"--{flag} is for --peft {'/'.join(owners)}, not --peft {method}"
+    if method != "none":  # each value is validated once, by the method's config; here it becomes a flag's sentence
+        try:
+            BY_NAME[method].config_class(**settings(peft_args, "tokenizer"), **_text_ids(peft_args, lambda _: [0]))
+        except ValueError as e:
+            return _flag_sentence(peft_args, str(e))
     if method in ("prefix", "prompt"):
-        if peft_args.num_virtual_tokens < 1:
-            return f"--num_virtual_tokens {peft_args.num_virtual_tokens}: must be >= 1"
         if packing:
             return (f"--packing cannot be used with --peft {method}: peft drops position_ids under prompt tuning and "
                     "transformers does not look for packed documents behind a prefix cache, so conversations would "
                     "attend to each other")
-    if method == "prefix" and peft_args.encoder_hidden_size is not None and peft_args.encoder_hidden_size < 1:
-        return f"--encoder_hidden_size {peft_args.encoder_hidden_size}: must be >= 1"
-    if method == "adapter":
-        if impl == "hf":
-            return ("--peft adapter: peft has no Houlsby adapters (minillm/peft/houlsby.py is minillm's own method, "
-                    "checked against the paper's equations in parity/peft_methods.py); use --impl minillm")
-        if peft_args.adapter_bottleneck < 1:
-            return f"--adapter_bottleneck {peft_args.adapter_bottleneck}: must be >= 1"
+    if method == "adapter" and impl == "hf":
+        return ("--peft adapter: peft has no Houlsby adapters (minillm/peft/houlsby.py is minillm's own method, "
+                "checked against the paper's equations in parity/peft_methods.py); use --impl minillm")
     if method == "prefix" and training_args.activation_checkpointing:  # (--gradient_checkpointing is its alias)
         if impl == "hf":  # transformers 5.x GradientCheckpointingLayer sets cache=None: the prefix is gone
             return ("--peft prefix --gradient_checkpointing does not work with --impl hf: transformers' checkpointed "
@@ -142,28 +189,14 @@ def add_peft(model: nn.Module, impl: str, peft_args: PeftArguments, seed: int, t
     if method == "none":
         return model
     torch.manual_seed(seed)  # both sides draw the new weights in the same order from here
-    text, targets = peft_args.prompt_tuning_init_text, peft_args.lora_target_modules
-    # one set of settings per method for both sides: minillm's configs take peft's keyword names
-    settings = {
-        "lora": dict(r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
-                     target_modules="all-linear" if targets == ["all-linear"] else targets),
-        "prompt": dict(num_virtual_tokens=peft_args.num_virtual_tokens, prompt_tuning_init="TEXT" if text else "RANDOM",
-                       prompt_tuning_init_text=text, tokenizer_name_or_path=tokenizer_path if text else None),
-        "prefix": dict(num_virtual_tokens=peft_args.num_virtual_tokens, prefix_projection=peft_args.prefix_projection,
-                       encoder_hidden_size=peft_args.encoder_hidden_size),
-        "adapter": dict(bottleneck=peft_args.adapter_bottleneck, non_linearity=peft_args.adapter_non_linearity),
-    }[method]
+    kwargs = settings(peft_args, tokenizer_path)
     if impl == "hf":
-        import peft
-
         config_class = {"lora": peft.LoraConfig, "prompt": peft.PromptTuningConfig,
-                        "prefix": peft.PrefixTuningConfig}[method]
-        model = peft.get_peft_model(model, config_class(task_type="CAUSAL_LM", **settings))
+                        "prefix": peft.PrefixTuningConfig, "ia3": peft.IA3Config}[method]
+        model = peft.get_peft_model(model, config_class(task_type="CAUSAL_LM", **kwargs))
         model.print_trainable_parameters()
         return model
-    if text:  # prompt tuning's TEXT init: the ids of what peft's TEXT init tokenizes
-        settings["init_token_ids"] = tokenizer(text)["input_ids"]
-    model = apply(model, BY_NAME[method].config_class(**settings))
+    model = apply(model, BY_NAME[method].config_class(**kwargs, **_text_ids(peft_args, lambda t: tokenizer(t)["input_ids"])))
     print(trainable_summary(model), flush=True)
     return model
 
