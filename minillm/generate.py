@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from minillm.generation import TextStream, check_generation_args, generate
 from minillm.model import CausalLM
-from minillm.peft import METHODS, load_adapter, merge_and_unload, method_of
+from minillm.peft import METHODS, load_adapter, merge_and_unload, method_in, method_of
 from minillm.sft import chatml_prompt_ids
 
 ADAPTER_KINDS = {peft_type: method.title for peft_type, method in METHODS.items()}  # "LoRA adapter", ...
@@ -114,8 +114,17 @@ def continue_text(model, tok, text: str, max_new_tokens: int, on_text=None, **sa
     return stream.text
 
 
+# Control characters from the model are shown, never obeyed: an ESC ] ... BEL in a reply would otherwise set the
+# terminal's title (or worse). Newlines and tabs pass; every other C0/C1 control and DEL is printed as \xNN.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def visible(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
 def _printer(text: str) -> None:
-    print(text, end="", flush=True)
+    print(visible(text), end="", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = _load(args.model, args.adapter)
     except (OSError, ValueError) as e:  # the loaders' errors name the file and what is wrong with it
         raise fail(str(e)) from None
+    if args.adapter:  # say what is answering: a wrong directory would otherwise only show as odd replies
+        kind = ADAPTER_KINDS[method_in(args.adapter).peft_type]
+        how = "merged into the weights" if method_of(model) is None else "applied"
+        print(f"loaded {args.model} with the {kind} {args.adapter} ({how})", file=sys.stderr, flush=True)
     sampling = dict(do_sample=sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     generator=torch.Generator().manual_seed(args.seed))
     system = [{"role": "system", "content": args.system}]
@@ -201,18 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte must not end the session (see _read_line)
     history = list(system)
-    print("Chat with the model (empty line or Ctrl-D to quit, /reset to forget the conversation).")
+    print("Chat with the model (empty line or Ctrl-D to quit, /reset to forget the conversation, Ctrl-C to stop a "
+          "reply).")
     while True:
         try:
             text = _read_line("user: ")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave, without a traceback
+            print()
+            break
         if text is None or not text.strip():
             break
         text = text.strip()
         if text == "/reset":
             history = list(system)
+            print("(conversation forgotten: the next message starts a new chat)", flush=True)
             continue
         print("assistant: ", end="", flush=True)
         try:
@@ -220,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                              _printer, **sampling)
         except ValueError as e:  # keep the session: say what went wrong and wait for the next line
             print(f"\nerror: {e}", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C during a reply: stop it, forget the half reply, back to the prompt
+            print("\n(reply stopped)", flush=True)
             continue
         print()
         history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
@@ -236,4 +257,8 @@ def _warned(fn, *args, **kwargs):
     return result
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C during a --prompt reply: stop quietly, with the shell's exit code for it
+        print(file=sys.stderr)
+        sys.exit(130)
