@@ -13,9 +13,10 @@ export TOKENIZERS_PARALLELISM = false
 
 help:
 	@echo "make parity    - check minillm against transformers/peft, print the table"
-	@echo "make test      - install (if needed) and run the test suite"
+	@echo "make test      - install (if needed), check the import contracts, run the test suite (~10 min)"
+	@echo "make test-fast - the quick subset for the edit-test loop (no multi-process training runs)"
 	@echo "make install   - create $(VENV) and install everything"
-	@echo "make demo      - the course end to end on the bundled data (pretrain both impls, LoRA SFT, chat)"
+	@echo "make demo      - the course end to end on the bundled data (pretrain both impls, full SFT, chat)"
 	@echo "make compare   - --impl minillm vs --impl hf under ZeRO-2: per-step loss table and plot"
 	@echo "make bench     - minillm vs transformers/peft/datasets/the course, side by side: table + bench.json"
 	@echo "make gpu-check - bf16 parity rows, fused loss at vocab 151,936 and a bf16 train-step benchmark on CUDA"
@@ -41,8 +42,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[train,dev]"
 	@touch $(STAMP)
 
+# The import contracts first (pyproject.toml: minillm's layers, minillm never imports its references), then the
+# tests: about 10 minutes on 2 idle cores, 20 under load. `make test-fast` is the edit-test loop (a few minutes).
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
+	@echo "running the whole suite: about 10 minutes on 2 idle cores (make test-fast: the quick subset)"
 	$(PY) -m pytest -q
+
+# Everything but the multi-process training runs, the trained-model parity and the mutation checks.
+FAST_SKIP := --ignore-glob='tests/test_train*.py' --ignore=tests/test_trained_parity.py --ignore=tests/test_mutants.py \
+	--ignore=tests/test_compare.py --ignore=tests/test_bench.py --ignore=tests/test_readme.py
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q $(FAST_SKIP)
 
 parity: $(STAMP)
 	$(PY) -m parity
