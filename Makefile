@@ -60,7 +60,7 @@ test-fast: $(STAMP)
 parity: $(STAMP)
 	$(PY) -m parity
 
-# The course end to end on the bundled data (pretrain both impls under ZeRO-2 on 2 ranks, LoRA SFT, chat).
+# The course end to end on the bundled data (pretrain both impls under ZeRO-2 on 2 ranks, full SFT, chat).
 .PHONY: demo compare
 demo: $(STAMP)
 	$(PY) train/demo.py --out out/demo
