@@ -159,21 +159,31 @@ def fused_loss_dtype(case: dict, dtype: torch.dtype, device: str | torch.device 
 # ---------------------------------------------------------------------------------------------
 # Whole models in bf16/fp16 (the exact path and the fused training path)
 # ---------------------------------------------------------------------------------------------
-def _forward_backward(model, ids, mask, pos, labels, keep, autocast: torch.dtype | None = None):
+def _forward_backward(model, ids, mask, pos, labels, keep, autocast: torch.dtype | None = None,
+                      loss_scale: float | None = None):
+    """loss_scale: backward through a real fp16 loss scaler (torch.amp.GradScaler at that initial scale: scale,
+    backward, unscale_), as the Trainer's --fp16 does; the gradients read are the unscaled ones."""
     with torch.autocast(ids.device.type, dtype=autocast, enabled=autocast is not None):
         out = model(ids, attention_mask=mask, position_ids=pos, labels=labels)
-    out.loss.backward()
+    if loss_scale is None:
+        out.loss.backward()
+    else:
+        scaler = torch.amp.GradScaler(ids.device.type, init_scale=loss_scale)
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0))
     logits = None if out.logits is None else out.logits.detach().float()[keep]
     grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
     return logits, out.loss.detach().float(), grads
 
 
 def model_dtype(case: dict, dtype: torch.dtype, fused: bool, device: str | torch.device = "cpu",
-                autocast: bool = False) -> dict[str, float]:
+                autocast: bool = False, loss_scale: float | None = None) -> dict[str, float]:
     """minillm's model in `dtype` vs transformers' in `dtype` (same weights, exact in every dtype), training
     mode: "direct" = max over logits (absolute), loss (absolute) and every parameter's gradient (relative);
     "ratio" = minillm's error / transformers' error against the fp32 model, worst of logits/loss/grads.
-    autocast: both models keep fp32 weights and run under torch.autocast(dtype), as --bf16/--fp16 train."""
+    autocast: both models keep fp32 weights and run under torch.autocast(dtype), as --bf16/--fp16 train.
+    loss_scale: both low-precision models backpropagate through a GradScaler (see _forward_backward); the fp32
+    reference does not, so a gradient the scale reached on one side only shows in both rows."""
     ours32 = pm.random_model(case["cfg"], case["seed"], fused=fused)
     with torch.no_grad():
         for p in ours32.parameters():
@@ -184,7 +194,8 @@ def model_dtype(case: dict, dtype: torch.dtype, fused: bool, device: str | torch
     ids, mask, pos, labels = (None if x is None else x.to(device) for x in pm.batch(case))
     keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
     R = _forward_backward(ref, ids, mask, pos, labels, keep)
-    A, B = (_forward_backward(m, ids, mask, pos, labels, keep, dtype if autocast else None) for m in (ours, theirs))
+    A, B = (_forward_backward(m, ids, mask, pos, labels, keep, dtype if autocast else None, loss_scale)
+            for m in (ours, theirs))
     if set(A[2]) != set(B[2]):
         raise AssertionError(f"gradients on different parameters: {sorted(set(A[2]) ^ set(B[2]))}")
     direct = [(A[1] - B[1]).abs().item(), max(_rel(A[2][k], B[2][k]) for k in B[2])]
@@ -198,8 +209,8 @@ def model_dtype(case: dict, dtype: torch.dtype, fused: bool, device: str | torch
 
 
 def model_dtype_deltas(case: dict, dtype: torch.dtype, fused: bool, device: str | torch.device = "cpu",
-                       autocast: bool = False) -> list[float]:
-    m = model_dtype(case, dtype, fused, device, autocast)
+                       autocast: bool = False, loss_scale: float | None = None) -> list[float]:
+    m = model_dtype(case, dtype, fused, device, autocast, loss_scale)
     return [m["direct"], m["ratio"]]
 
 
@@ -279,6 +290,17 @@ def rows(budget: float = 1.0, device: str | torch.device = "cpu") -> Iterator[Ro
                      (f"{what}: err / transformers' err", "fp32 reference", "dtype_error_ratio")],
                     pm.cases(), lambda c, dt=dt, f=fused, a=autocast: model_dtype_deltas(c, dt, f, device, a),
                     n(2 if autocast else 4))
+
+
+    # a real fp16 loss scaler (issue 25 item 1): GradScaler's scale multiplies the incoming gradient of the loss, and
+    # the fused loss's backward must pass it on to d h and d W (loss.backward() alone has an incoming gradient of 1)
+    for fused in (False, True):
+        what = "model fp16 autocast + GradScaler(2^10)" + (", fused path" if fused else ", exact path")
+        yield from property_rows(
+            [(f"{what}: loss, grads" if fused else f"{what}: logits, loss, grads",
+              ref + " fp16, same scaler", "fp16_model_fused" if fused else "lowp_exact"),
+             (f"{what}: err / transformers' err", "fp32 reference, unscaled", "dtype_error_ratio")],
+            pm.cases(), lambda c, f=fused: model_dtype_deltas(c, torch.float16, f, device, True, 2.0**10), n(2))
 
 
 def gpu_rows(device: str = "cuda", budget: float = 1.0) -> Iterator[Row]:

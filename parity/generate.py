@@ -4,6 +4,8 @@ Rows:
 - greedy generation over drawn weights whose output distributions are peaked (the final norm scaled up,
   as training does to a model) with a left-padded batch and eos ids chosen so that rows stop at
   different steps: the same tokens, the same stop positions, the same padding after them.
+- greedy generation with several eos ids and no pad id set anywhere: transformers pads finished rows with the
+  first eos id, and so must minillm (issue 25 item 3).
 - temperature / top-k / top-p filtering: `minillm.generation.warp_logits` against the processors that
   transformers' `generate` itself builds (`_get_logits_processor`, so its composition order is what is
   compared too), on drawn logits with ties, -inf entries and peaked rows, and drawn parameters, including
@@ -88,6 +90,18 @@ def greedy_eos_delta(case: dict) -> float:
     # the case is built so that row 0 stops by stop_step: check the stop really happened (on transformers' side)
     assert bool(torch.isin(b[0, ids.shape[1]:ids.shape[1] + case["stop_step"] + 1], torch.tensor(eos)).any()), \
         "row 0 did not stop at eos: the case does not exercise eos stopping"
+    return _mismatches(a, b)
+
+
+def no_pad_delta(case: dict) -> float:
+    """Several eos ids and no pad id anywhere (argument, config, generation config): transformers pads finished
+    rows with the first eos id (`_prepare_special_tokens`); so must minillm. Row 0 stops at `stop_step`, a second
+    eos id comes from row 1, and the rows that go on make the padding of row 0 visible."""
+    ours, ref, ids, mask = _models_and_batch(case)
+    eos, _ = _rules({**case, "two_eos": True}, ours, ids, mask)
+    assert ours.config.pad_token_id is None and ref.generation_config.pad_token_id is None
+    a = ours.generate(ids, attention_mask=mask, max_new_tokens=case["new"], eos_token_id=eos)
+    b = ref.generate(ids, attention_mask=mask, max_new_tokens=case["new"], do_sample=False, eos_token_id=eos)
     return _mismatches(a, b)
 
 
@@ -199,6 +213,8 @@ def rows(budget: float = 1.0) -> Iterator[Row]:
     ref = f"transformers {transformers.__version__} generate"
     yield from _one_thread(property_rows, [("greedy, peaked weights, eos stops (mism.)", ref, "generate")],
                            model_cases(), lambda c: [greedy_eos_delta(c)], n(12))
+    yield from _one_thread(property_rows, [("greedy, several eos ids, no pad set (mism.)", ref + " (pad = eos[0])",
+                                             "generate")], model_cases(), lambda c: [no_pad_delta(c)], n(12))
     yield from _one_thread(property_rows, [("temperature/top-k/top-p filtering", ref + " logits warpers", "warpers")],
                            logits_cases(), lambda c: [warper_delta(c)], n(300))
     yield from _one_thread(property_rows, [("sampled generate, same seed (mism.)", ref + "(do_sample)", "sampling")],

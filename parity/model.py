@@ -262,6 +262,79 @@ def grad_delta(ours: CausalLM, ref: torch.nn.Module) -> float:
     return d
 
 
+# ---- the incoming gradient: d (k * loss) -------------------------------------------------------------------------
+# Training rarely backpropagates the loss itself: fp16 loss scaling multiplies it by 2^16 or so, DeepSpeed divides it
+# by the accumulation steps, losses get weighted and summed. A backward that ignores the gradient flowing into the
+# loss (the fused loss's d W, say) is invisible to loss.backward(), whose incoming gradient is exactly 1 (issue 25
+# item 1). Drawn k: powers of two (exact scalings, as loss scalers use) and others (1/3: a divided loss).
+SCALES = [2.0**16, 2.0**-3, 1 / 3, 3.0, 1e-3, 1024.0]
+
+
+def _scaled(strategy) -> st.SearchStrategy:
+    return st.tuples(strategy, st.sampled_from(SCALES)).map(lambda ck: {**ck[0], "k": ck[1]})
+
+
+def scaled_grad_delta(ours: torch.nn.Module, ref: torch.nn.Module, loss_ours: torch.Tensor, loss_ref: torch.Tensor,
+                      k: float, names=lambda n: n) -> float:
+    """max |Δ| / k between the gradients of every trainable parameter after backward of k * loss on both sides:
+    the same scale as the unscaled rows' gradients, so their tolerances apply. `names` maps the reference's
+    parameter names to ours (peft's); a gradient on one side only fails the check."""
+    (k * loss_ours).backward()
+    (k * loss_ref).backward()
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    theirs = {names(n): p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert set(mine) == set(theirs), f"other trainable parameters: {sorted(set(mine) ^ set(theirs))}"
+    d = 0.0
+    for n, g in mine.items():
+        assert (g is None) == (theirs[n] is None), f"gradient missing on one side for {n}"
+        if g is not None:
+            d = max(d, (g - theirs[n]).abs().max().item() / k)
+    return d
+
+
+def scaled_deltas(case: dict, fused: bool) -> list[float]:
+    """d (k * loss) / k, model vs transformers, on padded batches: the exact path or the fused training path."""
+    ours = random_model(case["cfg"], case["seed"], fused=fused).train()
+    ref = hf_copy(ours).train()
+    ids, mask, pos, labels = batch(case)
+    a = ours(ids, attention_mask=mask, position_ids=pos, labels=labels)
+    b = ref(ids, attention_mask=mask, position_ids=pos, labels=labels)
+    assert (a.logits is None) == fused, "the fused case did not take the fused path"
+    return [scaled_grad_delta(ours, ref, a.loss, b.loss, case["k"])]
+
+
+def scaled_packed_deltas(case: dict) -> list[float]:
+    """The same on packed rows (DataCollatorWithFlattening, no mask) on the fused training path, as packed SFT
+    trains."""
+    ours = random_model(case["cfg"], case["seed"], fused=True).train()
+    ref = hf_copy(ours).train()
+    ids, pos, labels = packed_batch(case)
+    a, b = ours(ids, position_ids=pos, labels=labels), ref(ids, position_ids=pos, labels=labels, use_cache=False)
+    return [scaled_grad_delta(ours, ref, a.loss, b.loss, case["k"])]
+
+
+def scaled_lora_deltas(case: dict) -> list[float]:
+    """The same for LoRA (minillm.peft vs peft, parity/lora.py's drawn cases) on the fused training path: the
+    lm_head is frozen there, so only d h flows back through the fused loss."""
+    from parity import lora as pl
+    ours, ref = pl.lora_pair(case["lora"], case["seed"])
+    ours.fused = True
+    ours.train(), ref.train()
+    x = pl._inputs(case["lora"], case["seed"])
+    torch.manual_seed(case["seed"])  # the same dropout masks on both sides
+    a = ours(x, labels=x)
+    torch.manual_seed(case["seed"])
+    b = ref(input_ids=x, labels=x)
+    assert a.logits is None, "the LoRA case did not take the fused path"
+    return [scaled_grad_delta(ours, ref, a.loss, b.loss, case["k"], pl.peft_to_minillm_name)]
+
+
+@st.composite
+def scaled_lora_cases(draw) -> dict:
+    from parity import lora as pl
+    return {"lora": draw(pl.cases()), "seed": draw(st.integers(0, 2**16)), "k": draw(st.sampled_from(SCALES))}
+
+
 @st.composite
 def mask_cases(draw) -> dict:
     """A 2-D padding mask or a 4-D mask (bool or additive float; per row or broadcast; per head or shared) with a
@@ -387,6 +460,14 @@ def rows(budget: float = 1.0) -> Iterator[Row]:
         [("loss fp32 (fused training path)", ref, "fused_loss"),
          ("grads of every parameter (fused path)", ref, "fused_grads")],
         cases(), lambda c: forward_backward_deltas(c, fused=True)[1:], n(15))
+    yield from property_rows([("grads of k * loss, drawn k (exact path)", ref + ", same k", "grads")],
+                             _scaled(cases()), lambda c: scaled_deltas(c, fused=False), n(6))
+    yield from property_rows([("grads of k * loss, drawn k (fused path)", ref + ", same k", "fused_grads")],
+                             _scaled(cases()), lambda c: scaled_deltas(c, fused=True), n(6))
+    yield from property_rows([("grads of k * loss, drawn k (packed, fused)", ref + " use_cache=False, same k",
+                               "fused_grads")], _scaled(packed_cases()), scaled_packed_deltas, n(4))
+    yield from property_rows([("grads of k * loss, drawn k (LoRA, fused)", "peft + " + ref + ", same k",
+                               "lora_grads")], scaled_lora_cases(), scaled_lora_deltas, n(4))
     yield from property_rows([("greedy generate, 32 tokens (mismatches)", ref + " generate", "generate")],
                              generation_cases(), lambda c: [generation_delta(c)], n(15))
     yield from property_rows(

@@ -168,19 +168,36 @@ def qwen2_style():
     return tok
 
 
+def prefix_space_style():
+    """GPT-2's byte-level BPE with add_prefix_space=True (RoBERTa, BART, GPT-2 loaded with add_prefix_space): a text
+    that does not start with a space gets one, so a piece cut from the middle of a document would get a space the
+    whole text does not have there. `splittable` must refuse it: the document is then tokenized whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["".join(PIECES) * 3, "the word 你好。 it's 42!\n"] * 5, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok
+
+
 _TOKS: dict = {}
+BUILT = {"qwen2_style": qwen2_style, "prefix_space": prefix_space_style}
+NOT_SPLITTABLE = ("metaspace_bpe", "prefix_space")  # a "▁" or a space prefix makes the start of a piece special
 
 
 def long_doc_tokenizer(name: str):
     if name not in _TOKS:
         from parity.data import tokenizer
-        _TOKS[name] = qwen2_style() if name == "qwen2_style" else tokenizer(name)
+        _TOKS[name] = BUILT[name]() if name in BUILT else tokenizer(name)
     return _TOKS[name]
 
 
 @settings(max_examples=80, deadline=None, database=None)
 @given(st.lists(st.sampled_from(PIECES), max_size=300).map("".join), st.integers(4, 64),
-       st.sampled_from(["bundled", "gpt2_bpe", "qwen2_style", "metaspace_bpe"]))
+       st.sampled_from(["bundled", "gpt2_bpe", "qwen2_style", "metaspace_bpe", "prefix_space"]))
 def test_encode_texts_equals_whole_text_ids(text, piece_chars, name):
     from minillm.infra.corpus import cut_points, encode_texts, splittable
 
@@ -191,7 +208,19 @@ def test_encode_texts_equals_whole_text_ids(text, piece_chars, name):
     assert got[0].tolist() == whole
     assert got[1].tolist() == backend.encode("short", add_special_tokens=False).ids and got[2].tolist() == []
     assert got[0].dtype == np.int32
-    assert splittable(tok) == (name != "metaspace_bpe")  # a "▁" prefix makes the start of a piece special
+    assert splittable(tok) == (name not in NOT_SPLITTABLE)
+
+
+def test_prefix_space_tokenizer_is_not_cut():
+    """A long document under ByteLevel(add_prefix_space=True): the ids of the whole text (issue 25 item 6). Cut into
+    pieces, every piece after the first would start with an added space (" word" instead of "word")."""
+    from minillm.infra.corpus import cut_points, encode_texts, splittable
+
+    tok = long_doc_tokenizer("prefix_space")
+    doc = "word. 你好。\nit's 42! the word\n" * 40
+    assert cut_points(doc, 64, tok)  # the text has safe places: only the tokenizer check keeps it whole
+    assert encode_texts(tok, [doc], piece_chars=64)[0].tolist() == tok.encode(doc, add_special_tokens=False).ids
+    assert not splittable(tok)
 
 
 def test_long_document_is_cut_into_bounded_pieces():

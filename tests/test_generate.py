@@ -197,7 +197,8 @@ def test_interactive_chat_survives_bad_input(model_dir):
 # ---- the parity rows of this area, and that they can fail ------------------------------------------------
 def test_generate_parity_rows_pass():
     rows = list(pg.rows(0.25))
-    assert [r.check for r in rows] == ["greedy, peaked weights, eos stops (mism.)", "temperature/top-k/top-p filtering",
+    assert [r.check for r in rows] == ["greedy, peaked weights, eos stops (mism.)",
+                                       "greedy, several eos ids, no pad set (mism.)", "temperature/top-k/top-p filtering",
                                        "sampled generate, same seed (mism.)"]
     assert all(r.passed and r.configs >= 3 for r in rows), [(r.check, r.note) for r in rows]
 

@@ -75,3 +75,38 @@ def test_stale_is_not_caught(tmp_path):
     r = pm.run_mutant(m, tmp_path, timeout=60)
     assert r.verdict == "STALE" and r.caught_by == "-"
     assert "STALE" in pm.format_results([r])
+
+
+def test_every_hypothesis_draw_is_the_same_however_the_tests_are_started():
+    """Issue 25 item 11: tests/conftest.py loads a derandomized profile, which explicit @settings inherit, and
+    parity's harness derandomizes every row: a check draws the same examples alone, in its file, in the whole suite
+    and under `make mutants` (which runs single node ids and parity rows), so they all catch the same bugs."""
+    import random
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from parity.harness import property_rows
+
+    assert settings.default.derandomize and settings.default.database is None
+
+    def draws() -> list:
+        seen = []
+
+        @settings(max_examples=15)  # as the tests write it: derandomize is not named, the profile supplies it
+        @given(st.integers(0, 10**9))
+        def prop(x):
+            seen.append(x)
+
+        prop()
+        return seen
+
+    def row_draws() -> list:
+        seen = []
+        property_rows([("probe", "-", "chunk")], st.integers(0, 10**9), lambda x: seen.append(x) or [0.0], 15)
+        return seen
+
+    first, first_rows = draws(), row_draws()
+    random.seed(12345)  # whatever ran before (another test, another order) advances the global random state
+    random.random()
+    assert draws() == first and row_draws() == first_rows

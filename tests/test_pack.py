@@ -264,3 +264,42 @@ def test_streaming_packer_rows_fit_and_epochs_differ():
     assert first != second  # another epoch: another shuffle
     with pytest.raises(ValueError, match="rank 2"):
         StreamingPacker(_Numbered(), max_len=64, rank=2, world=2)
+
+
+def _shard_rows(monkeypatch, n_items: int, rank: int, world: int, worker: int, workers: int, multiple: int,
+                transform=None) -> list[dict]:
+    """The rows DataLoader worker `worker` of `workers` yields on `rank` (get_worker_info faked: no processes)."""
+    info = None if workers == 1 else type("Info", (), {"num_workers": workers, "id": worker})()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: info)
+    source = [s for _, s in zip(range(n_items), _Numbered())]
+    ds = StreamingPacker(source, max_len=64, transform=transform, batch=7, buffer=9, seed=3, rank=rank, world=world,
+                         rows_multiple_of=multiple)
+    return list(ds)
+
+
+@pytest.mark.parametrize("n_items", [0, 1, 37, 120])
+@pytest.mark.parametrize("world,workers", [(1, 1), (1, 3), (2, 2), (3, 1)])
+def test_streaming_tail_pads_each_shard_to_the_multiple(monkeypatch, n_items, world, workers):
+    """rows_multiple_of (issue 25 item 7): each shard (rank x worker) ends with exactly (-real rows) mod m empty rows,
+    none mid-stream and none when it is already a multiple (an extra m would be m empty steps); every conversation
+    once. Under accelerate's dispatcher (rank 0 reads, world=1 to the packer, m = per-device batch x processes),
+    every loader batch is then full and the batch count divides by the processes: every rank the same steps."""
+    batch = 2
+    for m in (1, 2, 5, batch * 2):
+        seen = []
+        batches = 0
+        for rank in range(world):
+            for worker in range(workers):
+                rows = _shard_rows(monkeypatch, n_items, rank, world, worker, workers, m, _drop_multiples_of_7)
+                real = [r for r in rows if r["input_ids"]]
+                empty = len(rows) - len(real)
+                assert rows[len(real):] == [{"input_ids": [], "labels": [], "position_ids": []}] * empty  # at the end
+                assert empty == -len(real) % m, (rank, worker, m, len(real), empty)
+                assert len(rows) % m == 0
+                for r in real:  # each conversation's first token is its number + 1
+                    seen += [r["input_ids"][i] - 1 for i, p in enumerate(r["position_ids"]) if p == 0]
+                if m == batch * 2:  # the dispatcher's view: full batches of `batch`, a multiple of 2 processes
+                    assert len(rows) % batch == 0 and (len(rows) // batch) % 2 == 0
+                    batches += len(rows) // batch
+        assert sorted(seen) == [k for k in range(n_items) if k % 7], (world, workers, m)
+        assert batches % 2 == 0

@@ -34,12 +34,27 @@ def replies(turns: list[dict]) -> list[str]:
     return [m["content"] for m in reference_messages(turns) if m["role"] == "assistant"]
 
 
+def first_learned(conv, tok) -> int | None:
+    """Index of the conversation's first learned token, untruncated (None: nothing to learn)."""
+    full = mask_conversation(conv, tok, BIG)
+    return None if full is None else next(i for i, l in enumerate(full["labels"]) if l != IGNORE_INDEX)
+
+
+# max_len: drawn, or placed at the first learned token of a conversation (+-1): the boundary where a sample keeps one
+# label or none, which a uniform draw over 4..120 almost never hits (issue 25 item 5)
+MAX_LENS = st.one_of(st.integers(4, 120), st.tuples(st.integers(0, 3), st.sampled_from([0, 0, 1, -1])))
+
+
 @SETTINGS
-@given(st.lists(conversations(), min_size=1, max_size=4), st.integers(4, 120), st.sampled_from(["hf", "raw", "pad_eos"]))
+@given(st.lists(conversations(), min_size=1, max_size=4), MAX_LENS, st.sampled_from(["hf", "raw", "pad_eos"]))
 def test_masker_properties(convs, max_len, which):
     tok = {"hf": bundled, "raw": lambda: Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")),
            "pad_eos": eos_is_pad}[which]()
     hf = bundled()
+    if isinstance(max_len, tuple):  # at conversation k's first learned token (+ offset); 64 if it has none
+        k, offset = max_len
+        first = first_learned(convs[k % len(convs)], tok)
+        max_len = 64 if first is None else max(1, first + offset)
     im_start, im_end = hf.convert_tokens_to_ids(IM_START), hf.convert_tokens_to_ids(IM_END)
     stats = MaskStats()
     batch = mask_batch(convs, tok, max_len, stats=stats)
@@ -72,6 +87,21 @@ def test_masker_properties(convs, max_len, which):
         for i in learned:
             start = max(j for j in range(i) if ids[j] == im_start)
             assert hf.decode(ids[start + 1 : i + 1]).startswith("assistant\n")
+
+
+def test_truncation_at_the_first_learned_token_drops_and_counts():
+    """max_len exactly at the first learned token: the cut keeps no label, so the sample is dropped and counted
+    (not kept as a sample that trains nothing); one token more keeps it with exactly one label (issue 25 item 5)."""
+    tok = bundled()
+    conv = [{"from": "human", "value": "hi"}, {"from": "assistant", "value": "hello there"}]
+    first = first_learned(conv, tok)
+    for max_len, kept in [(first - 1, 0), (first, 0), (first + 1, 1)]:
+        stats = MaskStats()
+        out = mask_batch([conv, conv], tok, max_len, stats=stats)
+        assert (stats.kept, stats.dropped_no_labels, stats.conversations) == (2 * kept, 2 - 2 * kept, 2), max_len
+        assert len(out["input_ids"]) == 2 * kept and (mask_conversation(conv, tok, max_len) is None) == (not kept)
+        for labels in out["labels"]:
+            assert len(labels) == max_len and sum(l != IGNORE_INDEX for l in labels) == 1
 
 
 @settings(max_examples=30, deadline=None, database=None)
