@@ -137,30 +137,32 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 20, attention
     step_ids = input_ids
     was_training = model.training
     model.eval()
-    for _ in range(max_new_tokens):
-        # positions count real tokens only, so left padding does not shift them (transformers does the same)
-        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -step_ids.shape[1]:]
-        logits = model(step_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
-                       logits_to_keep=1).logits[:, -1, :].float()  # (B, V)
-        if do_sample:
-            probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-            # one draw per row for every row, finished or not: the same RNG use as transformers
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            next_tokens = logits.argmax(dim=-1)
-        if len(eos):  # transformers pads finished rows only when eos can stop them
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-        out = torch.cat([out, next_tokens[:, None]], dim=-1)
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=-1)
-        unfinished &= ~torch.isin(next_tokens, eos)
+    try:  # the caller's mode comes back even when decoding stops early (Ctrl-C, a streamer that raises)
+        for _ in range(max_new_tokens):
+            # positions count real tokens only, so left padding does not shift them (transformers does the same)
+            position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -step_ids.shape[1]:]
+            logits = model(step_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+                           logits_to_keep=1).logits[:, -1, :].float()  # (B, V)
+            if do_sample:
+                probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+                # one draw per row for every row, finished or not: the same RNG use as transformers
+                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                next_tokens = logits.argmax(dim=-1)
+            if len(eos):  # transformers pads finished rows only when eos can stop them
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+            out = torch.cat([out, next_tokens[:, None]], dim=-1)
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=-1)
+            unfinished &= ~torch.isin(next_tokens, eos)
+            if streamer is not None:
+                streamer.put(next_tokens)
+            if not unfinished.any():
+                break
+            step_ids = next_tokens[:, None]
         if streamer is not None:
-            streamer.put(next_tokens)
-        if not unfinished.any():
-            break
-        step_ids = next_tokens[:, None]
-    if streamer is not None:
-        streamer.end()
-    model.train(was_training)
+            streamer.end()
+    finally:
+        model.train(was_training)
     return out
 
 

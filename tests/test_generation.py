@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm import ModelConfig
+from minillm import CausalLM, ModelConfig
 from parity import model as pm
 
 
@@ -43,3 +43,19 @@ def test_generate_decodes_in_eval_mode_whatever_the_mode_given():
         torch.manual_seed(1)
         b = model(ids).logits
     assert not torch.equal(a, b)  # dropout is active again after generate
+
+
+def test_generate_restores_the_mode_when_decoding_stops_early():
+    """Ctrl-C in the chat, or a streamer that raises: the model still comes back in the mode it was given."""
+    model = CausalLM(ModelConfig.preset("tiny")).train()
+
+    class Boom:
+        def put(self, tokens):
+            raise KeyboardInterrupt
+
+        def end(self):
+            pass
+
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, streamer=Boom())
+    assert model.training and all(m.training for m in model.modules())
