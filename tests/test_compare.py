@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "train"))
-import compare  # noqa: E402
+from train import compare
 
 
 def run(loss: list[float], before: float | None = 7.0, after: float | None = 6.5, params: dict | None = None) -> dict:

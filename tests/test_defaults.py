@@ -1,4 +1,4 @@
-"""train/common.py: the learning rate chosen when none is given (mode and width), kept when given, and the
+"""train/args.py: the learning rate chosen when none is given (mode and width), kept when given, and the
 DeepSpeed config's "auto" lr follows it; TORCH_EXTENSIONS_DIR defaults next to the venv."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "train"))
-import common  # noqa: E402
+from train import args as common
+from train.peft_methods import PeftArguments
 
 PRE = (common.ModelArguments, common.DataTrainingArguments, common.TrainingArguments)
-SFT = (common.ModelArguments, common.DataTrainingArguments, common.PeftArguments, common.TrainingArguments)
+SFT = (common.ModelArguments, common.DataTrainingArguments, PeftArguments, common.TrainingArguments)
 
 
 def lr(dataclasses, argv, tmp_path) -> float:
@@ -62,7 +62,7 @@ def test_extensions_dir_defaults_next_to_the_venv():
     """Unset, the scripts use <venv>/torch_extensions (as the Makefile): a launch outside make reuses the build."""
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
-    code = "import sys, os; sys.path.insert(0, 'train'); import common; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    code = "import os, train.args; print(os.environ['TORCH_EXTENSIONS_DIR'])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == os.path.join(sys.prefix, "torch_extensions")
 
@@ -81,7 +81,7 @@ def test_resume_with_a_changed_learning_rate_warns_that_it_has_no_effect(tmp_pat
     def main(argv):
         monkeypatch.setattr(sys, "argv", ["pretrain.py", *argv])
         monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")  # undo the script's process-wide switch afterwards
-        importlib.import_module("pretrain").main()
+        importlib.import_module("train.pretrain").main()
 
     main(args)
     assert json.loads((out / "run.json").read_text())["learning_rate"] == pytest.approx(3e-3)  # the default

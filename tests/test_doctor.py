@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "train"))
-import doctor  # noqa: E402
+from train import doctor
 
 
 def curve(start: float, end: float, n: int, wiggle: float = 0.0, phase: int = 0) -> list[float]:

@@ -30,11 +30,10 @@ LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 
 def _main(script: str, argv: list[str], monkeypatch) -> None:
-    monkeypatch.syspath_prepend(str(TRAIN))
     monkeypatch.setattr(sys, "argv", [script, *argv])
     # the scripts make every torch.load in the process weights-only: undo that for the rest of the session
     monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")
-    importlib.import_module(script.removesuffix(".py")).main()
+    importlib.import_module("train." + script.removesuffix(".py")).main()
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -120,13 +119,13 @@ def test_refused_with_a_sentence(case, script, argv, message, model_dir, tmp_pat
 def test_zero3_config_that_would_save_no_weights_is_refused(tmp_path, monkeypatch):
     # Called directly: parsing a ZeRO-3 config in-process would leave transformers' global ZeRO-3 flag set
     # for the rest of the test session.
-    monkeypatch.syspath_prepend(str(TRAIN))
-    common = importlib.import_module("common")
+    from train.args import check_ds_config
+
     cfg = tmp_path / "z3.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(SystemExit, match='ZeRO-3 needs "stage3_gather_16bit_weights_on_model_save": true'):
-        common.check_ds_config(str(cfg))
-    common.check_ds_config(str(ROOT / "ds_configs" / "zero3.json"))  # the bundled one is fine
+        check_ds_config(str(cfg))
+    check_ds_config(str(ROOT / "ds_configs" / "zero3.json"))  # the bundled one is fine
 
 
 def test_unpickling_code_cannot_be_switched_back_on(tmp_path, monkeypatch):
@@ -233,13 +232,13 @@ def test_a_failing_final_save_leaves_the_previous_model_loadable(tmp_path, monke
     args = ["--max_steps", "1", "--output_dir", str(out), "--cache_dir", str(cache), "--save_strategy", "no", *TINY]
     _main("pretrain.py", args, monkeypatch)
     before = _digest(out)
-    common = importlib.import_module("common")
+    from minillm.infra import checkpoint
 
     def full_disk(tensors, path, metadata=None):
         Path(path).write_bytes(b"\0" * 10)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(common, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)  # under CausalLM.save_pretrained
     with pytest.raises(OSError, match="No space left"):
         _main("pretrain.py", [*args, "--overwrite_output_dir", "--seed", "5"], monkeypatch)
     after = _digest(out)

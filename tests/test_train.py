@@ -251,11 +251,10 @@ def test_finetune_lora_minillm_under_zero3_saves_a_complete_adapter(runs):
 def _main(script: str, argv: list[str], monkeypatch) -> None:
     import importlib
 
-    monkeypatch.syspath_prepend(str(TRAIN))
     monkeypatch.setattr(sys, "argv", [script, *argv])
     # the scripts make every torch.load in the process weights-only: undo that for the rest of the session
     monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")
-    importlib.import_module(script.removesuffix(".py")).main()
+    importlib.import_module("train." + script.removesuffix(".py")).main()
 
 
 @pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
@@ -350,12 +349,11 @@ def test_finetune_validation_split_holds_out_the_first_conversations(tmp_path, m
 
 
 def test_loss_plot_needs_a_logged_loss(tmp_path):
-    sys.path.insert(0, str(TRAIN))
-    import common
+    from train.plots import save_loss_plot
 
-    common.save_loss_plot([{"train_runtime": 1.0}], tmp_path / "a.png")
+    save_loss_plot([{"train_runtime": 1.0}], tmp_path / "a.png")
     assert not (tmp_path / "a.png").exists()
-    common.save_loss_plot([{"step": s, "loss": 5.0 - 0.1 * s} for s in range(1, 30)] + [{"step": 29, "eval_loss": 2.5}],
+    save_loss_plot([{"step": s, "loss": 5.0 - 0.1 * s} for s in range(1, 30)] + [{"step": 29, "eval_loss": 2.5}],
                           tmp_path / "b.png")
     assert (tmp_path / "b.png").stat().st_size > 1000
 

@@ -65,10 +65,9 @@ def cache(tmp_path_factory) -> str:
 def _main(script: str, argv: list[str], monkeypatch) -> None:
     import importlib
 
-    monkeypatch.syspath_prepend(str(TRAIN))
     monkeypatch.setattr(sys, "argv", [script, *argv])
     monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")  # the scripts set it to 1 for the whole process
-    importlib.import_module(script.removesuffix(".py")).main()
+    importlib.import_module("train." + script.removesuffix(".py")).main()
 
 
 # ---- 2 ranks, ZeRO-2: the two implementations' packed loss curves ------------------------------------------
@@ -123,9 +122,9 @@ def test_packed_step_differs_when_conversations_attend_across(cache, tmp_path, m
     one document per row) give another loss."""
     import torch
 
-    monkeypatch.syspath_prepend(str(TRAIN))
-    import finetune
-    from common import DataTrainingArguments, ModelArguments, TrainingArguments, build_model, load_tokenizer
+    from train import finetune
+    from train.args import DataTrainingArguments, ModelArguments, TrainingArguments
+    from train.models import build_model, load_tokenizer
 
     from minillm.pack import PackedCollator
 
@@ -148,9 +147,10 @@ def test_packed_step_differs_when_conversations_attend_across(cache, tmp_path, m
 
 _COUNT_SCRIPT = r'''
 import json, sys
-sys.path.insert(0, sys.argv[3])
-from common import DataTrainingArguments, ModelArguments, Trainer, TrainingArguments, build_model, load_tokenizer
-import finetune
+from train import finetune
+from train.args import DataTrainingArguments, ModelArguments, TrainingArguments
+from train.models import build_model, load_tokenizer
+from train.trainer import Trainer
 from minillm.pack import PackedCollator
 
 data, out = sys.argv[1], sys.argv[2]
@@ -183,11 +183,11 @@ def test_streaming_packing_two_ranks_two_workers_sees_each_conversation_once(tmp
     data.write_text("".join(lines))
     script = tmp_path / "count.py"
     script.write_text(_COUNT_SCRIPT)
-    _torchrun(script, [str(data), str(tmp_path), str(TRAIN)], tmp_path / "cache", tmp_path / "count.log")
+    _torchrun(script, [str(data), str(tmp_path)], tmp_path / "cache", tmp_path / "count.log")
 
-    monkeypatch.syspath_prepend(str(TRAIN))
-    import finetune
-    from common import ModelArguments, load_tokenizer
+    from train import finetune
+    from train.args import ModelArguments
+    from train.models import load_tokenizer
 
     from minillm.infra import corpus
 
@@ -248,9 +248,9 @@ def test_bad_packing_flags_are_refused(script, argv, msg, tmp_path, monkeypatch)
 
 
 def test_changed_packing_is_flagged_on_resume(monkeypatch):
-    monkeypatch.syspath_prepend(str(TRAIN))
-    import safety
-    from common import DataTrainingArguments, ModelArguments, run_record
+    from train import safety
+    from train.args import DataTrainingArguments, ModelArguments
+    from train.run import run_record
 
     def record(**kw):
         return run_record("finetune.py", ModelArguments(), DataTrainingArguments(train_files=None, **kw), {"max_len": 64})

@@ -35,10 +35,9 @@ ARGS = ["--block_size", str(BLOCK), "--per_device_train_batch_size", "2", "--dis
 
 
 def _main(argv: list[str], monkeypatch) -> None:
-    monkeypatch.syspath_prepend(str(TRAIN))
     monkeypatch.setattr(sys, "argv", ["pretrain.py", *argv])
     monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")  # the script sets it to 1 for the whole process
-    importlib.import_module("pretrain").main()
+    importlib.import_module("train.pretrain").main()
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +109,13 @@ def test_split_flag_is_checked_and_recorded(data, tmp_path, monkeypatch):
                str(tmp_path / "a")], monkeypatch)
     with pytest.raises(SystemExit, match=r"--validation_split_percentage must be in \[0, 100\), got 100"):
         _main(["--validation_split_percentage", "100", "--output_dir", str(tmp_path / "b")], monkeypatch)
-    common, safety = importlib.import_module("common"), importlib.import_module("safety")
-    records = [common.run_record("pretrain.py", common.ModelArguments(),
-                                 common.DataTrainingArguments(train_files=[str(data)], validation_split_percentage=p),
-                                 {"block_size": BLOCK}) for p in (0, 10)]
+    from train import safety
+    from train.args import DataTrainingArguments, ModelArguments
+    from train.run import run_record
+
+    records = [run_record("pretrain.py", ModelArguments(),
+                          DataTrainingArguments(train_files=[str(data)], validation_split_percentage=p),
+                          {"block_size": BLOCK}) for p in (0, 10)]
     assert records[0]["validation_split"] is None  # a record from before the flag still matches
     assert [c.split(":")[0] for c in safety.compare_run_record(*records)] == ["validation_split"]
 
@@ -121,9 +123,11 @@ def test_split_flag_is_checked_and_recorded(data, tmp_path, monkeypatch):
 def test_streaming_with_two_dataloader_workers_trains_on_every_block_once(data, tmp_path, monkeypatch):
     """One epoch of --streaming with --dataloader_num_workers 2 trains on exactly the blocks of one unsharded
     pass, each once (before StreamingBlocks split the workers, each worker yielded every block)."""
-    monkeypatch.syspath_prepend(str(TRAIN))
-    common = importlib.import_module("common")
-    tok = common.load_tokenizer(common.ModelArguments())  # the script's tokenizer (EOS set)
+    from train.args import ModelArguments
+    from train.models import load_tokenizer
+    from train.trainer import Trainer
+
+    tok = load_tokenizer(ModelArguments())  # the script's tokenizer (EOS set)
     ds = StreamingBlocks([str(data)], tok, BLOCK, tok.eos_token_id)
     per_worker = []
     for w in range(2):  # what each DataLoader worker yields
@@ -134,15 +138,14 @@ def test_streaming_with_two_dataloader_workers_trains_on_every_block_once(data, 
     batch = 64
     steps = sum(math.ceil(len(p) / batch) for p in per_worker)  # one epoch: each worker makes its own batches
 
-    monkeypatch.syspath_prepend(str(TRAIN))
     seen = []
-    step = common.Trainer.training_step
+    step = Trainer.training_step
 
     def recording_step(self, model, inputs, *args, **kwargs):
         seen.extend(tuple(r) for r in inputs["input_ids"].tolist())
         return step(self, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(common.Trainer, "training_step", recording_step)
+    monkeypatch.setattr(Trainer, "training_step", recording_step)
     _main(["--train_files", str(data), "--streaming", "--dataloader_num_workers", "2", "--max_steps", str(steps),
            "--output_dir", str(tmp_path / "o"), "--cache_dir", str(tmp_path / "cache"), *ARGS,
            "--per_device_train_batch_size", str(batch)], monkeypatch)

@@ -1,7 +1,7 @@
 """`make compare`: train with --impl minillm and --impl hf under DeepSpeed ZeRO-2, side by side.
 
 Both runs use the same launcher, ranks, seed, data and hyper-parameters, and start from identical
-weights (train/common.py builds the hf model from the minillm one), so their loss curves should be
+weights (train/models.py builds the hf model from the minillm one), so their loss curves should be
 the same curve: fp32, step by step, within TARGET. Pretraining from scratch is compared, then LoRA
 SFT on top of the minillm pretrain output (the same base directory for both impls).
 
@@ -102,7 +102,8 @@ def build_ops() -> float:
 
     Left to the first launch, the build is a silent 1-3 min "starting" that a timing would charge to training.
     On a CUDA machine nothing is compiled for ZeRO-2 with torch's Adam, so nothing happens."""
-    if torch_cuda():
+    import torch
+    if torch.cuda.is_available():
         return 0.0
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or ROOT / ".venv" / "torch_extensions")
     if list(root.glob("deepspeed_shm_comm/*.so")):
@@ -116,11 +117,6 @@ def build_ops() -> float:
     took = time.perf_counter() - t0
     print(f"compiled in {took:.0f} s (not counted in the timings below)", flush=True)
     return took
-
-
-def torch_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def trainable_params(log_text: str) -> dict | None:
@@ -364,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft:
         train, heldout = split_sft(out)
         sft_args = [*shared, *base, "--train_files", str(train), "--validation_files", str(heldout),
-                    "--eval_on_start", "true",
-                    "--max_len", "128", "--max_steps", str(args.sft_steps)]
+                    "--eval_on_start", "true", "--max_len", "128", "--max_steps", str(args.sft_steps)]
         if "lora" in methods or not methods:  # the LoRA stage's per-step table, and the methods table's lora row
             lora_lr, lora_flags = METHODS["lora"]
             stages.append(compare_stage("sft-lora", "finetune.py",

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, build_ops, compare_stage, launch, plot, table  # noqa: E402
+from train.compare import ROOT, build_ops, compare_stage, launch, plot, table
 
 # The bundled SFT data's most frequent questions (counted in minillm/data/sft.jsonl), both languages.
 QUESTIONS = ["What do I need to make apple cake?", "做蜂蜜茶需要什么?", "What is gradient descent?", "什么是梯度下降?",

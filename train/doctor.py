@@ -101,7 +101,7 @@ def diagnose(points: list[tuple[int, float]], extra: dict, record: dict | None, 
         low = f" (peak {lr:g}; the demo's is {ref_lr:g}" + (", and 5e-05 is the Trainer's default" if lr and
               abs(lr - TRAINER_DEFAULT_LR) < 1e-12 else "") + ")" if lr else ""
         causes.append(f"learning rate too low{low}: the loss fell only {100 * drop:.0f}%; without --learning_rate "
-                      "the scripts pick one per mode (train/common.py DEFAULT_LR)")
+                      "the scripts pick one per mode (train/args.py DEFAULT_LR)")
     if above and stage == "sft" and record and record.get("lora"):
         causes.append("LoRA instead of full fine-tuning: on the tiny model LoRA plateaus near loss 3.0 "
                       "(train/demo.py's docstring); the band is full SFT")

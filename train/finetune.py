@@ -23,26 +23,25 @@ either way, with the tokenizer files alongside; `python -m minillm.generate --mo
 from __future__ import annotations
 
 import functools
-import os
-import sys
+import logging
 
 import numpy as np
 import torch
 from transformers import set_seed
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
-from common import (  # noqa: E402
-    DataTrainingArguments, ModelArguments, PeftArguments, Trainer, TrainingArguments, build_model,
-    cache_path, cached, check_args, check_resume, find_resume_checkpoint, load_tokenizer, logger, tokenizer_dir,
-    fail, parse_args, read_or_fail, run_record, setup_logging, train_and_save,
-)
+from minillm.infra import corpus
+from minillm.infra.store import split_sizes
+from minillm.pack import PackedCollator, PackedDataset, StreamingPacker
+from minillm.sft import MaskStats, SFTCollator, mask_batch
 
-from peft_methods import add_peft, check_fits  # noqa: E402
+from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, check_args, fail, parse_args
+from train.caches import cache_path, cached, read_or_fail
+from train.models import build_model, load_tokenizer, tokenizer_dir
+from train.peft_methods import PeftArguments, add_peft, check_fits
+from train.run import check_resume, find_resume_checkpoint, run_record, setup_logging
+from train.trainer import Trainer, train_and_save
 
-from minillm.infra import corpus  # noqa: E402
-from minillm.pack import PackedCollator, PackedDataset, StreamingPacker  # noqa: E402
-from minillm.sft import MaskStats, SFTCollator, mask_batch  # noqa: E402
-from minillm.infra.store import split_sizes  # noqa: E402
+logger = logging.getLogger("minillm.train")
 
 BATCH_CONVERSATIONS = 1000
 

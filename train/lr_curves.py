@@ -1,4 +1,4 @@
-"""The measured curves behind train/common.py's DEFAULT_LR: loss vs step for several learning rates per mode.
+"""The measured curves behind train/args.py's DEFAULT_LR: loss vs step for several learning rates per mode.
 
     python train/lr_curves.py [--out train/lr_curves.json]      (~5-10 min on 2 CPU cores)
 
@@ -24,13 +24,11 @@ import torch
 from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "train"))
-from minillm.infra import corpus  # noqa: E402
-from minillm.config import ModelConfig, PRESETS  # noqa: E402
-from minillm.peft.lora import LoraConfig, apply_lora, merge_and_unload  # noqa: E402
-from minillm.model import CausalLM  # noqa: E402
-from minillm.sft import mask_batch  # noqa: E402
+from minillm.infra import corpus
+from minillm.config import ModelConfig, PRESETS
+from minillm.peft.lora import LoraConfig, apply_lora, merge_and_unload
+from minillm.model import CausalLM
+from minillm.sft import mask_batch
 
 RATES = {"scratch": [5e-5, 1e-3, 3e-3], "full": [5e-5, 1e-3, 3e-3], "lora": [5e-5, 2e-3, 5e-3, 2e-2]}
 
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft_steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args(argv)
-    from demo import QUESTIONS, taught_answers  # noqa: E402
+    from train.demo import QUESTIONS, taught_answers
     from minillm.generation import generate
     from minillm.sft import DEFAULT_SYSTEM_PROMPT, chatml_prompt_ids
 
@@ -147,7 +145,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from common import DEFAULT_LR
+    from train.args import DEFAULT_LR
 
     titles = {"scratch": "pretraining from scratch", "full": "full SFT", "lora": "LoRA SFT (r=32, all-linear)"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -20,22 +20,23 @@ restart after each EOS, no attention_mask, each document's first label -100); of
 
 from __future__ import annotations
 
+import logging
 import math
-import os
-import sys
 
 from transformers import default_data_collator, set_seed
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `common` next to this file, under any launcher
-from common import (  # noqa: E402
-    DataTrainingArguments, ModelArguments, Trainer, TrainingArguments, build_model, cache_path, check_args,
-    check_resume, fail, find_resume_checkpoint, load_tokenizer, logger, parse_args, remove_dead_temporaries,
-    run_record, setup_logging, train_and_save,
-)
+from minillm.infra import corpus
+from minillm.infra.store import StoreDataset, StreamingBlocks, is_complete, open_store, store_splits
+from minillm.pack import DocumentMaskCollator
 
-from minillm.infra import corpus  # noqa: E402
-from minillm.pack import DocumentMaskCollator  # noqa: E402
-from minillm.infra.store import StoreDataset, StreamingBlocks, is_complete, open_store, store_splits  # noqa: E402
+from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, check_args, fail, parse_args
+from train.caches import cache_path, remove_dead_temporaries
+from train.models import build_model, load_tokenizer
+from train.run import check_resume, find_resume_checkpoint, run_record, setup_logging
+from train.trainer import Trainer, train_and_save
+
+logger = logging.getLogger("minillm.train")
+
 
 def dataset(files: list[str], tokenizer, block_size: int, data_args: DataTrainingArguments,
             training_args: TrainingArguments, validation_split: float = 0, desc: str = "train"):

@@ -15,9 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ROOT, build_ops, launch  # noqa: E402
-from demo import pretrain_args, sft_args, shared_args  # noqa: E402
+from train.compare import ROOT, build_ops, launch
+from train.demo import pretrain_args, sft_args, shared_args
 
 OUT = ROOT / "train" / "reference_curves.json"
 

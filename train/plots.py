@@ -1,0 +1,42 @@
+"""The loss curve of a run as loss.png in its output directory (train/trainer.py's train_and_save draws it)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+logger = logging.getLogger("minillm.train")
+
+
+def save_loss_plot(history: list[dict], path: Path, smooth: int = 9) -> None:
+    """The run's loss curve as a picture: training loss per logged step, its moving average over `smooth` logged
+    steps (one batch's loss is noisy), eval loss where there is one. A missing matplotlib only skips it."""
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
+    if not train and not evals:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning(f"matplotlib is not installed: no {path.name} (pip install -e '.[train]')")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        steps, loss = zip(*train)
+        ax.plot(steps, loss, lw=0.8, alpha=0.5, label="training loss")
+        if len(loss) >= smooth:  # centred on its window, so the average does not lag the raw curve
+            avg = [sum(loss[i:i + smooth]) / smooth for i in range(len(loss) - smooth + 1)]
+            ax.plot(steps[smooth // 2:smooth // 2 + len(avg)], avg, lw=2,
+                    label=f"moving average ({smooth} logged steps)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(path.parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    logger.info(f"Loss curve: {path}")

@@ -1,0 +1,265 @@
+"""The HF Trainer as the scripts use it, and the course's ending of both scripts (train, save, evaluate, tear down).
+
+- `Trainer` saves a minillm model the way transformers saves its own: config.json + model.safetensors (through
+  CausalLM.save_pretrained), or a peft-format adapter, so every checkpoint-N and the final output load in
+  transformers/peft as well as in minillm.
+- A non-finite loss, gradient norm or weight stops the run (train/safety.py's Diverged) before anything of that
+  step is saved; checkpoints and the final model are staged and renamed, so a failed save leaves no half-written
+  checkpoint-N and the previous model loadable.
+- Every torch.load is weights-only, DeepSpeed's resume included (train/safety.py says what it may unpickle).
+- `teardown()` ends the process group explicitly: gloo's threads torn down at interpreter exit
+  occasionally crash a finished run ("terminate called without an active exception").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import trainer_pt_utils
+from transformers.trainer_utils import rotate_checkpoints
+
+from minillm.infra.checkpoint import staged_dir
+from minillm.model import CausalLM
+from minillm.peft import files as peft_format
+from minillm.peft.lora import load_adapter, lora_layers
+
+from train import safety
+from train.args import fail
+from train.peft_methods import load_trainable, minillm_adapted, prompt_learning, save_trainable
+from train.plots import save_loss_plot
+from train.run import last_checkpoint
+from train.safety import Diverged
+
+logger = logging.getLogger("minillm.train")
+
+
+class Trainer(transformers.Trainer):
+    """transformers.Trainer that saves (and, for LoRA, reloads) a minillm CausalLM in HF/peft format, stops a
+    diverging run, and writes every checkpoint under a temporary name first.
+
+    For a model that is not a PreTrainedModel the stock Trainer writes only model.safetensors (and fails
+    on tied weights); here checkpoints and the final model get config.json + model.safetensors, or a
+    peft-format adapter for LoRA, like transformers' own models.
+    Divergence: every optimizer step checks that the micro-steps' losses and the gradient norm are finite
+    (DeepSpeed reports a non-finite norm as -1), agreed across ranks so all of them stop together, and
+    raises Diverged before anything of that step is saved; a save also refuses non-finite weights.
+    """
+
+    def __init__(self, *args: Any, base_model_path: str | None = None, run_record: dict | None = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.base_model_path = base_model_path  # recorded in a saved adapter's config
+        self.run_record = run_record  # copied into every checkpoint (what it was trained on)
+        self._bad_loss: float | None = None
+        self._staging: str | None = None
+
+    # ---- divergence ----
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._bad_loss is None and not torch.isfinite(loss).all():
+            self._bad_loss = loss.detach().float().mean().item()
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm)
+        value = float(norm) if norm is not None else 0.0
+        bad = self._bad_loss is not None or not math.isfinite(value) or value < 0
+        flag = torch.tensor([float(bad)], device=self.args.device)
+        if self.args.world_size > 1:  # a NaN on one rank must stop every rank, or the others hang
+            flag = self.accelerator.gather(flag)
+        if flag.max().item() > 0:
+            shown = "non-finite" if value < 0 else f"{value:.4g}"  # DeepSpeed's -1 means inf/nan
+            loss = f"loss {self._bad_loss}, " if self._bad_loss is not None else ""
+            raise Diverged(f"training diverged at step {self.state.global_step + 1}: {loss}gradient norm {shown}")
+        return norm
+
+    def check_weights_finite(self) -> None:
+        """Before a save, on every rank: the weights are finite (an update can overflow with a finite gradient).
+        Under ZeRO-3 a rank sees only its partitions' placeholders here; the save itself checks what it writes."""
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if p.numel() and not torch.isfinite(p).all()]
+        flag = torch.tensor([float(bool(bad))], device=self.args.device)
+        if self.args.world_size > 1:
+            flag = self.accelerator.gather(flag)
+        if flag.max().item() > 0:
+            raise Diverged(f"training diverged at step {self.state.global_step}: non-finite weights "
+                           f"({', '.join(bad[:3]) if bad else 'on another rank'})")
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        if self.control.should_save:  # set by the step's callbacks just before: a checkpoint is about to be written
+            self.check_weights_finite()
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    # ---- saving ----
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        if not isinstance(model, CausalLM) and not minillm_adapted(model):
+            bad = safety.non_finite_tensors(state_dict if state_dict is not None else model.state_dict())
+            if bad:
+                raise Diverged(f"refusing to save non-finite weights ({', '.join(bad[:3])}) at step "
+                               f"{self.state.global_step}")
+            super()._save(output_dir, state_dict)
+            if self._staging and prompt_learning(model):  # peft cannot resume a projected prefix from its file
+                save_trainable(model, output_dir)
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info(f"Saving minillm model to {output_dir}")
+        if state_dict is None or not zero3(self):
+            # ZeRO-0/1/2 and plain runs: every rank holds the full weights in the module itself
+            state_dict = model.state_dict()
+        if bad := safety.non_finite_tensors(state_dict):
+            raise Diverged(f"refusing to save non-finite weights ({', '.join(bad[:3])}) at step "
+                           f"{self.state.global_step}")
+        if lora_layers(model):
+            # Under ZeRO-3 the live adapter parameters are partitions (empty on this rank): take them from the
+            # consolidated state dict the Trainer gathered (stage3_gather_16bit_weights_on_model_save).
+            peft_format.save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path,
+                                     state_dict=state_dict if zero3(self) else None)
+        elif minillm_adapted(model):  # prefix, prompt, Houlsby: peft's files (ZeRO-3 is refused for these)
+            peft_format.save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path)
+            if self._staging:  # a checkpoint: what a resume without DeepSpeed restores (peft_methods says why)
+                save_trainable(model, output_dir)
+        else:
+            model.save_pretrained(output_dir, state_dict=state_dict)  # config.json + model.safetensors
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, self._staging) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """checkpoint-N is written as .tmp-checkpoint-N/checkpoint-N and renamed once every rank has finished:
+        a killed or failing save never leaves a checkpoint-N that a resume would pick."""
+        run_dir = self._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = safety.STAGING + name
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        staged, final = os.path.join(run_dir, safety.STAGING + name), os.path.join(run_dir, name)
+        if self.args.should_save and self.run_record is not None:
+            safety.write_run_record(os.path.join(staged, name), self.run_record)
+        self.accelerator.wait_for_everyone()  # DeepSpeed and the RNG files are written by every rank
+        if self.args.should_save:
+            safety.normalise_modes(os.path.join(staged, name))
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staged, name), final)
+            shutil.rmtree(staged)
+            best = self.state.best_model_checkpoint
+            if best and safety.STAGING in best:  # the Trainer noted the staged path
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_best_model(self) -> None:
+        """--load_best_model_at_end without DeepSpeed: an adapter run reloads the best checkpoint as a resume does
+        (the stock Trainer looks for pytorch_model.bin, or for peft a table it cannot load into a projected prefix)."""
+        target = self.accelerator.unwrap_model(self.model)
+        if self.is_deepspeed_enabled or not (minillm_adapted(target) or prompt_learning(target)):
+            return super()._load_best_model()
+        logger.info(f"Loading best model from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.accelerator.unwrap_model(model or self.model)
+        if isinstance(target, CausalLM) and lora_layers(target):  # stock Trainer only knows peft adapters
+            load_adapter(target, resume_from_checkpoint)
+            return
+        if minillm_adapted(target) or prompt_learning(target):  # prefix, prompt, Houlsby (peft's too)
+            try:
+                load_trainable(target, resume_from_checkpoint)
+            except ValueError as e:
+                fail(str(e))
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def zero3(trainer: transformers.Trainer) -> bool:
+    return bool(trainer.is_deepspeed_enabled and
+                trainer.accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def save_final(trainer: Trainer, tokenizer, output_dir: str) -> None:
+    """The final model in HF format (or the adapter in peft format) with the tokenizer files alongside.
+
+    Written into a staging directory beside output_dir, then each file renamed into it (minillm.infra.checkpoint's
+    staged_dir): a save that fails (a full disk, non-finite weights) leaves the previous model loadable.
+    """
+    if trainer.args.should_save:
+        with staged_dir(output_dir) as staged:
+            trainer.save_model(str(staged))
+            tokenizer.save_pretrained(staged)
+        logger.info(f"Saved the final model and tokenizer to {output_dir}")
+    else:
+        trainer.save_model(output_dir)  # its part of the collectives (ZeRO-3 gathers the weights); writes nothing
+    trainer.accelerator.wait_for_everyone()
+
+
+def train_and_save(trainer: Trainer, checkpoint: str | None, tokenizer, train_samples: int | None,
+                   eval_extra=None) -> None:
+    """The course's ending of both scripts: train (resuming if asked), save the final model with the tokenizer,
+    log and save the metrics and state, evaluate when there is a validation set, tear down.
+    eval_extra(metrics) may add derived eval metrics (pretraining adds perplexity)."""
+    logger.info("Starting training" + (f", resuming from {checkpoint}" if checkpoint else ""))
+    safe = safety.resume_safe_globals() if trainer.is_deepspeed_enabled else []
+    try:
+        with torch.serialization.safe_globals(safe):  # what DeepSpeed's checkpoints may unpickle, nothing more
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+            trainer.check_weights_finite()
+            save_final(trainer, tokenizer, trainer.args.output_dir)
+    except pickle.UnpicklingError as e:
+        with trainer_pt_utils.safe_globals():  # numpy's RNG state, which the Trainer allow-lists for rng_state_*.pth
+            bad = safety.unloadable_files(checkpoint, safe) if checkpoint else []
+        fail(f"refusing to load {', '.join(bad) if bad else checkpoint}: it holds pickled objects other than "
+             f"tensors and plain data, and loading them could run code ({str(e).splitlines()[0][:200]})")
+    except Diverged as e:
+        last = last_checkpoint(trainer.args.output_dir)
+        teardown()
+        fail(f"{e}. Stopped; the final model was not saved"
+             + (f"; the last good checkpoint is {last}" if last else "; no checkpoint was saved before it")
+             + ". Try a lower --learning_rate")
+    metrics = {**result.metrics, "peak_memory_mb": peak_memory_mb()}
+    if train_samples is not None:
+        metrics["train_samples"] = train_samples
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        if eval_extra is not None:
+            eval_extra(metrics)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if trainer.args.should_save:
+        save_loss_plot(trainer.state.log_history, Path(trainer.args.output_dir) / "loss.png")
+    teardown()
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory: CUDA allocations on a GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
