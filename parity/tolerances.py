@@ -54,6 +54,10 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "houlsby_identity": (0.0, "W_up = 0, b_up = 0: y + 0 is y exactly, so the adapted model equals the plain one"),
     "gpu_bf16_logits": (5e-2, "parity.gpu, bf16 on CUDA: as bf16_logits; not yet measured on a GPU (none lent so far)"),
     "gpu_error_ratio": (1.5, "parity.gpu: minillm's RMS error vs fp32 at most 1.5x transformers' in the same dtype (issue 9)"),
+    # parity/peft_methods.py: (IA)^3 and switching off (disable_adapter)
+    "ia3_exact": (0.0, "(IA)^3 vs peft's IA3, and disable_adapter vs peft's and the base model: the same tensor ops "
+                  "in the same order (scale the output incl. its bias, or the input; merge W * l, unmerge "
+                  "W / (l + 1e-8)), so bit-identical logits, loss, grads, merged/unmerged weights, files (measured 0)"),
 }
 
 
