@@ -1,4 +1,5 @@
-"""Prompt tuning, prefix tuning (vs peft 0.21) and Houlsby adapters (vs the paper's equations).
+"""Prompt tuning, prefix tuning, (IA)^3 (vs peft 0.21), Houlsby adapters (vs the paper's equations), and
+switching any of them off (minillm.peft.disable_adapter vs peft's `disable_adapter()` and the base model).
 
 Prompt/prefix rows: the minillm model and the transformers model hold the same weights (parity.lora.base_models);
 both sides construct their prompt encoder under the same seed, which must give the same initial tensors (a row);
@@ -33,7 +34,7 @@ from minillm import peft as peft_format
 from minillm.model import trainable_summary
 from minillm.peft.prefix import PrefixTuningConfig, PrefixTuningLM
 from minillm.peft.prompt import PromptTuningConfig, PromptTuningLM
-from parity.harness import fixed_check, named_check, property_rows
+from parity.harness import fixed_check, named_check, property_rows, selected
 from parity.lora import Case, _max_abs, base_models
 
 
@@ -238,15 +239,18 @@ def bf16_measure(c: PCase) -> float:
     return max(_max_abs(out_o.logits, out_r.logits), _max_abs(out_o.loss, out_r.loss), grads)
 
 
-def trainable_line(c: PCase) -> float:
+def same_line(ours, pm) -> float:
     """peft's print_trainable_parameters line vs minillm's: 0 when the same text."""
     import contextlib
     import io
-    w, pm, _ = pair(c, randomize=False)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         pm.print_trainable_parameters()
-    return 0.0 if buf.getvalue().strip() == trainable_summary(w) else float("inf")
+    return 0.0 if buf.getvalue().strip() == trainable_summary(ours) else float("inf")
+
+
+def trainable_line(c: PCase) -> float:
+    return same_line(*pair(c, randomize=False)[:2])
 
 
 def prefix_ckpt(c: PCase) -> float:
@@ -385,3 +389,335 @@ def rows(budget: float = 1.0):
     hcases = st.tuples(st.integers(0, 99), st.sampled_from([1, 4, 8]), st.sampled_from(sorted(ha.ACTS)),
                        st.integers(1, 2), st.sampled_from([1, 2, 4]), st.sampled_from(["zero", "houlsby"]))
     yield from property_rows(hspecs, hcases, lambda t: houlsby_measure(*t), max(2, round(4 * budget)))
+    yield from ia3_rows(budget)
+    yield from disable_rows(budget)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (IA)^3 vs peft's IA3Config / get_peft_model
+#
+# Both sides wrap their targets under the same seed (init_ia3_weights=False: the same torch.randn draws, so the
+# same vectors; True: ones on both sides); the vectors are then perturbed on the peft side and copied over by
+# name, and logits, loss, the gradient of every ia3_l, merge (in place and merge_and_unload: logits and every
+# weight), unmerge (peft divides by l + 1e-8: the same ops, so the same rounding) and files both ways compared.
+# Biases are random (qwen2's q/k/v, llama/qwen3 with attention_bias): an output scaling multiplies the bias too.
+
+IA3_TARGETS = {
+    "default": (None, None),  # peft's table for the model type, down_proj the feed-forward one
+    "list": (["q_proj", "k_proj", "v_proj", "o_proj", "mlp.up_proj", "down_proj"], ["mlp.up_proj", "down_proj"]),
+    "kv only": (["k_proj", "v_proj"], None),  # the default feed-forward (down_proj) is then no target
+    "regex": (r".*\.(k_proj|v_proj|down_proj)", r".*\.down_proj"),
+    "regex, ff list": (r".*layers\.0\..*_proj", ["gate_proj", "up_proj"]),
+}
+
+
+@dataclass(frozen=True)
+class ICase:
+    base: Case = Case()
+    targets: str = "default"
+    init_ones: bool = True
+    bias: bool = False  # attention_bias (and llama's mlp_bias); qwen2 has q/k/v biases whatever this says
+
+
+def ia3_base_models(c: ICase, seed: int = 0):
+    """(minillm.CausalLM, transformers model) with identical weights, random biases where the model has them."""
+    from minillm.config import ModelConfig
+    from minillm.model import CausalLM
+    from parity.model import hf_copy
+    b = c.base
+    cfg = ModelConfig(model_type=b.model_type, vocab_size=b.vocab, hidden_size=b.hidden, intermediate_size=b.inter,
+                      num_hidden_layers=b.layers, num_attention_heads=b.heads, num_key_value_heads=b.kv_heads,
+                      tie_word_embeddings=b.tie, attention_bias=c.bias and b.model_type != "qwen2",
+                      mlp_bias=c.bias and b.model_type == "llama")
+    torch.manual_seed(seed)
+    ours = CausalLM(cfg, attn_implementation="eager", fused=False)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith(".bias"):
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return ours, hf_copy(ours, "eager")
+
+
+def _ia3_configs(c: ICase):
+    import peft
+    from minillm.peft.ia3 import IA3Config
+    t, f = IA3_TARGETS[c.targets]
+    return (IA3Config(target_modules=t, feedforward_modules=f, init_ia3_weights=c.init_ones),
+            peft.IA3Config(task_type="CAUSAL_LM", target_modules=t, feedforward_modules=f,
+                           init_ia3_weights=c.init_ones))
+
+
+def _ia3_params(m) -> dict[str, torch.Tensor]:
+    """Every ia3_l by minillm's module name (peft's `base_model.model.X.ia3_l.default` is minillm's `X.ia3_l`)."""
+    return {n.removeprefix("base_model.model.").removesuffix(".default"): p for n, p in m.named_parameters()
+            if n.endswith(("ia3_l", "ia3_l.default"))}
+
+
+def ia3_pair(c: ICase, seed: int = 0, randomize: bool = True):
+    """(minillm model, peft model, init |Δ|): the same seed before each wrap; vectors perturbed and copied."""
+    import peft
+    ours, ref = ia3_base_models(c, seed)
+    mine_cfg, peft_cfg = _ia3_configs(c)
+    torch.manual_seed(seed + 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(ref, peft_cfg)
+    torch.manual_seed(seed + 10)
+    ours = peft_format.apply(ours, mine_cfg)
+    mine, theirs = _ia3_params(ours), _ia3_params(pm)
+    if list(mine) != list(theirs) or not mine:
+        return ours, pm, float("inf")  # not the same layers, or not in the same order
+    init = max(_d(mine[n], theirs[n]) for n in mine)  # inf for a vector of another shape
+    if c.init_ones and any(not bool((p == 1).all()) for p in mine.values()):
+        init = float("inf")
+    if randomize and init < float("inf"):
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for n, p in theirs.items():
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+                mine[n].copy_(p)
+    return ours, pm, init
+
+
+def _d(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |Δ|, inf when the shapes differ (a broken side must fail its row, not crash the table)."""
+    return _max_abs(a, b) if a.shape == b.shape else float("inf")
+
+
+def _ia3_batch(c: ICase, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + 2)
+    x = torch.randint(0, c.base.vocab, (2, 7), generator=g)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    return x, mask, x.masked_fill(mask == 0, -100)
+
+
+def _state_delta(a: dict, b: dict) -> float:
+    if set(a) != set(b):
+        return float("inf")
+    return max(_d(a[k], b[k]) for k in a)
+
+
+def _base_weights(m) -> dict[str, torch.Tensor]:
+    """The weights and biases of the wrapped layers, by minillm's names (what merge/unmerge change)."""
+    out = {}
+    for n, p in m.named_parameters():
+        n = n.removeprefix("base_model.model.")
+        if ".base_layer." in n:
+            out[n.replace(".base_layer.", ".")] = p.detach().clone()
+    return out
+
+
+def ia3_measure(c: ICase, seed: int = 0) -> list[float]:
+    """max |Δ| of [logits, loss, grads of every ia3_l, same-seed init, logits merged in place, weights after
+    unmerge, merge_and_unload's weights, merged model's logits]."""
+    ours, pm, init = ia3_pair(c, seed)
+    x, mask, labels = _ia3_batch(c, seed)
+    out_o = ours(x, attention_mask=mask, labels=labels)
+    out_r = pm(input_ids=x, attention_mask=mask, labels=labels)
+    out_o.loss.backward()
+    out_r.loss.backward()
+    mine, theirs = _ia3_params(ours), _ia3_params(pm)
+    grads = max(_d(mine[n].grad, theirs[n].grad) for n in mine) if list(mine) == list(theirs) else float("inf")
+    res = [_d(out_o.logits, out_r.logits), _d(out_o.loss, out_r.loss), grads, init]
+    from minillm.peft.ia3 import ia3_layers
+    layers = ia3_layers(ours)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "Unmerge result can be inaccurate for (IA)^3."
+        for layer in layers.values():
+            layer.merge()
+        pm.merge_adapter()
+        res.append(_d(ours(x, attention_mask=mask).logits, pm(input_ids=x, attention_mask=mask).logits))
+        for layer in layers.values():
+            layer.unmerge()
+        pm.unmerge_adapter()
+        res.append(_state_delta(_base_weights(ours), _base_weights(pm)))
+        merged_o = peft_format.merge_and_unload(ours)
+        merged_r = pm.merge_and_unload()
+        res.append(_state_delta(merged_o.state_dict(), merged_r.state_dict()))
+        res.append(_d(merged_o(x, attention_mask=mask).logits, merged_r(input_ids=x, attention_mask=mask).logits))
+    return res
+
+
+@st.composite
+def ia3_cases(draw) -> ICase:
+    heads = draw(st.sampled_from([2, 4]))
+    base = Case(model_type=draw(st.sampled_from(["llama", "qwen2", "qwen3"])), hidden=heads * 8, heads=heads,
+                kv_heads=draw(st.sampled_from([k for k in (1, 2) if heads % k == 0])), layers=draw(st.integers(1, 2)),
+                vocab=draw(st.sampled_from([64, 97])), tie=draw(st.booleans()))
+    return ICase(base=base, targets=draw(st.sampled_from(sorted(IA3_TARGETS))), init_ones=draw(st.booleans()),
+                 bias=draw(st.booleans()))
+
+
+IA3_NAMED = {
+    "llama default, biases, random init": ICase(init_ones=False, bias=True),
+    "qwen2 default (q/k/v biases scaled)": ICase(base=Case(model_type="qwen2")),
+    "qwen3 regex, tied": ICase(base=Case(model_type="qwen3", tie=True), targets="regex", bias=True),
+    "llama kv only (default ff no target)": ICase(targets="kv only", init_ones=False),
+}
+
+
+def ia3_interop(c: ICase, direction: str, seed: int = 0) -> float:
+    """Train (IA)^3 on one side, save, load on the other: logits of the loaded adapter vs the trained one
+    (inf if training did not move the vectors, or greedy tokens differ)."""
+    import peft
+    ours, pm, _ = ia3_pair(c, seed, randomize=False)
+    x, mask, _ = _ia3_batch(c, seed)
+    fresh, ref = ia3_base_models(c, seed)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trained = ours if direction == "minillm -> peft" else pm
+        before = {n: p.detach().clone() for n, p in _ia3_params(trained).items()}
+        _train(trained, c.base.vocab, seed=seed)
+        moved = max(_d(before[n], p) for n, p in _ia3_params(trained).items())
+        try:
+            if direction == "minillm -> peft":
+                peft_format.save_adapter(ours, d)
+                loaded, trained = peft.PeftModel.from_pretrained(ref, d).eval(), ours
+            else:
+                pm.save_pretrained(d)
+                loaded, trained = peft_format.load_adapter(fresh, d).eval(), pm
+        except (RuntimeError, ValueError):  # the other side refuses the file (another shape, a setting)
+            return float("inf")
+        if moved < 1e-3:
+            return float("inf")
+        with torch.no_grad():
+            a, b = loaded(input_ids=x, attention_mask=mask).logits, trained(input_ids=x, attention_mask=mask).logits
+            vectors = _state_delta({n: p for n, p in _ia3_params(loaded).items()},
+                                   {n: p for n, p in _ia3_params(trained).items()})
+    return max(_d(a, b), vectors)
+
+
+def ia3_trainable_line(c: ICase) -> float:
+    return same_line(*ia3_pair(c, randomize=False)[:2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# switching off: minillm.peft.disable_adapter vs peft's `with pm.disable_adapter():` and the base model
+
+
+def _out(m, x, mask, labels, peft_side: bool = False):
+    out = m(input_ids=x, attention_mask=mask, labels=labels) if peft_side else m(x, attention_mask=mask, labels=labels)
+    return out.logits.detach(), out.loss.detach()
+
+
+def disable_delta(ours, pm, plain, x, mask, labels) -> float:
+    """max |Δ| over: minillm switched off vs peft switched off (logits, loss), vs the base model, and minillm
+    after the block vs before it. inf if the adapter changes nothing (the row would prove nothing) or is still
+    off after the block."""
+    ours.eval(), pm.eval(), plain.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = _out(ours, x, mask, labels)
+        with peft_format.disable_adapter(ours) as m:
+            off = _out(m, x, mask, labels)
+        after = _out(ours, x, mask, labels)
+        with pm.disable_adapter():
+            ref = _out(pm, x, mask, labels, peft_side=True)
+        base = _out(plain, x, mask, labels)
+    T = x.shape[1]  # prompt tuning: switched on, the logits also cover its virtual tokens
+    if _d(before[0][:, -T:], off[0]) < 1e-4:
+        return float("inf")
+    return max(_d(a, b) for want in (ref, base) for a, b in zip(off, want)) + \
+        max(_d(a, b) for a, b in zip(after, before))
+
+
+def disable_lora(case: Case, seed: int = 0) -> float:
+    from parity.lora import lora_pair
+    ours, pm = lora_pair(case, seed)
+    plain, _ = base_models(case, seed)
+    x, mask, labels, _ = _batch(PCase(base=case), seed)
+    return disable_delta(ours, pm, plain, x, mask, labels)
+
+
+def disable_prompt_prefix(c: PCase, seed: int = 0) -> float:
+    w, pm, _ = pair(c, seed)
+    plain, _ = base_models(c.base, seed)
+    x, mask, labels, _ = _batch(c, seed)
+    return disable_delta(w, pm, plain, x, mask, labels)
+
+
+def disable_ia3(c: ICase, seed: int = 0) -> float:
+    ours, pm, _ = ia3_pair(c, seed)
+    plain, _ = ia3_base_models(c, seed)
+    x, mask, labels = _ia3_batch(c, seed)
+    return disable_delta(ours, pm, plain, x, mask, labels)
+
+
+def disable_houlsby(seed: int = 0) -> float:
+    """Houlsby (peft has none): switched off == the plain model exactly, and back on after the block."""
+    base = Case(layers=2, kv_heads=2, hidden=32, heads=4)
+    ours, _ = base_models(base, seed)
+    plain, _ = base_models(base, seed)
+    ours = peft_format.apply(ours, ha.HoulsbyConfig(bottleneck=4, init="houlsby"))
+    randomize_trainable(ours, seed)
+    x, mask, labels, _ = _batch(PCase(base=base), seed)
+    ours.eval(), plain.eval()
+    with torch.no_grad():
+        before = _out(ours, x, mask, labels)
+        with peft_format.disable_adapter(ours):
+            off = _out(ours, x, mask, labels)
+        after = _out(ours, x, mask, labels)
+        base_out = _out(plain, x, mask, labels)
+    if _d(before[0], off[0]) < 1e-4:
+        return float("inf")
+    return max(_d(a, b) for pair_ in ((off, base_out), (after, before)) for a, b in zip(*pair_))
+
+
+def randomize_trainable(model, seed: int = 0, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+DISABLE_LORA = {"lora q/v": Case(), "lora DoRA": Case(dora=True, targets="attn"),
+                "lora on embed_tokens, tied": Case(targets="qv+embed_tokens", tie=True)}
+DISABLE_PROMPT = {"prompt": PCase(kind="prompt"), "prefix + projection": PCase(projection=True)}
+DISABLE_IA3 = {"ia3 qwen2 biases": ICase(base=Case(model_type="qwen2")), "ia3 llama list": ICase(targets="list")}
+
+
+def ia3_rows(budget: float = 1.0):
+    n = max(2, round(4 * budget))
+    specs = [("ia3 logits (drawn)", "peft IA3", "ia3_exact"),
+             ("ia3 loss (drawn)", "peft IA3", "ia3_exact"),
+             ("ia3 grads of every ia3_l", "peft IA3", "ia3_exact"),
+             ("ia3 init: same seed -> same vectors", "peft IA3", "lora_init"),
+             ("ia3 merged in place: logits", "peft merge_adapter", "ia3_exact"),
+             ("ia3 unmerge (/(l+1e-8)): weights", "peft unmerge_adapter", "ia3_exact"),
+             ("ia3 merge_and_unload: weights", "peft merge_and_unload", "ia3_exact"),
+             ("ia3 merge_and_unload: logits", "peft merge_and_unload", "ia3_exact")]
+    yield from property_rows(specs, ia3_cases(), ia3_measure, n)
+    if selected("ia3 named"):
+        t0 = time.perf_counter()
+        results = [ia3_measure(c) for c in IA3_NAMED.values()]
+        yield fixed_check(f"ia3 named: {len(IA3_NAMED)} cases, all of the above", "peft IA3", "ia3_exact",
+                          [max(r[:3] + r[4:]) for r in results] + [r[3] for r in results], t0=t0)
+    files = {"llama default, biases": ICase(bias=True), "qwen2 regex": ICase(base=Case(model_type="qwen2"),
+                                                                            targets="regex")}
+    # peft saves target_modules=[k_proj, v_proj] with its default feedforward_modules=[down_proj], a file it then
+    # refuses to load ("should be a subset"); minillm loads it (peft -> minillm only)
+    back = {**files, "llama kv only": ICase(targets="kv only")}
+    for direction, named in (("minillm -> peft", files), ("peft -> minillm", back)):
+        if selected(f"ia3 files {direction}"):
+            yield _fixed(f"ia3 files {direction}, trained", "peft from_pretrained / save_pretrained", "ia3_exact",
+                         lambda c, d=direction: ia3_interop(c, d), named)
+    if selected("ia3 trainable-params line"):
+        yield _fixed("ia3 trainable-params line == peft's", "print_trainable_parameters", "generate",
+                     ia3_trainable_line, {"llama default": ICase(), "qwen3 list, tied": ICase(
+                         base=Case(model_type="qwen3", tie=True), targets="list")})
+
+
+def disable_rows(budget: float = 1.0):
+    ref = "peft disable_adapter() and the base model"
+    if selected("disable_adapter: lora"):
+        yield _fixed("disable_adapter: lora, DoRA, embedding", ref, "ia3_exact", disable_lora, DISABLE_LORA)
+    if selected("disable_adapter: prompt/prefix"):
+        yield _fixed("disable_adapter: prompt/prefix", ref, "ia3_exact", disable_prompt_prefix, DISABLE_PROMPT)
+    if selected("disable_adapter: ia3"):
+        yield _fixed("disable_adapter: ia3", ref, "ia3_exact", disable_ia3, DISABLE_IA3)
+    if selected("disable_adapter: houlsby"):
+        yield _fixed("disable_adapter: houlsby == base model", "the model without adapters", "houlsby_identity",
+                     lambda s: disable_houlsby(s), {"houlsby init, perturbed": 0})

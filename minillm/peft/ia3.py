@@ -20,6 +20,7 @@ by l + 1e-8 as peft does, so it is close to, not exactly, the original weight.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -60,10 +61,15 @@ class IA3Config:
             raise ValueError(f"IA3Config.feedforward_modules {f} must be a subset of target_modules {t}")
 
     def resolved(self, model_type: str) -> "IA3Config":
-        """The config with peft's defaults for `model_type` filled in (what peft saves)."""
-        return IA3Config(self.target_modules if self.target_modules is not None else DEFAULT_TARGETS[model_type],
-                         self.feedforward_modules if self.feedforward_modules is not None else DEFAULT_FEEDFORWARD,
-                         self.init_ia3_weights)
+        """The config with peft's defaults for `model_type` filled in (what peft saves). Not re-validated: as in
+        peft, the subset check applies to the lists a user gives, so target_modules=["k_proj", "v_proj"] with
+        the default feedforward_modules (down_proj, then not a target) is valid."""
+        c = copy.copy(self)
+        if c.target_modules is None:
+            c.target_modules = list(DEFAULT_TARGETS[model_type])
+        if c.feedforward_modules is None:
+            c.feedforward_modules = list(DEFAULT_FEEDFORWARD)
+        return c
 
 
 class IA3Linear(nn.Module):
@@ -122,20 +128,33 @@ def _is_feedforward(name: str, feedforward_modules: list[str] | str) -> bool:
     return any(name.endswith(f) for f in feedforward_modules)
 
 
+def _plan(model: nn.Module, config: IA3Config) -> dict[str, bool]:
+    """{target module name: is feed-forward} for a resolved config, in named_modules() order (peft's)."""
+    names = [n for n, m in model.named_modules() if n and is_target(n, config.target_modules)]
+    if not names or any(not isinstance(model.get_submodule(n), nn.Linear) for n in names):
+        raise ValueError(f"IA3 target_modules={config.target_modules!r} must match nn.Linear modules of "
+                         f"{type(model).__name__}; matched {names[:6]}")
+    return {n: _is_feedforward(n, config.feedforward_modules) for n in names}
+
+
+def _shapes(model: nn.Module, config: IA3Config) -> dict[str, tuple[int, int]]:
+    """The vectors applying `config` would make, under peft's keys, with their shapes: nothing allocated."""
+    plan = _plan(model, config.resolved(model.config.model_type))
+    lin = {n: model.get_submodule(n) for n in plan}
+    return {f"{PEFT_PREFIX}{n}.ia3_l": (1, lin[n].in_features) if ff else (lin[n].out_features, 1)
+            for n, ff in plan.items()}
+
+
 def apply_ia3(model: nn.Module, config: IA3Config) -> nn.Module:
     """Freeze `model` and wrap every targeted nn.Linear in IA3Linear, in named_modules() order (peft's)."""
     if config_of(model) is not None:
         raise ValueError(f"{type(model).__name__} already has a fine-tuning method applied")
     config = config.resolved(model.config.model_type)
-    names = [n for n, m in model.named_modules() if n and is_target(n, config.target_modules)]
-    if not names or any(not isinstance(model.get_submodule(n), nn.Linear) for n in names):
-        raise ValueError(f"IA3 target_modules={config.target_modules!r} must match nn.Linear modules of "
-                         f"{type(model).__name__}; matched {names[:6]}")
+    plan = _plan(model, config)
     freeze(model)
-    for name in names:
+    for name, is_feedforward in plan.items():
         parent, _, child = name.rpartition(".")
-        layer = IA3Linear(model.get_submodule(name), _is_feedforward(name, config.feedforward_modules),
-                          config.init_ia3_weights)
+        layer = IA3Linear(model.get_submodule(name), is_feedforward, config.init_ia3_weights)
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     model.peft_config = config
     return model
@@ -146,6 +165,7 @@ class IA3:
 
     peft_type, name, config_class = "IA3", "ia3", IA3Config
     title, can_merge = "(IA)^3 adapter", True
+    adapter_restores_training = True
 
     def apply(self, model: nn.Module, config: IA3Config) -> nn.Module:
         return apply_ia3(model, config)
@@ -164,11 +184,15 @@ class IA3:
         for key, default in (("fan_in_fan_out", False), ("modules_to_save", None), ("exclude_modules", None)):
             if d.get(key, default) not in (default, None):
                 raise ValueError(f"key {key!r}={d[key]!r} is not supported by minillm.peft.ia3 (only {default!r})")
-        return IA3Config(d.get("target_modules"), d.get("feedforward_modules"), d.get("init_ia3_weights", True))
+        t, f = d.get("target_modules"), d.get("feedforward_modules")
+        if isinstance(t, list) and _names(t) and f == DEFAULT_FEEDFORWARD and not set(f) <= set(t):
+            f = None  # the default filled in by save (peft writes these too, and cannot read them back): the same
+        return IA3Config(t, f, d.get("init_ia3_weights", True))
 
     def load(self, model: nn.Module, config: IA3Config, tensors: dict[str, torch.Tensor], path: str) -> nn.Module:
-        if config_of(model) is None:
-            apply_ia3(model, config)  # allocates only d-sized vectors, then the file is checked against them
+        if config_of(model) is None:  # the file is checked before the model is touched
+            check_tensors(_shapes(model, config), tensors, path)
+            apply_ia3(model, config)
         expected = self.state_dict(model)
         check_tensors(expected, tensors, path)
         copy_into(expected, tensors)
