@@ -18,7 +18,9 @@ llama.cpp itself in tests/test_export_llama_cpp.py. What is unusual:
   with every kind of whitespace, digits, CJK, emoji and contractions).
 - The chat. minillm's chat is ChatML and ends a reply at <|im_end|>: the GGUF carries that template (with the
   same default system message as `python -m minillm.generate`) and <|im_end|> as both EOS and EOT, so llama.cpp
-  and Ollama stop at the end of the turn (a model that never stops is the common failure of exports).
+  and Ollama stop at the end of the turn (a model that never stops is the common failure of exports). The
+  bundled tokenizer_config.json's own template is not copied: its `{% generation %}` tag is transformers' (for
+  assistant masks) and other Jinja engines refuse it.
 - Refused, by name, before anything is written: what llama.cpp would run differently from minillm (dynamic NTK
   RoPE, YaRN with non-default attention factor/mscale/betas, llama3 RoPE outside the llama arch, activations other
   than SiLU, qwen3's o_proj bias, qwen2 with head_dim * heads != hidden_size), and adapters that are not a
@@ -39,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from minillm.config import ModelConfig
+from minillm.generate import adapter_instead_of_model, model_instead_of_adapter
 from minillm.infra.files import read_json_object, staged_dir
 from minillm.model import CausalLM
 from minillm.peft import load_adapter, merge_and_unload, method_in
@@ -356,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="type of the 2-D weights (norms and biases stay f32; default: %(default)s, as llama.cpp's "
                          "converter for an fp32 model)")
     args = ap.parse_args(argv)
+    hint = adapter_instead_of_model(args.model, then="export it with python -m minillm.export --model {base} "
+                                    "--adapter {path} --outfile ...") or (
+        args.adapter and model_instead_of_adapter(args.adapter))
+    if hint:
+        raise SystemExit(f"{ap.prog}: error: {hint}")
     try:
         gguf_file, model_file = export(args.model, args.outfile, args.outtype, args.adapter, progress=True)
     except (OSError, ValueError) as e:
