@@ -206,7 +206,9 @@ def precompute_ref_logps(model: nn.Module, rows: Sequence[dict], pad_token_id: i
     out = []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        ref = reference_logps(model, collate(chunk, pad_token_id, cfg.max_length, cfg.truncation_mode), ref_model, fused)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id, cfg.max_length, cfg.truncation_mode).items()}
+        ref = reference_logps(model, batch, ref_model, fused).cpu()
         out += [{**r, "ref_chosen_logps": c.item(), "ref_rejected_logps": j.item()}
                 for r, c, j in zip(chunk, *ref.chunk(2))]
     return out

@@ -1,0 +1,185 @@
+"""Preference training (DPO) with --impl minillm|hf: minillm.dpo under the HF Trainer, or TRL's DPOTrainer itself.
+
+    deepspeed --num_gpus 2 train/dpo.py --impl minillm --model_name_or_path out/sft \
+        --train_files minillm/data/dpo.jsonl --beta 0.1 --loss_type sigmoid --peft lora \
+        --deepspeed ds_configs/zero2.json --output_dir out/dpo
+    python train/dpo.py --model_name_or_path out/sft      # bundled preference pairs, CPU
+
+Data: jsonl rows {"prompt", "chosen", "rejected"}, plain text or lists of {"role", "content"} messages
+(minillm.preference: tokenised and batched as TRL does; dropped, truncated and tied rows counted; a row that is not
+a preference row is named `file:line` and stops the run before any training). Both implementations train on the
+same usable rows. The flags are TRL's DPOConfig fields (--beta --loss_type --label_smoothing --max_length
+--truncation_mode --precompute_ref_log_probs), plus every TrainingArguments flag; defaults are TRL 1.16's
+(learning rate 1e-6), except bf16, which is off unless --bf16 (TRL turns it on by default, also on a CPU).
+
+Reference model: --peft: the same model with its adapter switched off (minillm.peft.disable_adapter; for --impl
+hf TRL is given the peft config, so its reference is peft's disable_adapter() too); full fine-tuning: a frozen
+copy of the starting model on every rank (what TRL's ZeRO-2 placement amounts to), or nothing with
+--precompute_ref_log_probs (the reference log-probs are computed once, before training, in batches of
+--per_device_train_batch_size, and stored in the rows).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, set_seed
+
+from minillm import dpo, preference
+from minillm.data import DATA_DIR
+from minillm.peft import method_of
+
+from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, fail
+from train.models import build_model, load_tokenizer, tokenizer_dir
+from train.peft_methods import PeftArguments, add_peft, settings
+from train.run import find_resume_checkpoint, setup_logging
+from train.trainer import Trainer, train_and_save
+
+logger = logging.getLogger("minillm.train")
+SAMPLE_DPO = DATA_DIR / "dpo.jsonl"
+
+
+@dataclass
+class DPOArguments:
+    """TRL 1.16 DPOConfig's fields that change the numbers, with its defaults."""
+
+    beta: float = field(default=0.1, metadata={"help": "the KL weight: rewards are beta x log-ratios"})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"],
+                                 metadata={"help": f"one or more of {list(dpo.LOSS_TYPES)} (summed)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "robust: the assumed label-flip rate in [0, 0.5)"})
+    max_length: int | None = field(default=1024, metadata={"help": "prompt + completion tokens per sequence"})
+    truncation_mode: str = field(default="keep_start", metadata={"help": "keep_start (rows whose prompt alone "
+                                                                         "reaches max_length are dropped) or keep_end"})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "reference log-probs once, before training"})
+
+
+def read_rows(files: list[str]) -> tuple[list, list[str]]:
+    """Every JSON line of `files` and its `file:line` name; a line that is not JSON stops the run."""
+    rows, where = [], []
+    for name in files:
+        try:
+            lines = Path(name).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--train_files: cannot read {name} ({e})")
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                fail(f"{name}:{i}: not a JSON line ({e.msg})")
+            where.append(f"{name}:{i}")
+    return rows, where
+
+
+def usable_rows(tokenizer, files: list[str], cfg: dpo.DPOConfig) -> tuple[list, list[dict]]:
+    """(the usable raw rows, their tokenisation); stops with every unusable row named."""
+    rows, where = read_rows(files)
+    tokenized, stats = preference.tokenize_rows(tokenizer, rows, tokenizer.eos_token, cfg.max_length,
+                                                cfg.truncation_mode, where)
+    logger.info(f"DPO data from {files}: {stats}")
+    if stats.problems:
+        fail("unusable preference rows:\n  " + "\n  ".join(stats.problems[:20])
+             + (f"\n  ... and {len(stats.problems) - 20} more" if len(stats.problems) > 20 else ""))
+    if not tokenized:
+        fail(f"no usable preference row in {files} ({stats})")
+    return rows, tokenized  # every row is usable; TRL drops the same too-long prompts itself
+
+
+class DPOTrainer(Trainer):
+    """train.trainer.Trainer whose loss is minillm.dpo's, logging TRL's metrics averaged over each logging window."""
+
+    def __init__(self, *args, dpo_config: dpo.DPOConfig, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpo_config, self.ref_model, self._logged = dpo_config, ref_model, {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps = dpo.completion_logps(model, inputs)
+        # the reference: precomputed, the frozen copy, or the unwrapped model with its adapter off
+        ref = dpo.reference_logps(self.accelerator.unwrap_model(model), inputs, self.ref_model)
+        for k, v in dpo.dpo_metrics(self.dpo_config, logps, ref).items():
+            self._logged.setdefault(k, []).append(v)
+        loss = dpo.dpo_loss(self.dpo_config, logps, ref, inputs["completion_mask"])
+        return (loss, {}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs = {**logs, **{k: sum(v) / len(v) for k, v in self._logged.items()}}  # as TRL's log()
+        self._logged = {}
+        super().log(logs, start_time)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PeftArguments, DPOArguments, TrainingArguments))
+    parser.set_defaults(output_dir="out/dpo", use_cpu=not torch.cuda.is_available(), logging_steps=10,
+                        learning_rate=1e-6, remove_unused_columns=False)
+    try:
+        model_args, data_args, peft_args, dpo_args, training_args = parser.parse_args_into_dataclasses(
+            args=sys.argv[1:] if argv is None else argv)
+        cfg = dpo.DPOConfig(beta=dpo_args.beta, loss_type=tuple(dpo_args.loss_type),
+                            label_smoothing=dpo_args.label_smoothing, max_length=dpo_args.max_length,
+                            truncation_mode=dpo_args.truncation_mode)
+    except ValueError as e:
+        fail(str(e).strip().splitlines()[0])
+    if peft_args.peft == "adapter" and model_args.impl == "hf":
+        fail("--peft adapter (Houlsby) is minillm's only: peft has none")
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args)
+    files = data_args.train_files or [str(SAMPLE_DPO)]
+    rows, tokenized = usable_rows(tokenizer, files, cfg)
+    model = build_model(model_args, tokenizer, training_args.seed)
+    checkpoint = find_resume_checkpoint(training_args)
+
+    if model_args.impl == "hf":
+        trainer = hf_trainer(model, rows, tokenizer, model_args, peft_args, dpo_args, training_args)
+    else:
+        model = add_peft(model, "minillm", peft_args, training_args.seed, tokenizer, tokenizer_dir(model_args))
+        ref_model = None
+        if method_of(model) is None and not dpo_args.precompute_ref_log_probs:
+            ref_model = copy.deepcopy(model).requires_grad_(False).eval().to(training_args.device)
+        if dpo_args.precompute_ref_log_probs:
+            model.to(training_args.device)
+            tokenized = dpo.precompute_ref_logps(model, tokenized, tokenizer.pad_token_id, cfg,
+                                                 training_args.per_device_train_batch_size,
+                                                 ref_model=model if method_of(model) is None else None)
+        trainer = DPOTrainer(model=model, args=training_args, train_dataset=tokenized, dpo_config=cfg,
+                             ref_model=ref_model, base_model_path=model_args.model_name_or_path,
+                             data_collator=lambda batch: preference.collate(batch, tokenizer.pad_token_id,
+                                                                            cfg.max_length, cfg.truncation_mode))
+    train_and_save(trainer, checkpoint, tokenizer, len(tokenized))
+
+
+def hf_trainer(model, rows, tokenizer, model_args, peft_args, dpo_args, training_args):
+    """TRL's DPOTrainer on the same rows and flags; with --peft it gets peft's config, so that its reference is the
+    adapter switched off (handed a wrapped model, TRL would copy the starting adapter as the reference)."""
+    import peft
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer as TRLTrainer
+    known = {f.name for f in fields(TRLConfig) if f.init}  # our TrainingArguments adds flags TRL's has not
+    args = TRLConfig(**{k: v for k, v in {**training_args.to_dict(), **asdict(dpo_args)}.items() if k in known})
+    peft_config = None
+    if peft_args.peft != "none":
+        torch.manual_seed(training_args.seed)
+        config_class = {"lora": peft.LoraConfig, "prompt": peft.PromptTuningConfig,
+                        "prefix": peft.PrefixTuningConfig, "ia3": peft.IA3Config}[peft_args.peft]
+        peft_config = config_class(task_type="CAUSAL_LM", **settings(peft_args, tokenizer_dir(model_args)))
+    ref_model = None
+    if peft_config is None and not dpo_args.precompute_ref_log_probs:
+        ref_model = copy.deepcopy(model).eval()  # TRL would reload it from a path, which a new model has not
+
+    class TRLDPOTrainer(Trainer, TRLTrainer):  # TRL's loss and logging; train.trainer's saving and checks
+        pass
+
+    return TRLDPOTrainer(model=model, base_model_path=model_args.model_name_or_path, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=tokenizer, peft_config=peft_config)
+
+
+if __name__ == "__main__":
+    main()
