@@ -494,9 +494,9 @@ def test_adapter_config_malformed_file(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(lora_alpha=float("nan")), r"LoraConfig\.lora_alpha must be a finite number, got nan"),
+    (dict(lora_alpha=float("nan")), r"LoraConfig\.lora_alpha must be a finite number > 0, got nan"),
     (dict(lora_alpha=float("-inf")), r"LoraConfig\.lora_alpha must be a finite number"),
-    (dict(lora_alpha="16"), r"LoraConfig\.lora_alpha must be a finite number, got '16'"),
+    (dict(lora_alpha="16"), r"LoraConfig\.lora_alpha must be a finite number > 0, got '16'"),
     (dict(r=-1), r"LoraConfig\.r must be a positive int, got -1"),
     (dict(r=8.0), r"LoraConfig\.r must be a positive int, got 8\.0"),
     (dict(r=True), r"LoraConfig\.r must be a positive int, got True"),

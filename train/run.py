@@ -80,7 +80,7 @@ def find_resume_checkpoint(training_args: TrainingArguments) -> str | None:
         logger.info(f"Checkpoint found: resuming from {os.path.join(out, d)}. "
                     "Use --overwrite_output_dir to start afresh.")
         return os.path.join(out, d)
-    if set(os.listdir(out)) - {safety.RUN_RECORD} and not ckpts:
+    if set(os.listdir(out)) - {safety.RUN_RECORD, safety.STAGING + safety.RUN_RECORD} and not ckpts:
         fail(f"output directory {out} is not empty and holds no checkpoint-N to resume from; "
              "use --overwrite_output_dir to train into it anyway, or another --output_dir")
     return None

@@ -126,10 +126,7 @@ def check_numbers(model_args, data_args, training_args, peft_args=None) -> str |
         finite("max_train_samples", data_args.max_train_samples, 1),
         finite("preprocessing_num_workers", data_args.preprocessing_num_workers, 1),
     ]
-    if peft_args is not None and peft_args.use_lora:
-        checks += [finite("lora_r", peft_args.lora_r, 1),
-                   finite("lora_alpha", peft_args.lora_alpha, 0, lo_open=True),
-                   finite("lora_dropout", peft_args.lora_dropout, 0, 1, hi_open=True)]
+    # --peft values are checked once, by the method's config (train/peft_methods.check_peft_args)
     return next((c for c in checks if c), None)
 
 

@@ -29,8 +29,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from minillm.infra.checkpoint import staged_dir
 from minillm.model import CausalLM
-from minillm.peft import files as peft_format
-from minillm.peft.lora import load_adapter, lora_layers
+from minillm.peft import load_adapter, method_of, save_adapter
 
 from train import safety
 from train.args import fail
@@ -122,14 +121,13 @@ class Trainer(transformers.Trainer):
         if bad := safety.non_finite_tensors(state_dict):
             raise Diverged(f"refusing to save non-finite weights ({', '.join(bad[:3])}) at step "
                            f"{self.state.global_step}")
-        if lora_layers(model):
+        method = method_of(model)  # minillm's fine-tuning method; None: a full fine-tune or pretraining
+        if method is not None:
             # Under ZeRO-3 the live adapter parameters are partitions (empty on this rank): take them from the
             # consolidated state dict the Trainer gathered (stage3_gather_16bit_weights_on_model_save).
-            peft_format.save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path,
-                                     state_dict=state_dict if zero3(self) else None)
-        elif minillm_adapted(model):  # prefix, prompt, Houlsby: peft's files (ZeRO-3 is refused for these)
-            peft_format.save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path)
-            if self._staging:  # a checkpoint: what a resume without DeepSpeed restores (peft_methods says why)
+            save_adapter(model, output_dir, base_model_name_or_path=self.base_model_path,
+                         state_dict=state_dict if zero3(self) else None)
+            if self._staging and not method.adapter_restores_training:  # a checkpoint: what a resume restores
                 save_trainable(model, output_dir)
         else:
             model.save_pretrained(output_dir, state_dict=state_dict)  # config.json + model.safetensors
@@ -178,10 +176,11 @@ class Trainer(transformers.Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)
-        if isinstance(target, CausalLM) and lora_layers(target):  # stock Trainer only knows peft adapters
-            load_adapter(target, resume_from_checkpoint)
+        method = method_of(target)
+        if method is not None and method.adapter_restores_training:  # the stock Trainer only knows peft's files
+            load_adapter(target, resume_from_checkpoint)  # into the method already applied: in place
             return
-        if minillm_adapted(target) or prompt_learning(target):  # prefix, prompt, Houlsby (peft's too)
+        if method is not None or prompt_learning(target):  # minillm's prefix tuning, peft's prompt/prefix
             try:
                 load_trainable(target, resume_from_checkpoint)
             except ValueError as e:

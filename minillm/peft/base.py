@@ -33,6 +33,9 @@ class PeftMethod(Protocol):
     config_class: ClassVar[type]  # the method's settings; its __post_init__ validates every value
     title: ClassVar[str]  # what a sentence calls an adapter of this type ("LoRA adapter")
     can_merge: ClassVar[bool]  # whether merge_and_unload folds it into the weights (LoRA, (IA)^3)
+    # whether loading the saved adapter into the applied method restores every trainable tensor, so that a resume
+    # needs nothing else (not prefix tuning: a projected prefix is saved as its output table, the MLP is lost)
+    adapter_restores_training: ClassVar[bool]
 
     def apply(self, model: nn.Module, config: Any) -> nn.Module:
         """Freeze `model` (a CausalLM) and add the method's new, trainable parameters; the model to use from now

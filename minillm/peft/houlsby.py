@@ -124,6 +124,7 @@ class Houlsby:
 
     peft_type, name, config_class = PEFT_TYPE, "adapter", HoulsbyConfig
     title, can_merge = "Houlsby adapter", False
+    adapter_restores_training = True
 
     def apply(self, model: nn.Module, config: HoulsbyConfig) -> nn.Module:
         return apply_adapters(model, config, verbose=False)

@@ -88,8 +88,9 @@ class LoraConfig:
         # every value is checked here, once: the layers, the file loader and the training flags build a LoraConfig
         if not _is_int(self.r) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
-        if not _is_real(self.lora_alpha) or not math.isfinite(self.lora_alpha):  # NaN would train to all-NaN
-            raise ValueError(f"LoraConfig.lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        # NaN would train to all-NaN, 0 would train nothing (the update is scaled by alpha / r)
+        if not _is_real(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not _is_real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         if self.bias != "none":
@@ -533,6 +534,7 @@ class LoRA:
 
     peft_type, name, config_class = "LORA", "lora", LoraConfig
     title, can_merge = "LoRA adapter", True
+    adapter_restores_training = True
 
     def apply(self, model: nn.Module, config: LoraConfig) -> nn.Module:
         return apply_lora(model, config, verbose=False)

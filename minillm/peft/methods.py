@@ -36,9 +36,8 @@ BY_NAME: dict[str, PeftMethod] = {m.name: m for m in METHODS.values()}  # finetu
 
 
 def method_of(model: nn.Module) -> PeftMethod | None:
-    """The method applied to `model`, None for a plain model."""
-    config = config_of(model)
-    return None if config is None else METHODS[config.peft_type]
+    """The method applied to `model`, None for a plain model (or one of peft's, whose peft_config is a dict)."""
+    return METHODS.get(getattr(config_of(model), "peft_type", None))
 
 
 def _applied(model: nn.Module) -> PeftMethod:

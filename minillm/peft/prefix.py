@@ -157,6 +157,7 @@ class PrefixTuning:
 
     peft_type, name, config_class = "PREFIX_TUNING", "prefix", PrefixTuningConfig
     title, can_merge = "prefix-tuning adapter", False
+    adapter_restores_training = False  # a projected prefix is saved as its table: the MLP is lost
 
     def apply(self, model: nn.Module, config: PrefixTuningConfig) -> nn.Module:
         return PrefixTuningLM(model, config)

@@ -134,6 +134,7 @@ class PromptTuning:
 
     peft_type, name, config_class = "PROMPT_TUNING", "prompt", PromptTuningConfig
     title, can_merge = "prompt-tuning adapter", False
+    adapter_restores_training = True
 
     def apply(self, model: nn.Module, config: PromptTuningConfig) -> nn.Module:
         return PromptTuningLM(model, config)
