@@ -146,13 +146,13 @@ def collate(rows: Sequence[Mapping[str, Any]], pad_token_id: int, max_length: in
     """TRL's DataCollatorForPreference: rows [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}], each sequence
     truncated on its own, right padding. input_ids, attention_mask, completion_mask (2B, T); reference log-probs
     (B,) each when the rows carry them (precompute_ref_log_probs)."""
-    sl = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+    sl = slice(None) if max_length is None else \
+        slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
     seqs, masks = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for r in rows:
-            ids, mask = r["prompt_ids"] + r[key], [0] * len(r["prompt_ids"]) + [1] * len(r[key])
-            seqs.append(ids if max_length is None else ids[sl])
-            masks.append(mask if max_length is None else mask[sl])
+            seqs.append((r["prompt_ids"] + r[key])[sl])
+            masks.append(([0] * len(r["prompt_ids"]) + [1] * len(r[key]))[sl])
     T = max(len(s) for s in seqs)
     batch = {"input_ids": torch.tensor([s + [pad_token_id] * (T - len(s)) for s in seqs]),
              "attention_mask": torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs]),

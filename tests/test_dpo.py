@@ -81,6 +81,8 @@ def test_collate_layout_chosen_then_rejected_right_padded(tok):
             assert b["completion_mask"][j, :n].tolist() == [0] * len(r["prompt_ids"]) + [1] * len(r[key])
     short = preference.collate(kept, 3, max_length=4, truncation_mode="keep_end")
     assert short["input_ids"][0].tolist() == (kept[0]["prompt_ids"] + kept[0]["chosen_ids"])[-4:]
+    for mode in ("keep_start", "keep_end"):  # no max_length: nothing cut
+        assert torch.equal(preference.collate(kept, 3, None, mode)["input_ids"], b["input_ids"])
 
 
 def test_hostile_rows_are_counted_or_named(tok):
