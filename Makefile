@@ -21,6 +21,7 @@ help:
 	@echo "make bench     - minillm vs transformers/peft/datasets/the course, side by side: table + bench.json"
 	@echo "make gpu-check - bf16 parity rows, fused loss at vocab 151,936 and a bf16 train-step benchmark on CUDA"
 	@echo "make mutants   - plant realistic one-line bugs one at a time; every one must be caught by a check"
+	@echo "make eval MODEL=out/sft - held-out bits per byte and multiple-choice accuracy (lm-eval task files)"
 	@echo "make doctor RUN=out/sft - is my loss normal? a run's loss against the demo's reference band, likely causes"
 
 install: $(STAMP)
@@ -83,6 +84,13 @@ gpu-check: $(STAMP)
 .PHONY: mutants
 mutants: $(STAMP)
 	$(PY) -m parity.mutants
+
+# Held-out bits per byte and the bundled multiple-choice task (lm-eval task YAML), either implementation.
+.PHONY: eval
+MODEL ?= out/demo/sft-full-minillm
+eval: $(STAMP)
+	$(PY) train/evaluate.py --model $(MODEL) --tasks minillm/data/eval/sample_mc.yaml minillm/data/eval/heldout.yaml \
+	  --output_dir $(or $(OUT),out/eval)
 
 # Is my loss normal? RUN's trainer_state.json against the demo's reference band (train/reference_curves.json).
 .PHONY: doctor

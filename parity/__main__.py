@@ -15,7 +15,7 @@ import time
 
 from parity.harness import fail_fast, format_table, select_rows, selected
 
-AREAS = ("model", "data", "lora", "generate", "dtype", "peft_methods")  # parity/<area>.py: each has rows(budget)
+AREAS = ("model", "data", "lora", "generate", "dtype", "peft_methods", "eval")  # parity/<area>.py: each has rows(budget)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,21 +37,10 @@ from parity.model import random_model
 from parity.tolerances import TOLERANCES
 
 # To move into parity/tolerances.py (owned by another developer); used from here until they are there.
-EVAL_TOLERANCES: dict[str, tuple[float, str]] = {
-    "eval_tokens": (0.0, "integer token ids of context/continuation (_encode_pair) and rolling windows: exact"),
-    "eval_ll": (1e-6, "relative, |Δ| / max(1, |ll|): an item's log-likelihood sums fp32 log-probs, |ll| ~ 50-100 on "
-                "the random model, where one fp32 ulp is 3.8e-6-7.6e-6 absolute; measured <= 2 ulps (1.5e-5 absolute "
-                "at |ll| ~ 100) on both paths: logits of the same rows differ by ~1 ulp between minillm and "
-                "transformers (tolerance `logits`), and the KV-cache path reads the context once, with a mask"),
-    "eval_rolling": (1e-6, "relative: a document's log-likelihood sums hundreds of fp32 log-probs (|ll| ~ 10^3, "
-                     "an fp32 ulp there is ~6e-5 absolute)"),
-    "eval_metric": (0.0, "acc, acc_norm and is_greedy: argmax decisions over the same log-likelihoods, identical"),
-    "eval_ppl": (1e-6, "relative: word/byte perplexity and bits per byte from the same summed log-likelihoods"),
-}
 
 
 def _tol(name: str) -> float:
-    return (TOLERANCES.get(name) or EVAL_TOLERANCES[name])[0]
+    return TOLERANCES[name][0]
 
 
 EN = ("the river town wakes up early boats leave before sunrise bakers light their ovens first bells ring from the "

@@ -58,6 +58,17 @@ TOLERANCES: dict[str, tuple[float, str]] = {
     "ia3_exact": (0.0, "(IA)^3 vs peft's IA3, and disable_adapter vs peft's and the base model: the same tensor ops "
                   "in the same order (scale the output incl. its bias, or the input; merge W * l, unmerge "
                   "W / (l + 1e-8)), so bit-identical logits, loss, grads, merged/unmerged weights, files (measured 0)"),
+    # parity/eval.py: minillm.evaluate vs lm-evaluation-harness's hf model
+
+    "eval_tokens": (0.0, "integer token ids of context/continuation (_encode_pair) and rolling windows: exact"),
+    "eval_ll": (1e-6, "relative, |Δ| / max(1, |ll|): an item's log-likelihood sums fp32 log-probs, |ll| ~ 50-100 on "
+                "the random model, where one fp32 ulp is 3.8e-6-7.6e-6 absolute; measured <= 2 ulps (1.5e-5 absolute "
+                "at |ll| ~ 100) on both paths: logits of the same rows differ by ~1 ulp between minillm and "
+                "transformers (tolerance `logits`), and the KV-cache path reads the context once, with a mask"),
+    "eval_rolling": (1e-6, "relative: a document's log-likelihood sums hundreds of fp32 log-probs (|ll| ~ 10^3, "
+                     "an fp32 ulp there is ~6e-5 absolute)"),
+    "eval_metric": (0.0, "acc, acc_norm and is_greedy: argmax decisions over the same log-likelihoods, identical"),
+    "eval_ppl": (1e-6, "relative: word/byte perplexity and bits per byte from the same summed log-likelihoods"),
 }
 
 
