@@ -131,7 +131,12 @@ def load_adapter(model: nn.Module, save_dir: str | os.PathLike, verbose: bool = 
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     wpath = checked_file(Path(save_dir), ADAPTER_WEIGHTS_NAME, "adapter")
-    model = method.load(model, config, read_safetensors_file(wpath), str(wpath))
+    try:
+        model = method.load(model, config, read_safetensors_file(wpath), str(wpath))
+    except ValueError as e:  # e.g. targets that match nothing: the config's doing, so name the config file
+        if str(wpath) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from None
     if verbose:
         print(trainable_summary(model))
     return model
