@@ -165,3 +165,26 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d
+
+
+def model_fingerprint(model_dir: str | Path, chunks: int = 16, chunk_bytes: int = 1 << 16) -> dict[str, Any]:
+    """A cheap identity of a model directory, recorded beside an adapter (minillm_base.json) to notice it being
+    loaded on another base: the sha256 of config.json and, per weight file (*.safetensors), its size and the sha256
+    of `chunks` slices of `chunk_bytes` at evenly spaced offsets (first and last included). Reads at most 1 MiB per
+    file, so a multi-GB checkpoint is fingerprinted in milliseconds; two different trainings of one architecture
+    differ in their sampled bytes."""
+    import hashlib
+
+    root = Path(model_dir)
+    out: dict[str, Any] = {"format": 1, "config_sha256": None, "weights": {}}
+    if (root / "config.json").is_file():
+        out["config_sha256"] = hashlib.sha256((root / "config.json").read_bytes()).hexdigest()
+    for f in sorted(root.glob("*.safetensors")):
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for i in range(chunks):
+                fh.seek(0 if chunks == 1 else (max(0, size - chunk_bytes) * i) // (chunks - 1))
+                h.update(fh.read(chunk_bytes))
+        out["weights"][f.name] = {"size": size, "sampled_sha256": h.hexdigest()}
+    return out
