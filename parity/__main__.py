@@ -15,7 +15,7 @@ import time
 
 from parity.harness import fail_fast, format_table, select_rows, selected
 
-AREAS = ("model", "data", "lora", "generate", "dtype", "peft_methods", "eval")  # parity/<area>.py: each has rows(budget)
+AREAS = ("model", "data", "lora", "generate", "dtype", "peft_methods", "eval", "dpo")  # parity/<area>.py: each has rows(budget)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,14 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     fail_fast(args.fail_fast)
 
     rows, t0 = [], time.perf_counter()
-    for area in args.only or AREAS:
+    areas = args.only or list(AREAS)
+    print(f"parity: {len(areas)} area(s), one at a time ({', '.join(areas)}); its rows as they are measured, "
+          "then the table (a few minutes in all on 2 cores, longer under load)", flush=True)
+    for i, area in enumerate(areas, 1):
+        started = time.perf_counter()
+        print(f"== area {i}/{len(areas)} {area}: started ({started - t0:.0f} s in)", flush=True)
         module = importlib.import_module(f"parity.{area}")
+        n = len(rows)
         for row in module.rows(args.budget):
             if not selected(row.check):
                 continue
             rows.append(row)
             print(f"[{len(rows):2d}] {row.verdict:4s} {row.check:<38s} max|Δ|={row.max_delta:.2e} "
                   f"tol={row.tolerance:.0e} configs={row.configs} ({row.seconds:.1f}s)", flush=True)
+        bad = sum(r.verdict == "FAIL" for r in rows[n:])
+        print(f"== area {i}/{len(areas)} {area}: finished, {len(rows) - n} rows"
+              + (f", {bad} FAILED" if bad else "") + f" in {time.perf_counter() - started:.0f} s", flush=True)
     print()
     print(format_table(rows))
     failed = [r for r in rows if r.verdict == "FAIL"]

@@ -43,23 +43,6 @@ from parity.tolerances import TOLERANCES
 
 REFERENCE = "TRL 1.16 DPOTrainer"
 
-# Until parity/tolerances.py carries them (its owner adds these lines there), the area's tolerances register here.
-DPO_TOLERANCES = {
-    "dpo_tokens": (0.0, "integer ids and masks: exact"),
-    "dpo_logps": (2e-5, "fp32 sums of up to ~60 token log-probs: TRL's chunked head multiplies (N, C) by (C, V) with "
-                  "torch.mm, minillm's lm_head runs F.linear on (B, T, C), another GEMM shape may round a logit by an "
-                  "ulp; measured 0 over the drawn configs (the same formula in the same order)"),
-    "dpo_loss": (1e-6, "fp32: a few ops on the log-ratios, whose error is beta x dpo_logps"),
-    "dpo_grads": (1e-5, "fp32 gradients per unit of max |d loss / d logp| (see _logp_weight): TRL's backward is its "
-                  "own (onehot - p) formula with fp32 addmm, autograd's softmax backward sums in another order"),
-    "dpo_metrics": (2e-5, "means of the per-sequence log-probs (dpo_logps) and beta x log-ratios"),
-    "dpo_fused": (1e-6, "minillm's fused log-probs vs its full-logits path, relative to max |logp|: chunked GEMMs of "
-                  "fewer rows, another summation order; measured <= 1.6e-7 (~1.5e-5 absolute on sums near -100)"),
-    "dpo_fused_grads": (2e-5, "the same, gradients per unit of max |d loss / d logp| (as dpo_grads); measured <= 4.7e-6"),
-    "dpo_precompute": (0.0, "precomputed reference log-probs replace the same computation on the same batches"),
-}
-for _name, _entry in DPO_TOLERANCES.items():
-    TOLERANCES.setdefault(_name, _entry)
 
 EN = "the sun is hot cold a model learns weights loss data token blue red answer question yes no".split()
 ZH = list("太阳是热的冷模型学习数据问题答案红蓝")
