@@ -32,3 +32,14 @@ def test_layout_names_every_minillm_module():
     for path in sorted((ROOT / "minillm").rglob("*.py")):
         if path.name != "__init__.py":
             assert path.name in layout, f"README's Layout does not name {path.relative_to(ROOT)}"
+
+
+def test_use_it_snippet_runs_as_printed(tmp_path, monkeypatch):
+    """The README's first code block, executed as a user would paste it (in an empty working directory)."""
+    section = README[README.index("## Use it"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Use it)", "exec"), {"__name__": "__readme__"})
+    assert (tmp_path / "out/tiny/model.safetensors").is_file()
+    assert (tmp_path / "out/tiny-lora/adapter_config.json").is_file()
