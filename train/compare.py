@@ -55,9 +55,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "lora": ("1e-2", ["--use_lora", "--lora_r", "8", "--lora_alpha", "16", "--lora_target_modules", "all-linear"]),
     "prefix": ("3e-2", ["--peft", "prefix", "--prefix_projection"]),
     "prompt": ("3e-1", ["--peft", "prompt"]),
+    "ia3": ("1", ["--peft", "ia3"]),  # (IA)^3's sweep: train/args.py DEFAULT_LR
     "adapter": ("1e-2", ["--peft", "adapter", "--adapter_bottleneck", "16"]),
 }
-HF_HAS = ("lora", "prefix", "prompt")  # peft 0.21 has no Houlsby adapters: minillm's alone
+HF_HAS = ("lora", "prefix", "prompt", "ia3")  # peft 0.21 has no Houlsby adapters: minillm's alone
 TRAINABLE_LINE = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)")
 
 
