@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from minillm.generation import TextStream, check_generation_args, generate
+from minillm.infra.files import model_fingerprint
 from minillm.model import CausalLM
 from minillm.peft import METHODS, load_adapter, merge_and_unload, method_in, method_of
 from minillm.sft import chatml_prompt_ids
@@ -65,6 +66,40 @@ def model_instead_of_adapter(path: str | Path, flag: str = "--adapter") -> str |
             f"format)")
 
 
+def runnable_python() -> str:
+    """This interpreter as a command that runs as printed from here (`.venv/bin/python` in a checkout, else its
+    absolute path): a bare `python` on a fresh clone is the system's, without torch."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
+BASE_RECORD = "minillm_base.json"  # written beside adapter_config.json by train/finetune.py
+
+
+def base_mismatch(model_dir: str | Path, adapter: str | Path) -> str | None:
+    """A sentence when `adapter` records (in minillm_base.json) a base model other than `model_dir`, compared by
+    fingerprint (minillm.infra.files.model_fingerprint: config and sampled weight bytes), not by path; None when
+    they match or the adapter records nothing (peft's own adapters)."""
+    record = Path(adapter) / BASE_RECORD
+    if not record.is_file():
+        return None
+    try:
+        d = json.loads(record.read_text(encoding="utf-8"))
+        want, base = d["fingerprint"], d.get("base_model", "?")
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+    have = model_fingerprint(model_dir)
+    if have == want:
+        return None
+    what = "another model configuration" if have.get("config_sha256") != want.get("config_sha256") else \
+        "the same configuration with different weights"
+    return (f"the adapter {adapter} was trained on {base}, and {model_dir} is not that model ({what}): its "
+            f"replies will be gibberish. Load it on its base: --model {base} --adapter {adapter}")
+
+
 def _load(model_dir: str, adapter: str | None):
     """(model, tokenizer) for the chat. An adapter of any type is loaded with minillm.peft.load_adapter; a method
     that merges (LoRA, (IA)^3) is folded into the weights (a plain CausalLM, as fast as the base); prompt and prefix
@@ -76,6 +111,8 @@ def _load(model_dir: str, adapter: str | None):
             raise ValueError(hint)
     model = CausalLM.from_pretrained(model_dir)
     if adapter:
+        if warning := base_mismatch(model_dir, adapter):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         model = load_adapter(model, adapter)  # maybe a wrapper: always its return value
         if method_of(model).can_merge:
             model = merge_and_unload(model)

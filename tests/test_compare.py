@@ -83,3 +83,70 @@ def test_methods_flag_names_the_unknown(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare.main(["--out", str(tmp_path), "--methods", "lora,dora"])
     assert "unknown ['dora']" in capsys.readouterr().err
+
+
+def test_plot_draws_equal_steps_as_ticks_in_every_panel(tmp_path):
+    """issue 20: the PEFT panel drew Δ = 0 as dots at 1e-8 while the stage panels use ticks on the bottom edge."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pair = {"minillm": {**run([7.0, 6.9, 6.8]), "steps": [1, 2, 3]}, "hf": {**run([7.0, 6.9, 6.8]), "steps": [1, 2, 3]}}
+    st = {**stage(pair, [0.0, 9.5e-7, 0.0]), "stage": "sft-lora"}
+    captured = {}
+    real = plt.Figure.savefig
+
+    def keep(fig, *a, **k):
+        captured["fig"] = fig
+        return real(fig, *a, **k)
+
+    plt.Figure.savefig = keep
+    try:
+        compare.plot([st], tmp_path / "c.png", {"lora": st, "prefix": {**st, "delta": [0.0, 0.0, 0.0]}})
+    finally:
+        plt.Figure.savefig = real
+    bottoms = [a for a in captured["fig"].axes if "|Δ loss|" in a.get_ylabel()]
+    assert len(bottoms) == 2
+    for ax in bottoms:
+        ys = [y for line in ax.get_lines() for y in line.get_ydata() if line.get_linestyle() == "None"]
+        assert ys and min(ys) > compare.TARGET * 1e-2, ys  # no zero drawn as a stand-in value
+        ticks = [c for c in ax.collections if c.get_offsets().shape[0]]
+        assert ticks, f"no Δ = 0 ticks in {ax.get_title()}"
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_op_build_env_pins_one_ninja(monkeypatch):
+    """The venv's bin/ first on PATH (its ninja), for this process and the launched ones."""
+    env = compare.pin_op_build_env({"PATH": "/usr/bin:/bin"})
+    venv_bin = Path(sys.prefix) / "bin"
+    if (venv_bin / "ninja").exists():
+        assert env["PATH"].split(":")[0] == str(venv_bin) and env["PATH"].count(str(venv_bin)) == 1
+        again = compare.pin_op_build_env(dict(env))
+        assert again["PATH"] == env["PATH"]
+    assert env["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    assert compare.pin_op_build_env({"PATH": "", "TORCH_EXTENSIONS_DIR": "/x"})["TORCH_EXTENSIONS_DIR"] == "/x"
+
+
+def test_op_not_built_is_announced_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert compare.op_build_reason().startswith("not built yet in ")
+
+
+@pytest.mark.skipif(not list((Path(sys.prefix) / "torch_extensions" / compare.OP).glob("*.so")),
+                    reason="the op is not built in this venv yet (make demo builds it)")
+def test_op_builds_once_per_venv_in_every_launch_style(tmp_path):
+    """issue 20: the op recompiled when the launch style changed which ninja ran (a venv on PATH or not). Whatever
+    PATH a launch starts with, the pinned build is up to date: no launch compiles it again."""
+    import os
+    import subprocess
+
+    code = ("import sys; from train.compare import pin_op_build_env, op_build_reason; pin_op_build_env(); "
+            "r = op_build_reason(); print('REASON', r); sys.exit(r is not None)")
+    venv_bin = str(Path(sys.prefix) / "bin")
+    bare = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
+    for path in (bare, venv_bin + os.pathsep + bare):  # `.venv/bin/python ...` vs an activated venv / `deepspeed`
+        env = {**os.environ, "PATH": path}
+        env.pop("TORCH_EXTENSIONS_DIR", None)
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,3 +93,26 @@ def test_resume_with_a_changed_learning_rate_warns_that_it_has_no_effect(tmp_pat
     lrs = [e["learning_rate"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
            if "learning_rate" in e and e["step"] > 2]
     assert lrs and all(x == pytest.approx(3e-3) for x in lrs), lrs  # the warning is true: 1e-4 was not used
+
+
+def test_parity_says_which_area_runs():
+    """issue 20: `make parity` printed nothing for minutes; now a line per area as it starts and finishes."""
+    p = subprocess.run([sys.executable, "-m", "parity", "--only", "data", "--rows", "no-such-check"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("parity: 1 area(s)"), lines[:3]
+    assert lines[1].startswith("== area 1/1 data: started") and "finished, 0 rows in" in lines[2], lines[:3]
+
+
+def test_bench_quick_gives_no_verdicts():
+    """issue 20: `python -m parity.bench --quick` printed a wall of NO against the full-size targets."""
+    from parity.bench.report import format_table, table_rows
+
+    case = {"train_tiny": {"same_output": True, "tokens_s": {"minillm": 10.0, "reference": 20.0},
+                           "peak_mb": {"minillm": 100.0, "reference": 120.0}, "grads_adam_mb": 10.0,
+                           "flop_rate_fraction": {"minillm": 0.1, "reference": 0.2}}}
+    full = table_rows(case)
+    assert any(r["met"] is False for r in full) and "NO" in format_table(full)
+    quick = table_rows(case, verdicts=False)
+    assert all(r["met"] is None and r["target"] is None for r in quick) and "NO" not in format_table(quick)

@@ -98,3 +98,58 @@ def test_shipped_reference_has_both_stages_from_several_seeds():
         assert len(seeds) >= 3 and all(len(c) == n for c in seeds.values()), (stage, [len(c) for c in seeds.values()])
         lo, mid, hi = doctor.band(ref, stage)
         assert lo[-1] <= mid[-1] <= hi[-1] < lo[0]  # the band falls: the reference runs trained
+
+
+def _base(tmp: Path, losses: list[float]) -> Path:
+    base = tmp / "pretrain"
+    base.mkdir()
+    return write_run(base, losses, "pretrain.py", lr=3e-3, data="minillm/data/pretrain.jsonl")
+
+
+def test_undertrained_base_is_named_not_the_learning_rate(tmp_path, capsys):
+    """issue 20: the README's old course path (a 9-step base, loss 7.6) then LoRA SFT: the doctor used to say
+    "learning rate too low (peak 0.0049; the demo's is 0.003)"; it must name the base."""
+    base = _base(tmp_path, curve(8.3, 7.6, 9))
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    write_run(sft, curve(7.9, 7.35, 563, 0.05), "finetune.py", lr=4.9e-3, model=str(base), lora={"r": 8})
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(REF))
+    rc = doctor.main([str(sft), "--reference", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "undertrained base model" in out and "9 steps" in out, out
+    assert "learning rate too low" not in out, out
+    warning = doctor.end_of_run_warning(sft, path)
+    assert "this model has not learned yet: 563 steps" in warning and "undertrained base" in warning, warning
+    assert "--peft lora" in warning and "train/doctor.py" in warning, warning
+
+
+def test_a_short_pretraining_is_too_few_steps(tmp_path, capsys):
+    base = _base(tmp_path, curve(8.3, 7.6, 9))
+    rc, out = run(base, capsys)
+    assert rc == 1 and "too few steps" in out and "this model has not learned yet: 9 steps" in out, out
+    warning = doctor.end_of_run_warning(base, base / "ref.json")  # the reference run() wrote
+    assert warning.startswith("WARNING: this model has not learned yet: 9 steps, loss 7."), warning
+    assert "the demo's base (pretraining) reaches 1.2" in warning, warning
+
+
+def test_no_warning_for_a_run_that_learned_or_another_setup(tmp_path):
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(REF))
+    good = tmp_path / "good"
+    good.mkdir()
+    write_run(good, curve(8.3, 1.15, 257, 0.1), "pretrain.py", data="minillm/data/pretrain.jsonl")
+    assert doctor.end_of_run_warning(good, path) is None
+    # logged every 10 steps (the scripts' default): the last logged loss is already a 10-step mean
+    ten = tmp_path / "ten"
+    ten.mkdir()
+    losses = curve(8.3, 1.15, 200, 0.1)
+    hist = [{"step": s, "loss": sum(losses[s - 10:s]) / 10, "learning_rate": 3e-3} for s in range(10, 201, 10)]
+    (ten / "trainer_state.json").write_text(json.dumps({"log_history": hist}))
+    (ten / "run.json").write_text((good / "run.json").read_text())
+    assert doctor.end_of_run_warning(ten, path) is None
+    assert doctor.main([str(ten), "--reference", str(path)]) == 0  # smoothed over steps: no 90-step lag
+    other = tmp_path / "other"
+    other.mkdir()
+    write_run(other, curve(8.3, 7.6, 9), "pretrain.py", data="mydata/corpus.jsonl")
+    assert doctor.end_of_run_warning(other, path) is None  # not the demo's setup: the band says nothing

@@ -77,10 +77,10 @@ def launch(script: str, nproc: int, launcher: str, args: list[str], log: Path) -
     else:
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
     cmd += [str(ROOT / "train" / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    env = pin_op_build_env({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     env.setdefault("HF_HUB_OFFLINE", "1")
-    print("$ " + " ".join(cmd[2:] if launcher != "deepspeed" else cmd), flush=True)
+    from minillm.generate import runnable_python
+    print("$ " + " ".join([runnable_python(), *cmd[1:]]), flush=True)
     t0 = time.perf_counter()
     total = args[args.index("--max_steps") + 1] if "--max_steps" in args else "?"
     with open(log, "w") as f:
@@ -98,25 +98,129 @@ def launch(script: str, nproc: int, launcher: str, args: list[str], log: Path) -
     return wall
 
 
+OP = "deepspeed_shm_comm"  # the one C++ op DeepSpeed builds for ZeRO-2 on CPU (torch's Adam: nothing else)
+
+
+def op_root() -> Path:
+    """Where the op is built: $TORCH_EXTENSIONS_DIR, else next to this venv (as the Makefile and train/args.py)."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
+
+
+def pin_op_build_env(env: dict | None = None) -> dict:
+    """Make every launch style build the op the same way; returns `env` (default os.environ), changed in place.
+
+    Measured cause of the silent recompiles: two ninja binaries. pip installs ninja 1.13 into the venv's bin/ (a
+    DeepSpeed dependency); the system may have another (here /usr/bin/ninja 1.11). torch runs whichever `ninja`
+    PATH finds first: `.venv/bin/python train/demo.py` (venv not activated) finds the system's, `deepspeed ...`
+    from an activated venv (or a test putting .venv/bin on PATH) the venv's. Their build logs differ (v5 vs v7,
+    MurmurHash vs rapidhash command hashes), so each reads the other's as invalid and recompiles everything:
+    45-150 s per switch. Putting this venv's bin/ first makes it one ninja per venv. TORCH_EXTENSIONS_DIR is
+    pinned next to the venv as well (a launch outside `make` reuses the same build)."""
+    env = os.environ if env is None else env
+    venv_bin = Path(sys.prefix) / "bin"
+    if (venv_bin / "ninja").exists():
+        path = env.get("PATH", "")
+        if path.split(os.pathsep)[0] != str(venv_bin):
+            env["PATH"] = os.pathsep.join([str(venv_bin), *[p for p in path.split(os.pathsep) if p != str(venv_bin)]])
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return env
+
+
+def op_build_reason() -> str | None:
+    """Why loading DeepSpeed's CPU op in this process would compile it, or None when the build is up to date.
+
+    The exact build file this process would write (DeepSpeed's flags through torch's own ninja-file writer) is put
+    in a scratch copy of the build directory and `ninja -n -d explain` there says whether, and why, it would
+    rebuild; the real build directory is not touched. Needs deepspeed importable (~4 s)."""
+    import shutil
+    import tempfile
+
+    build = op_root() / OP
+    if not list(build.glob("*.so")):
+        return f"not built yet in {build}"
+    ninja = shutil.which("ninja", path=os.environ.get("PATH"))
+    if ninja is None:
+        return "no ninja on PATH (DeepSpeed cannot build its op)"
+    try:
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+        from torch.utils import cpp_extension as ce
+
+        b = ShareMemCommBuilder()
+        sources = [os.path.abspath(b.deepspeed_src_path(p)) for p in b.sources()]
+        includes = [os.path.abspath(b.deepspeed_src_path(p)) for p in b.include_paths()]
+        cflags = [*b.strip_empty_entries(b.cxx_args()), "-UC10_USE_GLOG"]  # as DeepSpeed's jit_load adds it
+        ldflags = ce._prepare_ldflags(b.strip_empty_entries(b.extra_ldflags()), False, False, False, False)
+        with tempfile.TemporaryDirectory() as tmp:
+            scratch = Path(tmp) / OP
+            shutil.copytree(build, scratch, symlinks=True, ignore=shutil.ignore_patterns("lock"))
+            old = (scratch / "build.ninja").read_text() if (scratch / "build.ninja").exists() else ""
+            (scratch / "build.ninja").unlink(missing_ok=True)
+            ce._write_ninja_file_to_build_library(str(scratch / "build.ninja"), OP, sources, cflags, [], [], ldflags,
+                                                  includes, False, False, False)
+            new = (scratch / "build.ninja").read_text()
+            run = subprocess.run([ninja, "-n", "-d", "explain", "-C", str(scratch)], capture_output=True, text=True)
+    except Exception as e:  # noqa: BLE001 - a check that cannot run must not stop training
+        return f"unknown (the check failed: {type(e).__name__}: {e})"
+    said = (run.stdout + run.stderr).splitlines()
+    if run.returncode == 0 and any("no work to do" in l for l in said):
+        return None
+    why = [l.split("explain: ", 1)[1] for l in said if "explain: " in l]
+    why += [l.split("warning: ", 1)[1] for l in said if "warning: " in l]
+    version = subprocess.run([ninja, "--version"], capture_output=True, text=True).stdout.strip()
+    if old and old != new:
+        gone = sorted(set(old.split()) - set(new.split()))
+        came = sorted(set(new.split()) - set(old.split()))
+        why.insert(0, f"the build command changed ({', '.join(gone[:3])} -> {', '.join(came[:3])}"
+                      + ("; this venv is reached through another path (a symlink?) than when it was built"
+                         if any(str(Path(sys.prefix)) in w for w in came) else "") + ")")
+    if old == new and any("command line changed" in w for w in why):  # same command, hashed by another ninja
+        why.insert(0, "the op was last built by another ninja binary (the same command, hashed another way in the "
+                      "build log)")
+        why = [w for w in why if "command line changed" not in w and "is dirty" not in w]
+    if any("build log version" in w for w in why):  # the other ninja's log: every output looks new to this one
+        why.insert(0, "the op was last built by another ninja binary, whose build log this one cannot read")
+        why = [w for w in why if "command line not found" not in w and "is dirty" not in w]
+    short = "; ".join(dict.fromkeys(w.strip() for w in why if w.strip())) or "ninja says it would rebuild"
+    return f"{short} [ninja {version} at {ninja}]"
+
+
+def build_op_here() -> int:
+    """Compile the op in this process if it is not up to date, saying why first. Exit status 0; prints the seconds
+    a compile took on the last line as `compiled-in: S` (0 when nothing was compiled)."""
+    pin_op_build_env()
+    reason = op_build_reason()
+    took = 0.0
+    if reason is not None:
+        print(f"compiling DeepSpeed's CPU op {OP} (shared-memory collectives between ranks) into {op_root()}: "
+              f"1-3 minutes, once per venv; why: {reason}", flush=True)
+        t0 = time.perf_counter()
+        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+        ShareMemCommBuilder().load(verbose=False)
+        took = time.perf_counter() - t0
+    print(f"compiled-in: {took:.1f}", flush=True)
+    return 0
+
+
 def build_ops() -> float:
-    """Compile DeepSpeed's CPU op (deepspeed_shm_comm) now if it is not built yet, saying so; returns the seconds.
+    """Compile DeepSpeed's CPU op (deepspeed_shm_comm) now if it is not up to date, saying why; returns the seconds.
 
     Left to the first launch, the build is a silent 1-3 min "starting" that a timing would charge to training.
     On a CUDA machine nothing is compiled for ZeRO-2 with torch's Adam, so nothing happens."""
     import torch
     if torch.cuda.is_available():
         return 0.0
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or ROOT / ".venv" / "torch_extensions")
-    if list(root.glob("deepspeed_shm_comm/*.so")):
-        return 0.0
-    print(f"compiling DeepSpeed's CPU op deepspeed_shm_comm (shared-memory collectives between ranks) into {root}: "
-          "1-3 minutes, once; later runs reuse it", flush=True)
-    t0 = time.perf_counter()
-    build = "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
-    subprocess.run([sys.executable, "-c", build],
-                   check=True, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}, cwd=ROOT)
-    took = time.perf_counter() - t0
-    print(f"compiled in {took:.0f} s (not counted in the timings below)", flush=True)
+    env = pin_op_build_env(dict(os.environ))
+    run = subprocess.run([sys.executable, "-c", "import sys; from train.compare import build_op_here; "
+                          "sys.exit(build_op_here())"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    lines = run.stdout.splitlines()
+    for line in lines:
+        if not line.startswith("compiled-in: ") and "Setting accelerator to CPU" not in line:
+            print(line, flush=True)
+    if run.returncode != 0:
+        raise SystemExit(f"compare.py: error: building DeepSpeed's op {OP} failed (exit {run.returncode})")
+    took = float(next((l.split(": ")[1] for l in lines if l.startswith("compiled-in: ")), 0.0))
+    if took:
+        print(f"compiled in {took:.0f} s (not counted in the timings below)", flush=True)
     return took
 
 
@@ -298,16 +402,25 @@ def plot(stages: list[dict], path: Path, methods: dict[str, dict] | None = None)
                 if impl in st["runs"]:
                     r = st["runs"][impl]
                     top.plot(r["steps"], r["loss"], style, color=f"C{i}", label=f"{name} --impl {impl}")
-            if st["delta"]:
-                bottom.semilogy(st["runs"]["minillm"]["steps"], [max(d, TARGET * 1e-3) for d in st["delta"]], ".",
-                                color=f"C{i}", label=f"{name} (max {st['max_delta']:.2g})")
+            if st["delta"]:  # as the stage panels: |Δ| > 0 as dots, Δ = 0 as ticks on the bottom edge
+                steps = st["runs"]["minillm"]["steps"]
+                nonzero = [(s, d) for s, d in zip(steps, st["delta"]) if d > 0]
+                zero = [s for s, d in zip(steps, st["delta"]) if d == 0]
+                if nonzero:
+                    bottom.semilogy(*zip(*nonzero), ".", color=f"C{i}",
+                                    label=f"{name} |Δ| > 0 ({len(nonzero)} steps, max {st['max_delta']:.2g})")
+                if zero:
+                    bottom.scatter(zero, [0.03 + 0.03 * i] * len(zero), marker="|", color=f"C{i}", s=80,
+                                   transform=bottom.get_xaxis_transform(),
+                                   label=f"{name} Δ = 0, equal ({len(zero)} steps)")
         top.set_title("PEFT methods: SFT loss from the same base (ZeRO-2)")
         top.set_xlabel("step")
         top.set_ylabel("training loss")
         top.legend(**outside)
+        bottom.set_yscale("log")
         bottom.axhline(TARGET, color="red", linestyle=":", label=f"target {TARGET:g}")
         bottom.set_ylim(TARGET * 1e-3 / 3, TARGET * 10)
-        bottom.set_title(f"PEFT methods: |Δ loss| minillm vs peft (Δ = 0 drawn at {TARGET * 1e-3:g})")
+        bottom.set_title("PEFT methods: |Δ loss| minillm vs peft (Δ = 0: ticks on the bottom edge)")
         bottom.set_xlabel("step")
         bottom.set_ylabel("|Δ loss| (minillm vs hf)")
         bottom.legend(**outside)

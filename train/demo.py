@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from minillm.generate import runnable_python
 from train.compare import ROOT, build_ops, compare_stage, launch, plot, table
 
 # The bundled SFT data's most frequent questions (counted in minillm/data/sft.jsonl), both languages.
@@ -99,6 +100,11 @@ def score_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chat_hint(model: Path, adapter: Path | None) -> str:
+    """The chat command the demo prints, runnable as printed (this interpreter, not a bare `python`)."""
+    return f"{runnable_python()} -m minillm.generate --model {model}" + (f" --adapter {adapter}" if adapter else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/demo")
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps ({wall:.0f} s)\n", flush=True)
 
     model, adapter = (base, sft) if args.sft == "lora" else (sft, None)
-    chat = f"python -m minillm.generate --model {model}" + (f" --adapter {adapter}" if adapter else "")
+    chat = chat_hint(model, adapter)
     print(f"== 3/3 chat with the result ({chat} --prompt ...): the data's frequent questions", flush=True)
     rows = score_chat(model, adapter, taught_answers(ROOT / "minillm" / "data" / "sft.jsonl", QUESTIONS))
     scored = score_table(rows)

@@ -31,6 +31,17 @@ def smooth(xs: list[float], k: int = SMOOTH) -> list[float]:
     return out
 
 
+def smooth_steps(points: list[tuple[int, float]], k: int = SMOOTH) -> list[float]:
+    """Per logged point, the mean of the logged losses of the last k *steps* (not the last k points): a run logged
+    every 10 steps (the scripts' default) logs losses that already average 10 steps, and averaging 9 of them would
+    lag 90 steps behind the band (smoothed over 9 steps)."""
+    out = []
+    for s, _ in points:
+        window = [l for t, l in points if s - k < t <= s]
+        out.append(sum(window) / len(window))
+    return out
+
+
 def read_run(run_dir: Path) -> tuple[list[tuple[int, float]], dict, dict | None]:
     """(step, loss) pairs, the last log entry's extras (learning rates seen, grad norms) and run.json if any."""
     state_file = run_dir / "trainer_state.json"
@@ -75,7 +86,7 @@ def diagnose(points: list[tuple[int, float]], extra: dict, record: dict | None, 
         return [], ["the loss became NaN/inf: learning rate too high (or fp16 overflow): lower --learning_rate, "
                     "keep gradient clipping (--max_grad_norm 1.0), prefer --bf16 over --fp16"]
     lo, mid, hi = band(reference, stage)
-    sm = smooth(losses)
+    sm = smooth_steps(points)
     rows, above, below = [], 0, 0
     checked = [i for i, (s, _) in enumerate(points) if s <= len(lo)]
     marks = sorted({checked[min(len(checked) - 1, round(f * (len(checked) - 1)))] for f in (0.1, 0.25, 0.5, 1.0)}
@@ -97,7 +108,15 @@ def diagnose(points: list[tuple[int, float]], extra: dict, record: dict | None, 
     if len(sm) >= 8 and sum(losses[-quarter:]) / quarter > sum(losses[:quarter]) / quarter:
         causes.append(f"the loss rises: learning rate too high (peak {lr:g})" if lr else "the loss rises: "
                       "learning rate too high")
-    if above and drop < 0.3:
+    base_cause = undertrained_base(record, reference) if stage == "sft" else None
+    if base_cause:
+        causes.append(base_cause)
+    short = None if base_cause or setup_note(record, stage) is not None else not_learned(points, reference, stage)
+    if short and points[-1][0] < reference_end(reference, stage)[0]:
+        causes.append(f"too few steps: {short}: train longer (more --num_train_epochs or --max_steps; "
+                      "train/demo.py's settings reach the band)")
+    lr_low = lr is None or lr < ref_lr / 2
+    if above and drop < 0.3 and lr_low and not base_cause:
         low = f" (peak {lr:g}; the demo's is {ref_lr:g}" + (", and 5e-05 is the Trainer's default" if lr and
               abs(lr - TRAINER_DEFAULT_LR) < 1e-12 else "") + ")" if lr else ""
         causes.append(f"learning rate too low{low}: the loss fell only {100 * drop:.0f}%; without --learning_rate "
@@ -122,10 +141,86 @@ def diagnose(points: list[tuple[int, float]], extra: dict, record: dict | None, 
     if below and stage == "pretrain":
         causes.append("far below the band: repeated data (several epochs of a small file, or evaluation on the "
                       "training data), or a larger model than the demo's")
-    if (above or below) and not causes:
+    if (above or below or short) and not causes:
         causes.append("outside the band for no reason found here: a different model, data, batch size or "
                       "schedule from the demo's changes the curve")
     return rows, causes
+
+
+def reference_end(reference: dict, stage: str) -> tuple[int, float, float]:
+    """(steps, median, high) of the reference runs' smoothed loss at their last step: where the demo's run ends."""
+    lo, mid, hi = band(reference, stage)
+    return len(mid), mid[-1], hi[-1]
+
+
+def not_learned(points: list[tuple[int, float]], reference: dict, stage: str) -> str | None:
+    """'this model has not learned yet: N steps, loss X; the demo's base reaches Y after Z steps' when a run's
+    final (smoothed) loss is far above where the demo's run of that stage ends; None otherwise. Meant for the demo's
+    setup (tiny model, bundled data): elsewhere the absolute values differ."""
+    if not points or not all(math.isfinite(l) for _, l in points):
+        return None
+    last = points[-1][0]
+    tail = [l for s, l in points if s > last - SMOOTH]  # the last SMOOTH steps (a logged loss averages its interval)
+    final = sum(tail) / len(tail)
+    steps, mid, hi = reference_end(reference, stage)
+    if final <= hi + max(0.3, 0.25 * hi):
+        return None
+    what = "base (pretraining)" if stage == "pretrain" else "full SFT"
+    return (f"this model has not learned yet: {points[-1][0]} steps, loss {final:.2f}; the demo's {what} reaches "
+            f"{mid:.2f} after {steps} steps")
+
+
+def base_run(record: dict | None) -> Path | None:
+    """The base model's own run directory named by an SFT run's run.json (its `model`), if it is one of ours."""
+    model = (record or {}).get("model")
+    if not model or not Path(model).is_dir():
+        return None
+    d = Path(model)
+    return d if (d / "trainer_state.json").is_file() or list(d.glob("checkpoint-*/trainer_state.json")) else None
+
+
+def undertrained_base(record: dict | None, reference: dict) -> str | None:
+    """The likely cause of a poor SFT run when its base model is a pretraining run that has not learned (read from
+    the base's own run.json and logged losses)."""
+    base = base_run(record)
+    if base is None:
+        return None
+    try:
+        points, _, base_record = read_run(base)
+    except SystemExit:
+        return None
+    if (base_record or {}).get("script") != "pretrain.py" or setup_note(base_record, "pretrain") is not None:
+        return None
+    if (short := not_learned(points, reference, "pretrain")) is None:
+        return None
+    return (f"an undertrained base model: {base} {short.replace('this model', 'has')}. Fine-tuning cannot teach "
+            "a base that has not learned the language; pretrain longer first (README, Training: one epoch of the "
+            "bundled data at --block_size 128 --per_device_train_batch_size 8 on 2 ranks is 257 steps), then check "
+            f"it: make doctor RUN={base}")
+
+
+def end_of_run_warning(run_dir: str | Path, reference_path: Path = REFERENCE) -> str | None:
+    """What pretrain.py/finetune.py print at the end of a run whose loss is far above where the demo's run ends
+    (the demo's setup only), naming an undertrained base for an SFT run; None for a run that learned."""
+    try:
+        points, _, record = read_run(Path(run_dir))
+        reference = json.loads(Path(reference_path).read_text())
+    except (SystemExit, OSError, ValueError):
+        return None
+    stage = "sft" if record and record.get("script") == "finetune.py" else "pretrain"
+    if setup_note(record, stage) is not None or not (short := not_learned(points, reference, stage)):
+        return None
+    lines = [f"WARNING: {short}."]
+    method = ((record or {}).get("peft") or {}).get("method") or ("lora" if (record or {}).get("lora") else None)
+    if stage == "sft" and method:
+        lines.append(f"  --peft {method} on this 0.6M-parameter model stays far above full SFT (train/demo.py's "
+                     "docstring): it will not answer the taught questions; full SFT (no --peft) does.")
+    if stage == "sft" and (cause := undertrained_base(record, reference)):
+        lines.append(f"  Likely cause: {cause}")
+    from minillm.generate import runnable_python
+    lines.append(f"  The chat will not answer the taught questions yet. Diagnosis: {runnable_python()} train/doctor.py "
+                 f"{run_dir}")
+    return "\n".join(lines)
 
 
 def setup_note(record: dict | None, stage: str) -> str | None:

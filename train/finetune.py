@@ -23,19 +23,24 @@ either way, with the tokenizer files alongside; `python -m minillm.generate --mo
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import set_seed
 
 from minillm.infra import corpus
+from minillm.infra.files import model_fingerprint
 from minillm.infra.store import split_sizes
 from minillm.pack import PackedCollator, PackedDataset, StreamingPacker
 from minillm.sft import MaskStats, SFTCollator, mask_batch
 
 from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, check_args, fail, parse_args
 from train.caches import cache_path, cached, read_or_fail
+from train.doctor import end_of_run_warning
 from train.models import build_model, load_tokenizer, tokenizer_dir
 from train.peft_methods import PeftArguments, add_peft, check_fits
 from train.run import check_resume, find_resume_checkpoint, run_record, setup_logging
@@ -195,6 +200,25 @@ def main() -> None:
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=collator, base_model_path=model_args.model_name_or_path, run_record=record)
     train_and_save(trainer, checkpoint, tokenizer, n_train)
+    if os.environ.get("RANK", "0") == "0":
+        record_base(training_args.output_dir, model_args.model_name_or_path)
+        if warning := end_of_run_warning(training_args.output_dir):
+            print(warning, flush=True)
+
+
+BASE_RECORD = "minillm_base.json"  # beside adapter_config.json: which base the adapter was trained on
+
+
+def record_base(output_dir: str, base: str | None) -> None:
+    """Write minillm_base.json beside a saved adapter: the base model's path and fingerprint
+    (minillm.infra.files.model_fingerprint), so the chat can warn when the adapter is loaded on another base.
+    peft ignores the file."""
+    out = Path(output_dir)
+    if not base or not (out / "adapter_config.json").is_file():
+        return
+    (out / BASE_RECORD).write_text(json.dumps({"base_model": os.path.abspath(base),
+                                               "fingerprint": model_fingerprint(base)}, indent=1) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 from transformers import default_data_collator, set_seed
 
@@ -31,6 +32,7 @@ from minillm.pack import DocumentMaskCollator
 
 from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, check_args, fail, parse_args
 from train.caches import cache_path, remove_dead_temporaries
+from train.doctor import end_of_run_warning
 from train.models import build_model, load_tokenizer
 from train.run import check_resume, find_resume_checkpoint, run_record, setup_logging
 from train.trainer import Trainer, train_and_save
@@ -113,6 +115,8 @@ def main() -> None:
                       else default_data_collator, run_record=record)
     train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset),
                    eval_extra=lambda m: m.update(perplexity=math.exp(min(m["eval_loss"], 50))))
+    if os.environ.get("RANK", "0") == "0" and (warning := end_of_run_warning(training_args.output_dir)):
+        print(warning, flush=True)
 
 if __name__ == "__main__":
     main()

@@ -54,7 +54,8 @@ def _select(only: list[str] | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parity.bench", description=BENCH_DOC.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="toy sizes, one child per side (< 1 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="toy sizes, one child per side (< 1 min): checks the bench runs, no verdicts against targets")
     ap.add_argument("--out", default="bench.json", help="where to write the JSON results")
     ap.add_argument("--only", action="append", help=f"case name or prefix, repeatable: {', '.join(CASES)}")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if "gflop_per_step" in c:
             c["flop_rate_fraction"] = {s: c["gflop_per_step"] / t / mm for s, t in c["step_s"].items()}
     cases = {n: cases[n] for n in names if n in cases}
-    rows = table_rows(cases)
+    rows = table_rows(cases, verdicts=not args.quick)
     info["loadavg_end"] = os.getloadavg()
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": info,
               "quick": args.quick, "threads": args.threads, "matmul_gflops": mm, "matmul_gflops_all": mm_all, "memory_method": MEMORY_METHOD,
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmemory: {MEMORY_METHOD}\nFLOPs: {FLOP_FORMULA}\noptimizer: {OPTIMIZER}\n"
           f"threads: {args.threads}; load average {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f} "
           f"(a shared CPU makes timings noisy)\nwrote {args.out} in {result['seconds']:.0f}s")
+    if args.quick:
+        print("quick mode: toy sizes, to check that the bench runs and both sides agree; no verdicts (the targets "
+              "in parity/bench/targets.py are for the full sizes: python -m parity.bench)")
     failed = [n for n, c in cases.items() if not c.get("same_output")]
     if failed:
         print(f"OUTPUT CHECK FAILED: {', '.join(failed)}")

@@ -14,14 +14,16 @@ def _met(figure: float | None, op: str, target: float) -> bool | None:
     return figure >= target if op == ">=" else figure <= target
 
 
-def table_rows(cases: dict[str, dict]) -> list[dict]:
-    """minillm, reference and their ratio per metric; target and verdict from TARGETS where one applies."""
+def table_rows(cases: dict[str, dict], verdicts: bool = True) -> list[dict]:
+    """minillm, reference and their ratio per metric; target and verdict from TARGETS where one applies.
+    verdicts=False (--quick: toy sizes, which only show that the bench runs): no target and no verdict, since the
+    targets are set for the full sizes."""
     targets = {(t.case, t.metric): t for t in TARGETS}
     rows = []
 
     def add(case, metric, a, b, note=""):
         ratio = None if a is None or b is None else a / b
-        t = targets.get((case, metric))
+        t = targets.get((case, metric)) if verdicts else None
         if t is not None and t.on == "minillm":
             note = note or "target on minillm's fraction"
         rows.append({"case": case, "metric": metric, "minillm": a, "reference": b, "ratio": ratio,
