@@ -32,11 +32,14 @@ from minillm.config import PRESETS
 from minillm.generate import adapter_instead_of_model
 
 from train import peft_methods, safety
+from train.compare import pin_op_build_env
 from train.peft_methods import PeftArguments
 
 # DeepSpeed compiles its C++ ops on first use into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
-# Keep them next to the venv, as the Makefile does, so a launch outside `make` reuses the same build.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+# Keep them next to the venv, as the Makefile does, so a launch outside `make` reuses the same build, and build
+# them with the venv's own ninja whatever PATH says (two ninjas recompiled the op at every switch: why in
+# train/compare.py pin_op_build_env). At import: every script importing this module is covered, launched any way.
+pin_op_build_env()
 
 # --learning_rate when none is given: the Trainer's 5e-5 barely moves a from-scratch or LoRA run. Measured on the
 # bundled data, tiny preset, batch 16, cosine (train/lr_curves.py -> lr_curves.json/.png; mean of the last 10 steps):
@@ -269,13 +272,16 @@ def check_ds_config(cfg: str | dict) -> int | None:
 
 
 def announce_op_build(training_args: TrainingArguments) -> None:
-    """Say before a silent 1-3 min wait that DeepSpeed is about to compile its CPU communication op, and why."""
+    """Pin how DeepSpeed's CPU op is built (one ninja per venv: train/compare.py pin_op_build_env says why), then
+    say before a silent 1-3 min wait that it is about to be compiled, and why (ninja's own reason)."""
+    from train.compare import OP, op_build_reason, op_root, pin_op_build_env
+
+    pin_op_build_env()  # every rank: whichever rank takes the build lock first runs ninja
     if not training_args.use_cpu or os.environ.get("RANK", "0") != "0":
         return
-    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    if not list(root.glob("deepspeed_shm_comm/*.so")):
-        print(f"DeepSpeed on CPU first compiles its C++ op deepspeed_shm_comm (shared-memory collectives between "
-              f"ranks) into {root}: 1-3 minutes, once; later runs reuse it", flush=True)
+    if (reason := op_build_reason()) is not None:
+        print(f"DeepSpeed on CPU compiles its C++ op {OP} (shared-memory collectives between ranks) into "
+              f"{op_root()}: 1-3 minutes, once per venv; why: {reason}", flush=True)
 
 
 def check_stale_op_lock(max_age_s: float = 600) -> None:
