@@ -147,7 +147,8 @@ def universal(checkpoint: Path, tag: str | None = None, workers: int = 1) -> Pat
     if err := safety.forbid_unpickling_code():
         fail(err)
     argv = ["ds_to_universal", "--input_folder", str(checkpoint / tag), "--output_folder", str(out),
-            "--num_extract_workers", str(workers), "--num_merge_workers", str(workers), "--no_strict"]
+            "--num_extract_workers", str(workers), "--num_merge_workers", str(workers), "--no_strict",
+            "--inject_missing_state"]  # ZeRO-1/2: the HF Trainer writes no universal_checkpoint_info; this adds it
     from deepspeed.checkpoint import ds_to_universal
 
     old = sys.argv
