@@ -239,7 +239,8 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
     if data_args.streaming and training_args.max_steps <= 0:
         fail("--streaming needs --max_steps (a stream has no length to derive the number of steps from)")
     inputs = {"model_name_or_path": model_args.model_name_or_path, "tokenizer_name": model_args.tokenizer_name,
-              "config_name": model_args.config_name if name not in PRESETS else None}
+              "config_name": model_args.config_name if name not in PRESETS else None,
+              "train_files": data_args.train_files, "validation_files": data_args.validation_files}
     if err := safety.check_paths(training_args.output_dir, inputs):
         fail(err)
     writable = {"--output_dir": training_args.output_dir}

@@ -2,8 +2,9 @@
 token store is keyed here too).
 
 A cache file is keyed by the files' identity (path, size, mtime), the tokenizer and the parameters, so a stale
-one is never read; it is written under a temporary name and renamed, and a temporary left by a killed run is
-removed once its writer is gone.
+one is never read; it is written under minillm's staging name (minillm/infra/files.py) and renamed, and a staging
+file left by a killed run is removed once its writer is gone. Nothing else in the cache directory is touched: a
+user's `*.tmp123` stays where it is.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from minillm.infra.files import file_identity, remove_stale_staging, staged_file
 
 from train.args import DataTrainingArguments, TrainingArguments, cache_root, fail
 
@@ -39,8 +41,7 @@ def cache_path(data_args: DataTrainingArguments, kind: str, files: list[str], to
     root = cache_root(data_args)
     h = hashlib.sha256()
     for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update("{path}|{size}|{mtime_ns}".format(**file_identity(f)).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update(json.dumps(params, sort_keys=True).encode())
     return root / f"{kind}-{h.hexdigest()[:16]}.pt"
@@ -61,18 +62,14 @@ def cached(path: Path, build, training_args: TrainingArguments, desc: str):
                                "rebuilding it")
         data = build()
         if training_args.process_index == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(data, tmp)
-            os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+            with staged_file(path) as tmp:  # atomic: a killed run never leaves a half-written cache
+                torch.save(data, tmp)
             logger.info(f"{desc}: cached to {path}")
         return data
 
 
 def remove_dead_temporaries(cache_dir: Path) -> None:
-    """Delete `*.tmp<pid>` cache files whose writer is gone (a run killed while caching); a live one is kept."""
-    for tmp in cache_dir.glob("*.tmp*") if cache_dir.is_dir() else []:
-        pid = tmp.suffix.removeprefix(".tmp")
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            tmp.unlink(missing_ok=True)
-            logger.warning(f"Removed {tmp}: a partial cache file left by a killed run")
+    """Delete the staging files and directories a killed minillm run left in `cache_dir` (its own name, this host, a
+    dead pid); a live one, and anything that is not minillm's, is kept."""
+    for tmp in remove_stale_staging(cache_dir):
+        logger.warning(f"Removed {tmp}: a partial cache file of minillm's, left by a killed run")

@@ -1,7 +1,8 @@
 """A run's place on disk: its logging, its output directory, its record (run.json), and resuming it.
 
 - `find_resume_checkpoint` is the course's get_last_checkpoint logic, except that a checkpoint the Trainer did
-  not finish (no trainer_state.json: the run was killed while saving) is skipped, and unfinished saves are removed.
+  not finish (no trainer_state.json) is skipped, a damaged one is named, and nothing is deleted but what minillm
+  demonstrably wrote (its staging names, its checkpoints and run record), after the directory was accepted.
 - `run_record` is what a run trains on (implementation, model, data files by size and mtime, sequence length, PEFT
   method, packing); it is written as run.json into the output directory and every checkpoint, and `check_resume`
   refuses to continue a checkpoint with a different one unless --allow_changed_resume (train/safety.py compares).
@@ -9,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import transformers
+
+from minillm.infra import files
+from minillm.infra.checkpoint import read_safetensors_file
 
 from train import peft_methods, safety
 from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, fail
@@ -46,50 +49,82 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logger.info(f"Training/evaluation parameters {training_args}")
 
 
+def _checkpoints(out: str) -> list[str]:
+    """The checkpoint-N directories in `out`, newest (highest N) first."""
+    names = [d for d in os.listdir(out) if _CHECKPOINT.fullmatch(d) and os.path.isdir(os.path.join(out, d))]
+    return [os.path.join(out, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]), reverse=True)]
+
+
+def _in_the_way(out: str) -> list[str]:
+    """What in `out` is not a run's own: neither minillm's run record nor a staging entry."""
+    return [name for name in sorted(os.listdir(out)) if not (
+        files.is_staging(name) or (name == safety.RUN_RECORD and safety.is_run_record(out)))]
+
+
 def find_resume_checkpoint(training_args: TrainingArguments) -> str | None:
     """The course's get_last_checkpoint logic: resume from the last checkpoint-N in output_dir.
 
-    A non-empty output_dir without checkpoints is refused (it would be overwritten) unless
-    --overwrite_output_dir. An explicit --resume_from_checkpoint wins. Unlike get_last_checkpoint, a
-    checkpoint without trainer_state.json (the Trainer writes it last) is skipped: a run killed while
-    saving leaves such a half-written directory, and resuming from it would crash.
+    Decided first, with nothing changed on disk: a checkpoint-N there that minillm did not write is refused (a run
+    would resume, replace, rotate or, with --overwrite_output_dir, delete it), and so is a non-empty output_dir
+    without checkpoints (it would be overwritten) unless --overwrite_output_dir. An explicit
+    --resume_from_checkpoint wins. Unlike get_last_checkpoint, a checkpoint without trainer_state.json (the Trainer
+    writes it last) is skipped, and a damaged one is refused with its name.
+    Then, on the saving process only, clean-ups of what minillm demonstrably wrote: staging entries of dead
+    processes of this host, and with --overwrite_output_dir the earlier run's checkpoints and run record.
     """
     out = training_args.output_dir
-    # Every rank enters main_process_first (it is a barrier); only the saving process deletes.
+    afresh = training_args.overwrite_output_dir and not training_args.resume_from_checkpoint
+    resume = training_args.resume_from_checkpoint
+    foreign = [c for c in _checkpoints(out) if not safety.is_minillm_checkpoint(c)] if os.path.isdir(out) else []
+    if foreign:
+        fail(f"{foreign[0]} is not a checkpoint minillm wrote (it holds no run record or trainer state of a run), "
+             f"and a run in {out} would {'delete' if afresh else 'resume, replace or rotate'} checkpoint-N "
+             "directories: move it out of the way, or choose another --output_dir")
+    if os.path.isdir(out) and not afresh and not resume:
+        for c in _checkpoints(out):
+            if not os.path.lexists(os.path.join(c, safety.TRAINER_STATE)):
+                logger.warning(f"Skipping {c}: incomplete (no trainer_state.json: the run was killed while saving it)")
+                continue
+            try:
+                safety.read_trainer_state(c)
+            except (OSError, ValueError) as e:
+                fail(f"cannot resume from {c}: {e}. Pass --resume_from_checkpoint with an earlier checkpoint, or "
+                     "--overwrite_output_dir to start afresh")
+            resume = c
+            logger.info(f"Checkpoint found: resuming from {c}. Use --overwrite_output_dir to start afresh.")
+            break
+        if resume is None and (extra := _in_the_way(out)):
+            fail(f"output directory {out} is not empty and holds no checkpoint-N to resume from (it holds "
+                 f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}); use --overwrite_output_dir to train into "
+                 "it anyway, or another --output_dir")
+    # The directory is accepted: now, and only now, clean up (every rank enters main_process_first: a barrier).
     with training_args.main_process_first(desc="cleaning the output directory"):
         if training_args.should_save and os.path.isdir(out):
-            for path in safety.clean_staging(out):
-                logger.warning(f"Removed {path}: an unfinished save left by a killed run")
-            if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+            for path in files.remove_stale_staging(out):
+                logger.warning(f"Removed {path}: an unfinished save of minillm's, left by a killed run")
+            if afresh:
                 # Start afresh for real: an older run's checkpoint left here would be resumed by the next plain run.
-                for d in sorted(os.listdir(out)):
-                    if _CHECKPOINT.fullmatch(d) and os.path.isdir(os.path.join(out, d)):
-                        shutil.rmtree(os.path.join(out, d))
-                        logger.warning(f"--overwrite_output_dir: removed {os.path.join(out, d)} of an earlier run")
-                Path(out, safety.RUN_RECORD).unlink(missing_ok=True)
-    if training_args.resume_from_checkpoint or not os.path.isdir(out) or training_args.overwrite_output_dir:
-        return training_args.resume_from_checkpoint
-    ckpts = sorted((d for d in os.listdir(out) if _CHECKPOINT.fullmatch(d) and os.path.isdir(os.path.join(out, d))),
-                   key=lambda d: int(d.split("-")[1]), reverse=True)
-    for d in ckpts:
-        try:
-            json.loads(Path(out, d, "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            logger.warning(f"Skipping {os.path.join(out, d)}: incomplete (the run was killed while saving it)")
-            continue
-        logger.info(f"Checkpoint found: resuming from {os.path.join(out, d)}. "
-                    "Use --overwrite_output_dir to start afresh.")
-        return os.path.join(out, d)
-    if set(os.listdir(out)) - {safety.RUN_RECORD, safety.STAGING + safety.RUN_RECORD} and not ckpts:
-        fail(f"output directory {out} is not empty and holds no checkpoint-N to resume from; "
-             "use --overwrite_output_dir to train into it anyway, or another --output_dir")
-    return None
+                for c in _checkpoints(out):
+                    shutil.rmtree(c)
+                    logger.warning(f"--overwrite_output_dir: removed {c} of an earlier run")
+                if safety.is_run_record(out):
+                    Path(out, safety.RUN_RECORD).unlink()
+    return resume
 
 
 def last_checkpoint(output_dir: str) -> str | None:
-    done = [d for d in os.listdir(output_dir) if _CHECKPOINT.fullmatch(d)
-            and os.path.isfile(os.path.join(output_dir, d, "trainer_state.json"))] if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
+    """The newest checkpoint-N whose save finished (trainer_state.json) and whose weights are all finite: the one
+    a diverged run may call "the last good checkpoint"."""
+    for c in _checkpoints(output_dir) if os.path.isdir(output_dir) else []:
+        if not os.path.isfile(os.path.join(c, safety.TRAINER_STATE)):
+            continue
+        try:
+            weights = [read_safetensors_file(f) for f in sorted(Path(c).glob("*.safetensors"))]
+        except (OSError, ValueError):
+            continue
+        if weights and not any(safety.non_finite_tensors(w) for w in weights):
+            return c
+    return None
 
 
 def run_record(script: str, model_args: ModelArguments, data_args: DataTrainingArguments,
@@ -136,10 +171,10 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
         except ValueError as e:
             fail(str(e))
         try:
-            state = json.loads(Path(checkpoint, "trainer_state.json").read_text())
-            where = f"step {state['global_step']} of {state['max_steps']}"
-        except (OSError, ValueError, KeyError):
-            where = "an unknown step"
+            state = safety.read_trainer_state(checkpoint)
+        except (OSError, ValueError) as e:  # an explicit --resume_from_checkpoint: the Trainer would crash on it
+            fail(f"cannot resume from {checkpoint}: {e}")
+        where = f"step {state['global_step']} of {state['max_steps']}"
         logger.warning(f"RESUMING from {checkpoint} ({where}); use --overwrite_output_dir to start afresh")
         old_lr = (old or {}).get("learning_rate")
         if old_lr is not None and old_lr != training_args.learning_rate:

@@ -12,9 +12,10 @@
 - The run record. `run.json` in the output directory says what a run trains on; a resume compares it
   (`compare_run_record()`) and refuses a changed implementation, data set, model or sequence length
   unless --allow_changed_resume.
-- Staging. Checkpoints are written under a `.tmp-` name in the output directory and renamed when every
-  rank has finished (`STAGING`); `clean_staging()` removes what a killed run left. (The final model goes
-  through minillm.infra.checkpoint.staged_dir.)
+- Staging and clean-ups. Every save is staged under minillm's own name (minillm/infra/files.py:
+  `.{target}.minillm-staging-{host}-{pid}-{random}`) and renamed; a clean-up removes only entries carrying that
+  name, this host and a dead pid (`files.remove_stale_staging`), and only once the directory has been accepted
+  (train/run.py). `is_minillm_checkpoint` tells a checkpoint-N minillm wrote from a user's directory of that name.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ import json
 import math
 import os
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-STAGING = ".tmp-"  # prefix of a save in progress; never a checkpoint a resume would pick
+from minillm.infra import files
 
 
 class Diverged(RuntimeError):
@@ -132,30 +132,38 @@ def check_numbers(model_args, data_args, training_args, peft_args=None) -> str |
 
 # ---- paths -----------------------------------------------------------------------------------------------
 
-def check_paths(output_dir: str, inputs: dict[str, str | None]) -> str | None:
-    """Refuse an output directory that is, contains, or lies inside an input (it would be overwritten or mixed)."""
+def check_paths(output_dir: str, inputs: dict[str, str | list[str] | None]) -> str | None:
+    """Refuse an output directory that would overwrite or mix with an input, and nothing more: one that is, contains
+    or lies inside an input directory, or that is (or contains) the directory an input file lies in. A
+    subdirectory beside an input file (`--config_name ./config.json --output_dir ./out`) is fine."""
     out = Path(output_dir).resolve()
-    for flag, path in inputs.items():
-        if not path or not os.path.exists(path):
-            continue
-        p = Path(path).resolve()
-        p_dir = p if p.is_dir() else p.parent
-        if out == p_dir or out.is_relative_to(p_dir):
-            return (f"--output_dir {output_dir} is {'the same directory as' if out == p_dir else 'inside'} "
-                    f"--{flag} {path}: training would overwrite or mix with its files; choose another --output_dir")
-        if p.is_relative_to(out):
-            return (f"--output_dir {output_dir} contains --{flag} {path}: training (or --overwrite_output_dir) "
-                    "could overwrite it; choose another --output_dir")
+    for flag, paths in inputs.items():
+        for path in [paths] if isinstance(paths, str) else paths or []:
+            if not path or not os.path.exists(path):
+                continue
+            p = Path(path).resolve()
+            home = p if p.is_dir() else p.parent  # an input file: its directory receives the run's files
+            if out == home:
+                return (f"--output_dir {output_dir} is {'the same directory as' if p.is_dir() else 'the directory of'}"
+                        f" --{flag} {path}: training would overwrite or mix with its files; choose another "
+                        "--output_dir")
+            if p.is_dir() and out.is_relative_to(p):
+                return (f"--output_dir {output_dir} is inside --{flag} {path}: training would mix its files with "
+                        "the input's; choose another --output_dir")
+            if p.is_relative_to(out):
+                return (f"--output_dir {output_dir} contains --{flag} {path}: training (or --overwrite_output_dir) "
+                        "could overwrite it; choose another --output_dir")
     return None
 
 
 def check_writable(flag: str, path: str | os.PathLike) -> str | None:
-    """Create `path` if needed and write a file in it: a read-only or full directory fails now, not hours later."""
+    """Create `path` if needed and write a file in it: a read-only or full directory fails now, not hours later.
+    The probe carries minillm's staging name (removed at once; a killed run's is removed as stale later)."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = Path(path, f"{STAGING}probe-{os.getpid()}")
+        probe = files.staging_path(Path(path, "probe"))
         probe.write_bytes(b"x")
-        probe.unlink(missing_ok=True)  # another rank's clean_staging may have removed it already: written is enough
+        probe.unlink(missing_ok=True)
     except OSError as e:
         return f"{flag} {path} is not writable: {e.strerror or e}"
     return None
@@ -169,27 +177,89 @@ MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "pef
 
 
 def file_identity(paths: list[str] | None) -> list[dict] | None:
-    if not paths:
+    return [files.file_identity(p) for p in paths] if paths else None
+
+
+class BadRunFile(ValueError):
+    """A run file (run.json, trainer_state.json) that minillm did not write as it is: one sentence naming it."""
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_run_record(directory: str) -> dict | None:
+    """The run record (run.json) in `directory`; None when there is none; BadRunFile naming the file when it is
+    not one minillm wrote (not a JSON object, NaN/Infinity, a value of the wrong type)."""
+    path = Path(directory, RUN_RECORD)
+    if not os.path.lexists(path):
         return None
-    return [{"path": os.path.abspath(p), "size": os.path.getsize(p), "mtime_ns": os.stat(p).st_mtime_ns}
-            for p in paths]
-
-
-def read_run_record(output_dir: str) -> dict | None:
-    path = Path(output_dir, RUN_RECORD)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+        d = files.read_json_object(files.checked_file(Path(directory), RUN_RECORD, "run record"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable run record ({e}); delete it to resume without the check") from e
+        raise BadRunFile(f"{e}: not a run record minillm wrote; move it away (or delete it) to continue") from None
+    problems = [f"{k!r} is {d[k]!r}, not a string" for k in ("script", "impl") if not isinstance(d.get(k, ""), str)]
+    if "learning_rate" in d and not (_real(d["learning_rate"]) and d["learning_rate"] >= 0):
+        problems.append(f"'learning_rate' is {d['learning_rate']!r}, not a learning rate")
+    if not isinstance(d.get("sequence_length", {}), (dict, type(None))):
+        problems.append(f"'sequence_length' is {d['sequence_length']!r}, not an object")
+    if problems:
+        raise BadRunFile(f"{path}: {problems[0]}: not a run record minillm wrote; move it away (or delete it) to "
+                         "continue")
+    return d
+
+
+def is_run_record(directory: str) -> bool:
+    """Whether `directory` holds a run.json minillm wrote (what makes it, or a checkpoint, demonstrably minillm's)."""
+    try:
+        d = read_run_record(directory)
+    except BadRunFile:
+        return False
+    return d is not None and isinstance(d.get("script"), str) and "impl" in d
 
 
 def write_run_record(output_dir: str, record: dict[str, Any]) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = Path(output_dir, f"{STAGING}{RUN_RECORD}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, Path(output_dir, RUN_RECORD))
+    # allow_nan=False: a non-finite value is a bug here, never written as Infinity for the next run to choke on
+    files.write_atomic(Path(output_dir, RUN_RECORD), json.dumps(record, indent=2, allow_nan=False) + "\n")
+
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def read_trainer_state(checkpoint: str) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json as transformers' TrainerState will load it: a JSON object of TrainerState's
+    own keys, step counts that are counts (0 <= global_step <= max_steps). BadRunFile naming the file otherwise."""
+    from dataclasses import fields
+
+    from transformers import TrainerState
+
+    path = files.checked_file(Path(checkpoint), TRAINER_STATE, "checkpoint")
+    d = files.read_json_object(path)
+    unknown = sorted(set(d) - {f.name for f in fields(TrainerState)})
+    if unknown:
+        raise BadRunFile(f"{path}: unknown keys {unknown[:3]}: not a trainer state transformers wrote")
+    step, total = d.get("global_step"), d.get("max_steps")
+    for key, v in (("global_step", step), ("max_steps", total)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise BadRunFile(f"{path}: {key} is {v!r}, not a step count")
+    if total and step > total:
+        raise BadRunFile(f"{path}: global_step {step} is past its own max_steps {total}: the file was edited or is "
+                         "corrupt")
+    if not isinstance(d.get("log_history", []), list):
+        raise BadRunFile(f"{path}: log_history is {type(d['log_history']).__name__}, not a list")
+    return d
+
+
+def is_minillm_checkpoint(checkpoint: str) -> bool:
+    """A checkpoint-N directory minillm's Trainer wrote: it holds minillm's run record or a trainer state of
+    transformers' shape. A user's directory that only happens to be called checkpoint-N holds neither."""
+    if is_run_record(checkpoint):
+        return True
+    try:
+        read_trainer_state(checkpoint)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def compare_run_record(old: dict | None, new: dict) -> list[str]:
@@ -201,42 +271,6 @@ def compare_run_record(old: dict | None, new: dict) -> list[str]:
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}")
     return changes
-
-
-# ---- staging ---------------------------------------------------------------------------------------------
-
-def clean_staging(directory: str) -> list[str]:
-    """Remove `.tmp-*` entries a killed run left in `directory` (an interrupted save). Returns what was removed."""
-    removed = []
-    if not os.path.isdir(directory):
-        return removed
-    for name in os.listdir(directory):
-        if name.startswith(STAGING):
-            path = os.path.join(directory, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-            removed.append(path)
-    return removed
-
-
-def umask() -> int:
-    """This process's umask, read without changing it where /proc allows (changing it races other threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            return int(next(ln for ln in f if ln.startswith("Umask:")).split()[1], 8)
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0)
-        os.umask(mask)
-        return mask
-
-
-def normalise_modes(directory: str) -> None:
-    """Files 0666 & ~umask, directories 0777 & ~umask, as transformers leaves them: safetensors writes its
-    files 0600, torch.save and DeepSpeed 0644, and a checkpoint should not mix them."""
-    mask = umask()
-    for root, _, files in os.walk(directory):
-        os.chmod(root, 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:

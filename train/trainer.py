@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -27,7 +29,8 @@ import transformers
 from transformers import trainer_pt_utils
 from transformers.trainer_utils import rotate_checkpoints
 
-from minillm.infra.checkpoint import staged_dir
+from minillm.infra import files
+from minillm.infra.checkpoint import WEIGHTS, copy_matching, read_safetensors, staged_dir
 from minillm.model import CausalLM
 from minillm.peft import load_adapter, method_of, save_adapter
 
@@ -138,32 +141,57 @@ class Trainer(transformers.Trainer):
         return os.path.join(run_dir, self._staging) if self._staging else run_dir
 
     def _save_checkpoint(self, model, trial) -> None:
-        """checkpoint-N is written as .tmp-checkpoint-N/checkpoint-N and renamed once every rank has finished:
-        a killed or failing save never leaves a checkpoint-N that a resume would pick."""
+        """checkpoint-N is written as <staging>/checkpoint-N, <staging> minillm's staging name for checkpoint-N
+        (rank 0's, shared by every rank), and renamed once every rank has finished: a killed or failing save never
+        leaves a checkpoint-N that a resume would pick, and what it leaves is recognisably minillm's."""
         run_dir = self._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
-        self._staging = safety.STAGING + name
+        staging = [files.staging_path(os.path.join(run_dir, name)).name]
+        if self.args.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(staging, src=0)
+        self._staging = staging[0]
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
-        staged, final = os.path.join(run_dir, safety.STAGING + name), os.path.join(run_dir, name)
+        staged, final = os.path.join(run_dir, staging[0]), os.path.join(run_dir, name)
         if self.args.should_save and self.run_record is not None:
             safety.write_run_record(os.path.join(staged, name), self.run_record)
         self.accelerator.wait_for_everyone()  # DeepSpeed and the RNG files are written by every rank
         if self.args.should_save:
-            safety.normalise_modes(os.path.join(staged, name))
-            if os.path.isdir(final):
+            files.normalise_modes(os.path.join(staged, name))
+            if os.path.isdir(final):  # a checkpoint of this run's (find_resume_checkpoint refused any other)
                 shutil.rmtree(final)
             os.replace(os.path.join(staged, name), final)
             shutil.rmtree(staged)
             best = self.state.best_model_checkpoint
-            if best and safety.STAGING in best:  # the Trainer noted the staged path
+            if best and files.is_staging(Path(best).parent.name):  # the Trainer noted the staged path
                 self.state.best_model_checkpoint = final
                 self.state.save_to_json(os.path.join(final, "trainer_state.json"))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """transformers' save_metrics, each file written atomically (a kill leaves the old file or the new one, never a
+        truncated all_results.json); an unreadable all_results.json is named and replaced by this run's metrics."""
+        if not self.is_world_process_zero():
+            return
+        out = Path(self.args.output_dir)
+        files.write_atomic(out / f"{split}_results.json", json.dumps(metrics, indent=4, sort_keys=True))
+        if combined:
+            every = {}
+            if os.path.lexists(out / "all_results.json"):
+                try:
+                    every = files.read_json_object(files.checked_file(out, "all_results.json", "metrics"))
+                except (OSError, ValueError) as e:
+                    logger.warning(f"{e}: replaced by this run's metrics")
+            files.write_atomic(out / "all_results.json", json.dumps({**every, **metrics}, indent=4, sort_keys=True))
+
+    def save_state(self) -> None:
+        if self.is_world_process_zero():
+            files.write_atomic(Path(self.args.output_dir, "trainer_state.json"),
+                               json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n")
 
     def _load_best_model(self) -> None:
         """--load_best_model_at_end without DeepSpeed: an adapter run reloads the best checkpoint as a resume does
@@ -178,7 +206,13 @@ class Trainer(transformers.Trainer):
         target = self.accelerator.unwrap_model(model or self.model)
         method = method_of(target)
         if method is not None and method.adapter_restores_training:  # the stock Trainer only knows peft's files
-            load_adapter(target, resume_from_checkpoint)  # into the method already applied: in place
+            try:
+                load_adapter(target, resume_from_checkpoint)  # into the method already applied: in place
+            except (OSError, ValueError) as e:  # a LoRA file of another shape, non-finite values, a link out
+                fail(f"cannot resume from {resume_from_checkpoint}: {e}")
+            return
+        if method is None and isinstance(target, CausalLM):
+            load_weights(target, resume_from_checkpoint)
             return
         if method is not None or prompt_learning(target):  # minillm's prefix tuning, peft's prompt/prefix
             try:
@@ -187,6 +221,22 @@ class Trainer(transformers.Trainer):
                 fail(str(e))
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def load_weights(model: CausalLM, checkpoint: str) -> None:
+    """A checkpoint's model.safetensors into `model` in place, every tensor checked first (the stock Trainer's
+    load_state_dict path ends in an AttributeError for a model that is not a PreTrainedModel): the same names and
+    shapes, finite values, else one sentence naming the file."""
+    try:
+        saved = read_safetensors(checkpoint)
+        params = dict(model.state_dict())
+        if model.config.tie_word_embeddings:  # the file holds the embedding only, as transformers saves it
+            params.pop("lm_head.weight", None), saved.pop("lm_head.weight", None)
+        if bad := safety.non_finite_tensors(saved):
+            raise ValueError(f"{Path(checkpoint, WEIGHTS)}: {bad[0]} holds NaN or infinite values")
+        copy_matching(params, saved, Path(checkpoint, WEIGHTS))
+    except (OSError, ValueError) as e:
+        fail(f"cannot resume from {checkpoint}: {str(e).splitlines()[0]}")
 
 
 def zero3(trainer: transformers.Trainer) -> bool:
@@ -215,6 +265,11 @@ def train_and_save(trainer: Trainer, checkpoint: str | None, tokenizer, train_sa
     """The course's ending of both scripts: train (resuming if asked), save the final model with the tokenizer,
     log and save the metrics and state, evaluate when there is a validation set, tear down.
     eval_extra(metrics) may add derived eval metrics (pretraining adds perplexity)."""
+    check_step_fits_data(trainer)
+    if checkpoint:
+        step = safety.read_trainer_state(checkpoint)["global_step"]  # checked by check_resume
+        if step >= planned_steps(trainer):
+            return already_complete(trainer, checkpoint, step)
     logger.info("Starting training" + (f", resuming from {checkpoint}" if checkpoint else ""))
     safe = safety.resume_safe_globals() if trainer.is_deepspeed_enabled else []
     try:
@@ -248,6 +303,52 @@ def train_and_save(trainer: Trainer, checkpoint: str | None, tokenizer, train_sa
     if trainer.args.should_save:
         save_loss_plot(trainer.state.log_history, Path(trainer.args.output_dir) / "loss.png")
     teardown()
+
+
+def check_step_fits_data(trainer: Trainer) -> None:
+    """One optimizer step must fit in an epoch: with more --gradient_accumulation_steps than an epoch has batches, every
+    step is a partial one and the Trainer reports samples/s for samples that never existed (1e9 gave 1.27e7/s)."""
+    data, a = trainer.train_dataset, trainer.args
+    if not hasattr(data, "__len__"):
+        return  # a stream: as long as --max_steps makes it
+    batches = math.ceil(len(data) / (a.per_device_train_batch_size * a.world_size))  # per rank, as the Trainer counts
+    if a.gradient_accumulation_steps > batches:
+        fail(f"--gradient_accumulation_steps {a.gradient_accumulation_steps}: one optimizer step would accumulate that "
+             f"many batches, but the training data ({len(data)} samples, {a.per_device_train_batch_size} per device x "
+             f"{a.world_size} rank(s)) makes {batches} per epoch; use at most {batches}")
+
+
+def planned_steps(trainer: Trainer) -> int:
+    """The optimizer steps this run makes in all, as the Trainer counts them (set_initial_training_values)."""
+    a = trainer.args
+    if a.max_steps > 0 or not hasattr(trainer.train_dataset, "__len__"):
+        return a.max_steps
+    batches = math.ceil(len(trainer.train_dataset) / (a.per_device_train_batch_size * a.world_size))
+    return math.ceil(a.num_train_epochs * max(math.ceil(batches / a.gradient_accumulation_steps), 1))
+
+
+def already_complete(trainer: Trainer, checkpoint: str, step: int) -> None:
+    """A finished run started again into its directory: nothing to train, so nothing is written and no figure
+    printed (the Trainer would report train_loss 0.0); a final model or metrics file the run did not finish is named."""
+    out = Path(trainer.args.output_dir)
+    problem = None
+    if not any((out / f).is_file() for f in ("config.json", "adapter_config.json")):
+        problem = (f"its final model was never saved (the run was stopped after {checkpoint}): the trained weights "
+                   f"are in {checkpoint}")
+    elif os.path.lexists(out / "all_results.json"):
+        try:
+            files.read_json_object(files.checked_file(out, "all_results.json", "metrics"))
+        except (OSError, ValueError) as e:
+            problem = (f"{e}: the run was stopped while writing its metrics, which are lost (trainer_state.json keeps "
+                       "the logged losses)")
+    teardown()
+    if problem:
+        fail(f"{out} holds a complete run ({checkpoint}, step {step}): nothing to train; but {problem}. Use "
+             "--overwrite_output_dir to train afresh")
+    if trainer.is_world_process_zero():
+        print(f"{out}: this run is already complete ({checkpoint}, step {step} of {planned_steps(trainer)}); "
+              "nothing to train. Use --overwrite_output_dir to train afresh, or a larger --max_steps / "
+              "--num_train_epochs to continue it", flush=True)
 
 
 def peak_memory_mb() -> float:

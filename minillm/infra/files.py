@@ -5,7 +5,8 @@ Staging: every save (a model, an adapter, a checkpoint, a cache file) is written
 its target, `.{target name}.minillm-staging-{host}-{pid}-{random}`, fsynced, and renamed into place only once
 complete, so a failed save (full disk, an exception, Ctrl-C) leaves the previous version loadable. That name is
 minillm's own: a later save removes a staging directory only when it carries this pattern, names this host and
-its process is gone, so nothing minillm did not write is ever deleted. Files get mode 0666 & ~umask (0644
+its process is gone, so nothing minillm did not write is ever deleted (`remove_stale_staging`). One file is staged
+the same way under the same name (`staged_file`, `write_atomic`). Files get mode 0666 & ~umask (0644
 usually) and directories 0777 & ~umask: safetensors 0.8 (and so transformers' own save_pretrained) writes
 weights 0600 beside a 0644 config.json; a checkpoint meant to be shared is readable as a whole.
 """
@@ -13,7 +14,9 @@ weights 0600 beside a 0644 config.json; a checkpoint meant to be shared is reada
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import math
 import os
 import shutil
 import stat
@@ -61,7 +64,53 @@ def checked_file(root: Path, name: object, what: str) -> Path:
     return path
 
 
-_STAGING = ".minillm-staging-"  # a staging directory: .{target name}.minillm-staging-{host}-{pid}-{random}
+_STAGING = ".minillm-staging-"  # a staging entry: .{target name}.minillm-staging-{host}-{pid}-{random}
+
+
+def staging_path(path: str | Path, pid: int | None = None, token: str | None = None) -> Path:
+    """Where a save of `path` is staged: `.{name}.minillm-staging-{host}-{pid}-{random}` beside it. `pid`/`token`
+    default to this process and a fresh random word; ranks that share one staging directory pass rank 0's."""
+    path = Path(path)
+    return path.parent / (f".{path.name}{_STAGING}{os.uname().nodename}-{os.getpid() if pid is None else pid}-"
+                          f"{token or uuid.uuid4().hex[:8]}")
+
+
+def is_staging(name: str) -> bool:
+    """Whether `name` is minillm's staging name (of any host, process, target)."""
+    return name.startswith(".") and _STAGING in name
+
+
+def _dead_writer(name: str) -> bool:
+    """A staging entry named by this host and a process that no longer exists (never this process's own)."""
+    host, _, rest = name.partition(_STAGING)[2].rpartition("-")[0].rpartition("-")
+    pid = rest
+    if host != os.uname().nodename or not pid.isdigit() or int(pid) == os.getpid():
+        return False  # another host's (its pids say nothing here), or this process's own (in use)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return False
+
+
+def remove_stale_staging(directory: str | Path, target: str | None = None) -> list[Path]:
+    """Remove the staging entries in `directory` (of `target` only, if given) that a killed minillm process of this
+    host left: the name carries minillm's pattern, this host and a pid no longer alive. Nothing else is touched.
+    Returns what was removed."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for old in directory.glob(f".{glob.escape(target)}{_STAGING}*" if target else f".*{_STAGING}*"):
+        if _dead_writer(old.name):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+            removed.append(old)
+    return removed
 
 
 def _umask() -> int:
@@ -73,20 +122,13 @@ def _umask() -> int:
     return mask
 
 
-def _remove_stale_staging(path: Path) -> None:
-    """Remove staging directories of `path` left by a killed process of this host (pid no longer alive)."""
-    prefix = f".{path.name}{_STAGING}{os.uname().nodename}-"
-    for old in path.parent.glob(f".{path.name}{_STAGING}*"):
-        rest = old.name[len(prefix):] if old.name.startswith(prefix) else ""
-        pid = rest.split("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue  # another host's, or one of this process's (in use)
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(old, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
+def normalise_modes(directory: str | Path) -> None:
+    """Files 0666 & ~umask, directories 0777 & ~umask, as transformers leaves them (safetensors writes 0600)."""
+    mask = _umask()
+    for root, _, files in os.walk(directory):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _fsync(path: Path) -> None:
@@ -100,11 +142,9 @@ def _fsync(path: Path) -> None:
 def _install(staging: Path, path: Path) -> None:
     """Move every file of `staging` into `path`: one rename of the directory when `path` does not exist yet,
     otherwise one rename per file (weights and other files first, *.json last: config.json names the rest)."""
-    mask = _umask()
-    for root, dirs, files in os.walk(staging):
-        os.chmod(root, 0o777 & ~mask)
+    normalise_modes(staging)
+    for root, _, files in os.walk(staging):
         for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
             _fsync(Path(root, name))  # on disk before the rename makes it visible
     if not path.exists():
         try:
@@ -135,8 +175,8 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(path)
-    staging = path.parent / f".{path.name}{_STAGING}{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_staging(path.parent, path.name)
+    staging = staging_path(path)
     staging.mkdir()
     try:
         yield staging
@@ -145,15 +185,55 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """Atomic save of one file: write the yielded path (a staging name beside `path`); when the block ends without
+    an exception it is fsynced, given mode 0666 & ~umask and renamed over `path`; on an exception it is removed
+    and `path` is unchanged.
+
+        with staged_file(cache / "sft-1234.pt") as tmp:
+            torch.save(data, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path.parent, path.name)
+    tmp = staging_path(path)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """`path` holds `data` (text is UTF-8), or, after any failure, what it held before."""
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What tells a changed input file from the one a run or a cache was made from: absolute path, size, mtime."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """The JSON object in `path`; not UTF-8, not JSON (its line named) or not an object is a ValueError naming the
     file. A non-finite number (NaN, Infinity, 1e999) is refused too: no setting of minillm's may be one."""
     def no_constant(name: str) -> Any:
         raise ValueError(name)
 
+    def finite(text: str) -> float:
+        if not math.isfinite(value := float(text)):
+            raise ValueError(f"{text} (beyond a float's range)")
+        return value
+
     try:
         with open(path, encoding="utf-8") as f:
-            d = json.load(f, parse_constant=no_constant)
+            d = json.load(f, parse_constant=no_constant, parse_float=finite)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
