@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import gguf
-import numpy as np
 import torch
 from tqdm import tqdm
 
