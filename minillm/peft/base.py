@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from minillm.generation import generate
+
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM -> its tuner -> the base model
@@ -119,3 +121,49 @@ def copy_into(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+# ---- what prompt and prefix tuning share: a wrapper around the frozen model, and the same file settings ----------
+
+class VirtualTokensLM(nn.Module):
+    """A frozen CausalLM behind P virtual tokens (prompt tuning: input vectors; prefix tuning: keys and values).
+    `forward` and `generate` take what CausalLM's do; switched off, it is the base model exactly."""
+
+    loss_type = "ForCausalLM"  # the HF Trainer counts shifted labels for num_items_in_batch
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.base_model, self.peft_config = model, config
+        self.disabled = False  # set_enabled(False): the base model alone, as peft's disable_adapter
+        freeze(model)
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs: Any) -> torch.Tensor:
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    # pass-throughs the HF Trainer calls
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw: Any) -> None:
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
+
+
+def virtual_tokens_config(peft_type: str, model: nn.Module, **method_keys: Any) -> dict[str, Any]:
+    """adapter_config.json of prompt and prefix tuning: peft's shared keys, then the method's own."""
+    return {"peft_type": peft_type, "task_type": "CAUSAL_LM", "revision": None, "inference_mode": True,
+            "auto_mapping": None, "modules_to_save": None, "num_virtual_tokens": model.peft_config.num_virtual_tokens,
+            "num_layers": model.config.num_hidden_layers, "num_transformer_submodules": 1, **method_keys}
+
+
+def check_virtual_tokens_keys(d: dict[str, Any], model: nn.Module, token_dim: int) -> int:
+    """The shared keys of a saved prompt/prefix config, checked against this model; returns P."""
+    if not is_positive_int(d.get("num_virtual_tokens")):
+        raise ValueError(f"key 'num_virtual_tokens' must be a positive integer, got {d.get('num_virtual_tokens')!r}")
+    expect_key(d, "num_transformer_submodules", 1)
+    expect_key(d, "num_layers", model.config.num_hidden_layers)
+    expect_key(d, "token_dim", token_dim)
+    return d["num_virtual_tokens"]

@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from minillm.generation import KVCache, generate
-from minillm.peft.base import check_tensors, config_of, copy_into, expect_key, freeze, is_positive_int
+from minillm.generation import KVCache
+from minillm.peft.base import (VirtualTokensLM, check_tensors, check_virtual_tokens_keys, config_of, copy_into,
+                               expect_key, is_positive_int, virtual_tokens_config)
 
 
 @dataclass
@@ -64,18 +65,14 @@ class PrefixCache:
         return torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)  # (B, K, S, D)
 
 
-class PrefixTuningLM(nn.Module):
-    """A frozen CausalLM with trainable per-layer key/value prefixes. `forward`/`generate` as CausalLM's."""
+class PrefixTuningLM(VirtualTokensLM):
+    """A frozen CausalLM with trainable per-layer key/value prefixes."""
 
     peft_type = "PREFIX_TUNING"
-    loss_type = "ForCausalLM"
 
     def __init__(self, model: nn.Module, config: PrefixTuningConfig, inference_mode: bool = False) -> None:
         """inference_mode: the prefix is a plain table even with prefix_projection (what peft loads)."""
-        super().__init__()
-        self.base_model, self.peft_config = model, config
-        self.disabled = False  # switched off (PrefixTuning.set_enabled): the base model alone, as peft's disable_adapter
-        freeze(model)
+        super().__init__(model, config)
         cfg = model.config
         self.n_layers, self.n_kv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
         P, width = config.num_virtual_tokens, cfg.num_key_value_heads * cfg.head_dim
@@ -89,10 +86,6 @@ class PrefixTuningLM(nn.Module):
         else:
             self.embedding = nn.Embedding(P, out)
         self.to(device=next(model.parameters()).device)  # fp32: cast to the model's dtype at use, as peft
-
-    @property
-    def config(self):
-        return self.base_model.config
 
     def prefix_table(self) -> torch.Tensor:
         """(P, L*2*K*D): what the encoder makes of the P virtual tokens."""
@@ -138,18 +131,9 @@ class PrefixTuningLM(nn.Module):
         return self.base_model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                                cache=cache, **kwargs)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs: Any) -> torch.Tensor:
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
-
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """peft's adapter_model.safetensors: prompt_embeddings, the (P, L*2*K*D) table after any projection."""
         return {"prompt_embeddings": self.prefix_table()}
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw: Any) -> None:
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
 
 
 class PrefixTuning:
@@ -168,24 +152,19 @@ class PrefixTuning:
     def config_dict(self, model: PrefixTuningLM) -> dict[str, Any]:
         cfg, pc = model.config, model.peft_config
         width = cfg.num_key_value_heads * cfg.head_dim  # peft's token_dim for GQA models: the kv width
-        return {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "revision": None, "inference_mode": True,
-                "auto_mapping": None, "modules_to_save": None, "num_virtual_tokens": pc.num_virtual_tokens,
-                "num_layers": cfg.num_hidden_layers, "num_transformer_submodules": 1, "token_dim": width,
-                "num_attention_heads": cfg.num_key_value_heads, "encoder_hidden_size": pc.encoder_hidden_size or width,
-                "prefix_projection": pc.prefix_projection, "init_weights": None}
+        return virtual_tokens_config(
+            "PREFIX_TUNING", model, token_dim=width, num_attention_heads=cfg.num_key_value_heads,
+            encoder_hidden_size=pc.encoder_hidden_size or width, prefix_projection=pc.prefix_projection,
+            init_weights=None)
 
     def config_from_dict(self, d: dict[str, Any], model: nn.Module) -> PrefixTuningConfig:
         cfg = model.config
-        if not is_positive_int(d.get("num_virtual_tokens")):
-            raise ValueError(f"key 'num_virtual_tokens' must be a positive integer, got {d.get('num_virtual_tokens')!r}")
-        expect_key(d, "num_transformer_submodules", 1)
-        expect_key(d, "num_layers", cfg.num_hidden_layers)
-        expect_key(d, "token_dim", cfg.num_key_value_heads * cfg.head_dim)
+        P = check_virtual_tokens_keys(d, model, token_dim=cfg.num_key_value_heads * cfg.head_dim)
         expect_key(d, "num_attention_heads", cfg.num_key_value_heads)
         projection = d.get("prefix_projection", False)
         if not isinstance(projection, bool):
             raise ValueError(f"key 'prefix_projection' must be true or false, got {projection!r}")
-        return PrefixTuningConfig(num_virtual_tokens=d["num_virtual_tokens"], prefix_projection=projection,
+        return PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=projection,
                                   encoder_hidden_size=d.get("encoder_hidden_size"))
 
     def load(self, model: nn.Module, config: PrefixTuningConfig, tensors: dict[str, torch.Tensor],

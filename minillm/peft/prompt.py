@@ -26,8 +26,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from minillm.generation import KVCache, generate
-from minillm.peft.base import check_tensors, config_of, copy_into, expect_key, freeze, is_positive_int
+from minillm.generation import KVCache
+from minillm.peft.base import (VirtualTokensLM, check_tensors, check_virtual_tokens_keys, config_of, copy_into,
+                               is_positive_int, virtual_tokens_config)
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -60,17 +61,13 @@ def text_init_ids(ids: list[int], n: int) -> list[int]:
     return list(ids[:n])
 
 
-class PromptTuningLM(nn.Module):
-    """A frozen CausalLM behind P trainable input vectors. `forward` and `generate` take what CausalLM's do."""
+class PromptTuningLM(VirtualTokensLM):
+    """A frozen CausalLM behind P trainable input vectors."""
 
     peft_type = "PROMPT_TUNING"
-    loss_type = "ForCausalLM"  # the HF Trainer counts shifted labels for num_items_in_batch
 
     def __init__(self, model: nn.Module, config: PromptTuningConfig) -> None:
-        super().__init__()
-        self.base_model, self.peft_config = model, config
-        self.disabled = False  # switched off (PromptTuning.set_enabled): the base model alone, as peft's disable_adapter
-        freeze(model)
+        super().__init__(model, config)
         emb = model.model.embed_tokens
         emb = getattr(emb, "base_layer", emb)  # a LoRA'd embedding: its frozen table
         P, C = config.num_virtual_tokens, model.config.hidden_size
@@ -84,10 +81,6 @@ class PromptTuningLM(nn.Module):
             if ids is not None:
                 self.prompt_encoder.weight.copy_(emb(ids.to(emb.weight.device)).float())
         self.prompt_encoder.to(emb.weight.device)  # fp32 whatever the base dtype (peft casts at use)
-
-    @property
-    def config(self):
-        return self.base_model.config
 
     def prompt(self, batch: int) -> torch.Tensor:
         """(B, P, C): peft's get_prompt (an embedding lookup of 0..P-1, so the gradient flows as in peft)."""
@@ -114,19 +107,9 @@ class PromptTuningLM(nn.Module):
             cache.grow(P)
         return self.base_model(inputs_embeds=h, attention_mask=attention_mask, labels=labels, cache=cache, **kwargs)
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs: Any) -> torch.Tensor:
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
-
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """peft's adapter_model.safetensors: one tensor, prompt_embeddings (P, C)."""
         return {"prompt_embeddings": self.prompt(1)[0]}
-
-    # pass-throughs the HF Trainer calls
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kw: Any) -> None:
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kw)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
 
 
 class PromptTuning:
@@ -144,22 +127,15 @@ class PromptTuning:
 
     def config_dict(self, model: PromptTuningLM) -> dict[str, Any]:
         cfg, pc = model.config, model.peft_config
-        return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "revision": None, "inference_mode": True,
-                "auto_mapping": None, "modules_to_save": None, "num_virtual_tokens": pc.num_virtual_tokens,
-                "num_layers": cfg.num_hidden_layers, "num_transformer_submodules": 1, "token_dim": cfg.hidden_size,
-                "num_attention_heads": cfg.num_attention_heads, "prompt_tuning_init": pc.prompt_tuning_init,
-                "prompt_tuning_init_text": pc.prompt_tuning_init_text,
-                "tokenizer_name_or_path": pc.tokenizer_name_or_path, "tokenizer_kwargs": None}
+        return virtual_tokens_config(
+            "PROMPT_TUNING", model, token_dim=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+            prompt_tuning_init=pc.prompt_tuning_init, prompt_tuning_init_text=pc.prompt_tuning_init_text,
+            tokenizer_name_or_path=pc.tokenizer_name_or_path, tokenizer_kwargs=None)
 
     def config_from_dict(self, d: dict[str, Any], model: nn.Module) -> PromptTuningConfig:
-        cfg = model.config
-        if not is_positive_int(d.get("num_virtual_tokens")):
-            raise ValueError(f"key 'num_virtual_tokens' must be a positive integer, got {d.get('num_virtual_tokens')!r}")
-        expect_key(d, "num_transformer_submodules", 1)
-        expect_key(d, "num_layers", cfg.num_hidden_layers)
-        expect_key(d, "token_dim", cfg.hidden_size)
+        P = check_virtual_tokens_keys(d, model, token_dim=model.config.hidden_size)
         # the table is loaded as saved: the init it came from does not matter any more
-        return PromptTuningConfig(num_virtual_tokens=d["num_virtual_tokens"],
+        return PromptTuningConfig(num_virtual_tokens=P,
                                   prompt_tuning_init_text=d.get("prompt_tuning_init_text"),
                                   tokenizer_name_or_path=d.get("tokenizer_name_or_path"))
 
