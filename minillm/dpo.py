@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.loss import CHUNK_ELEMS, MIN_CHUNK_ROWS
+from minillm.pack import best_fit
 from minillm.peft import disable_adapter
 from minillm.preference import collate
 
@@ -94,28 +95,68 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 def completion_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], fused: bool = True,
                      chunk_elems: int | None = None) -> torch.Tensor:
-    """Per-sequence sum of log p(token) over the completion tokens: (2B,). fused=False takes the full logits."""
+    """Per-sequence sum of log p(token) over the completion tokens: (2B,). fused=False takes the full logits.
+    A packed batch (preference.collate_packed: no attention_mask, position_ids restarting per sequence) is summed
+    per `sequence_id` instead of per row."""
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
     targets, mask = input_ids[:, 1:], completion_mask[:, 1:].bool()  # position t predicts token t + 1
     T = targets.shape[1]
+    inputs = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
     if not fused:
-        logits = model(input_ids, attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids, **inputs).logits
         per_token = token_logps(logits[:, -T - 1:-1], targets)  # prompt tuning prepends virtual tokens: the last T
-        return per_token.masked_fill(~mask, 0.0).sum(dim=1)
-    # The final hidden states are caught at the final norm, so every PEFT wrapper's forward runs unchanged; the
-    # model computes the logits of the last position only (logits_to_keep=1).
-    lm = _causal_lm(model)
-    caught = []
-    hook = lm.model.norm.register_forward_hook(lambda module, args, output: caught.append(output))
-    try:
-        model(input_ids, attention_mask=batch["attention_mask"], logits_to_keep=1)
-    finally:
-        hook.remove()
-    h = caught[-1][:, -T - 1:-1]  # (2B, T, C)
-    V = lm.lm_head.weight.shape[0]
-    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMS // V) if chunk_elems is None else max(1, chunk_elems // V)
-    logps = _FusedLogps.apply(h[mask], lm.lm_head.weight, targets[mask], rows)  # completion positions only
-    return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps).sum(dim=1)
+    else:
+        # The final hidden states are caught at the final norm, so every PEFT wrapper's forward runs unchanged;
+        # the model computes the logits of the last position only (logits_to_keep=1).
+        lm = _causal_lm(model)
+        caught = []
+        hook = lm.model.norm.register_forward_hook(lambda module, args, output: caught.append(output))
+        try:
+            model(input_ids, **inputs, logits_to_keep=1)
+        finally:
+            hook.remove()
+        h = caught[-1][:, -T - 1:-1]  # (rows, T, C)
+        V = lm.lm_head.weight.shape[0]
+        rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMS // V) if chunk_elems is None else max(1, chunk_elems // V)
+        logps = _FusedLogps.apply(h[mask], lm.lm_head.weight, targets[mask], rows)  # completion positions only
+        per_token = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
+    per_token = per_token.masked_fill(~mask, 0.0)
+    if "sequence_id" not in batch:
+        return per_token.sum(dim=1)
+    seq = batch["sequence_id"][:, 1:][mask]  # the sequence each completion token's log-prob belongs to
+    return per_token.new_zeros(int(batch["sequence_id"].max()) + 1).index_add(0, seq, per_token[mask])
+
+
+def pack_batch(batch: Mapping[str, torch.Tensor], width: int | None = None) -> dict[str, torch.Tensor]:
+    """A padded batch (preference.collate) as packed rows of `width` tokens (default: its longest sequence): the
+    sequences best-fit into rows (minillm.pack), position_ids restarting per sequence, no attention_mask (so each
+    attends only to itself: minillm.pack's packed documents), `sequence_id` naming each token's sequence (-1: pad)."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    rows = best_fit(lengths, width or max(lengths))
+    W = max(sum(lengths[i] for i in row) for row in rows)
+    out = {"input_ids": torch.zeros(len(rows), W, dtype=torch.long), "completion_mask": torch.zeros(len(rows), W,
+           dtype=torch.long), "position_ids": torch.arange(W).repeat(len(rows), 1),  # the tail: one pad document
+           "sequence_id": torch.full((len(rows), W), -1)}
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = lengths[i]
+            out["input_ids"][r, at:at + n] = batch["input_ids"][i, :n]
+            out["completion_mask"][r, at:at + n] = batch["completion_mask"][i, :n]
+            out["position_ids"][r, at:at + n] = torch.arange(n)
+            out["sequence_id"][r, at:at + n] = i
+            at += n
+        out["position_ids"][r, at:] = torch.arange(W - at)
+    return {**out, **{k: v for k, v in batch.items() if k.startswith("ref_")}}
+
+
+def completion_lengths(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Completion tokens per sequence (2B,), counted on the unshifted completion mask as TRL counts them (ipo)."""
+    mask = batch["completion_mask"]
+    if "sequence_id" not in batch:
+        return mask.sum(dim=1)
+    seq = batch["sequence_id"]
+    return mask.new_zeros(int(seq.max()) + 1).index_add(0, seq[seq >= 0], mask[seq >= 0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,9 +184,10 @@ class DPOConfig:
             raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, not {self.label_smoothing}")
 
 
-def dpo_loss(cfg: DPOConfig, logps: torch.Tensor, ref_logps: torch.Tensor, completion_mask: torch.Tensor
+def dpo_loss(cfg: DPOConfig, logps: torch.Tensor, ref_logps: torch.Tensor, lengths: torch.Tensor
              ) -> torch.Tensor:
-    """The weighted sum of each loss type's mean over pairs. logps, ref_logps (2B,): chosen rows, then rejected."""
+    """The weighted sum of each loss type's mean over pairs. logps, ref_logps, lengths (completion_lengths) (2B,):
+    chosen sequences, then rejected."""
     chosen, rejected = (logps - ref_logps).chunk(2)  # log-ratios, (B,) each
     delta = chosen - rejected
     loss = 0.0
@@ -155,8 +197,8 @@ def dpo_loss(cfg: DPOConfig, logps: torch.Tensor, ref_logps: torch.Tensor, compl
         elif loss_type == "hinge":
             per_pair = torch.relu(1 - cfg.beta * delta)
         elif loss_type == "ipo":
-            # log-ratios averaged over each completion's tokens (TRL counts the unshifted completion mask)
-            n_chosen, n_rejected = completion_mask.sum(dim=1).clamp(min=1.0).chunk(2)
+            # log-ratios averaged over each completion's tokens
+            n_chosen, n_rejected = lengths.clamp(min=1.0).chunk(2)
             per_pair = (chosen / n_chosen - rejected / n_rejected - 1 / (2 * cfg.beta)) ** 2
         else:  # "robust": unbiased under labels flipped with probability label_smoothing
             eps = cfg.label_smoothing
@@ -167,14 +209,17 @@ def dpo_loss(cfg: DPOConfig, logps: torch.Tensor, ref_logps: torch.Tensor, compl
     return loss
 
 
-def dpo_metrics(cfg: DPOConfig, logps: torch.Tensor, ref_logps: torch.Tensor) -> dict[str, float]:
-    """TRL's logged rewards/* and logps/* (means over the pairs of the batch)."""
+def dpo_metrics(cfg: DPOConfig, logps: torch.Tensor, ref_logps: torch.Tensor, gather=None) -> dict[str, float]:
+    """TRL's logged rewards/* and logps/*: means over the pairs of the batch, of every rank's pairs when `gather`
+    (accelerate's gather: each rank's per-pair values, concatenated) is given, as TRL logs them."""
+    gather = gather or (lambda t: t)
     chosen_logps, rejected_logps = logps.detach().chunk(2)
     chosen_rewards, rejected_rewards = (cfg.beta * (logps - ref_logps).detach()).chunk(2)
-    return {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-            "logps/chosen": chosen_logps.mean().item(), "logps/rejected": rejected_logps.mean().item()}
+    return {"rewards/chosen": gather(chosen_rewards).mean().item(),
+            "rewards/rejected": gather(rejected_rewards).mean().item(),
+            "rewards/accuracies": gather((chosen_rewards > rejected_rewards).float()).mean().item(),
+            "rewards/margins": gather(chosen_rewards - rejected_rewards).mean().item(),
+            "logps/chosen": gather(chosen_logps).mean().item(), "logps/rejected": gather(rejected_logps).mean().item()}
 
 
 @torch.no_grad()
@@ -195,7 +240,7 @@ def dpo_step(cfg: DPOConfig, model: nn.Module, batch: Mapping[str, torch.Tensor]
     """One batch: (loss to backpropagate, TRL's metrics)."""
     logps = completion_logps(model, batch, fused)  # the policy first, then the reference, as TRL
     ref = reference_logps(model, batch, ref_model, fused)
-    return dpo_loss(cfg, logps, ref, batch["completion_mask"]), dpo_metrics(cfg, logps, ref)
+    return dpo_loss(cfg, logps, ref, completion_lengths(batch)), dpo_metrics(cfg, logps, ref)
 
 
 @torch.no_grad()

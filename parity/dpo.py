@@ -145,7 +145,7 @@ def _logp_weight(cfg: dpo.DPOConfig, ours, mb, ref_model=None) -> float:
         logps = dpo.completion_logps(ours, mb, fused=False)
         ref = dpo.reference_logps(ours, mb, ref_model, fused=False)
     x = logps.clone().requires_grad_()
-    (g,) = torch.autograd.grad(dpo.dpo_loss(cfg, x, ref, mb["completion_mask"]), x)
+    (g,) = torch.autograd.grad(dpo.dpo_loss(cfg, x, ref, dpo.completion_lengths(mb)), x)
     return float(g.abs().max()) or 1.0
 
 
@@ -253,6 +253,38 @@ def measure_precompute(d: Draw, tok) -> list[float]:
     return [ref_delta, _max_abs(on, off)]
 
 
+# ---- packed DPO (beyond TRL: its padding_free is unavailable in 1.16): packed rows = padded rows ----------
+def measure_packed(d: Draw, tok) -> list[float]:
+    """[logps, loss, grads] of minillm.dpo (sigmoid + ipo, fused log-probs) on the padded batch vs the same
+    sequences packed into rows of max_length (dpo.pack_batch: positions restarting per sequence, no attention_mask).
+    The fp32 per-sequence sums add the same terms in another order, so they agree to about an ulp of |logp|
+    (~4e-6 at |logp| 30; also with a float64 model: the sums are fp32 by TRL's formula), which the loss scales by
+    d loss / d logp (IPO's ~ 1 / (beta x length) ~ 2.5): logps relative to max |logp|, the loss per unit of
+    max |d loss / d logp| x max |logp| (the same relative error), grads per unit of max |d loss / d logp| x
+    max |d sum(logps) / d weight| (a tied pair's gradients cancel exactly only when both sequences are computed
+    alike, as in a padded batch; packed, each side carries its own rounding, ~1e-7 of its gradient)."""
+    ours, _, ours_ref, _ = _perturbed_pair(d.seed, len(tok))
+    mine, _ = preference.tokenize_rows(tok, d.rows, tok.eos_token, d.max_length, d.truncation_mode)
+    if not mine:
+        return [0.0, 0.0, 0.0]
+    cfg = dpo.DPOConfig(beta=d.beta, loss_type=("sigmoid", "ipo"), max_length=d.max_length,
+                        truncation_mode=d.truncation_mode)
+    padded = preference.collate(mine, tok.pad_token_id, d.max_length, d.truncation_mode)
+    out = []
+    for batch in (padded, dpo.pack_batch(padded, d.max_length)):
+        ours.zero_grad()
+        loss = dpo.dpo_step(cfg, ours, batch, ref_model=ours_ref)[0]
+        loss.backward()
+        out.append((dpo.completion_logps(ours, batch).detach(), loss, [p.grad.clone() for p in ours.parameters()]))
+    (la, a, ga), (lb, b, gb) = out
+    weight, size = _logp_weight(cfg, ours, padded, ours_ref), max(1.0, float(la.abs().max()))
+    ours.zero_grad()
+    dpo.completion_logps(ours, padded).sum().backward()  # the size of a sequence's log-prob gradient
+    grad_size = max(float(p.grad.abs().max()) for p in ours.parameters())
+    return [_max_abs(la, lb) / size, _max_abs(a, b) / weight / size,
+            max(_max_abs(x, y) for x, y in zip(ga, gb)) / weight / grad_size]
+
+
 # ---- adapters: the reference is the adapter switched off -------------------------------------------
 METHODS = ("lora", "prompt", "prefix", "ia3")
 
@@ -313,6 +345,11 @@ def rows(budget: float = 1.0) -> list[Row]:
     out += property_rows([("dpo precompute_ref_log_probs: ref logps", "TRL precomputed columns", "dpo_logps"),
                           ("dpo precompute on = off (loss)", "minillm with a reference forward", "dpo_precompute")],
                          draws(), lambda d: measure_precompute(d, tok), max(1, n // 2))
+    padded = "minillm padded batch"
+    out += property_rows([("dpo packed = padded: logps (rel)", padded, "dpo_fused"),
+                          ("dpo packed = padded: loss (rel, per dL/dlogp)", padded, "dpo_fused"),
+                          ("dpo packed = padded: grads (rel, per dL/dlogp)", padded, "dpo_fused_grads")],
+                         draws(), lambda d: measure_packed(d, tok), max(1, n // 2))
     for method in METHODS:
         out += property_rows([(f"dpo {method}: loss, ref = adapter off", f"{REFERENCE} + peft", "dpo_loss"),
                               (f"dpo {method}: adapter grads (per dL/dlogp)", f"{REFERENCE} + peft", "dpo_grads"),

@@ -113,13 +113,13 @@ def test_hostile_rows_are_counted_or_named(tok):
                                                ("ipo", (1 / (2 * 0.1)) ** 2), ("robust", math.log(2))])
 def test_losses_where_policy_equals_reference(loss_type, at_zero):
     logps = torch.tensor([-3.0, -5.0, -4.0, -2.0])
-    mask = torch.ones(4, 6, dtype=torch.long)
+    mask = torch.full((4,), 6)  # completion tokens per sequence
     cfg = dpo.DPOConfig(loss_type=loss_type, label_smoothing=0.2)
     assert dpo.dpo_loss(cfg, logps, logps, mask).item() == pytest.approx(at_zero, rel=1e-6)
 
 
 def test_label_smoothing_is_ignored_by_sigmoid_and_used_by_robust():
-    logps, ref, mask = torch.tensor([-3.0, -6.0]), torch.tensor([-4.0, -4.0]), torch.ones(2, 3)
+    logps, ref, mask = torch.tensor([-3.0, -6.0]), torch.tensor([-4.0, -4.0]), torch.full((2,), 3)
     sig = [dpo.dpo_loss(dpo.DPOConfig(label_smoothing=e), logps, ref, mask).item() for e in (0.0, 0.3)]
     rob = [dpo.dpo_loss(dpo.DPOConfig(loss_type="robust", label_smoothing=e), logps, ref, mask).item()
            for e in (0.0, 0.3)]
@@ -159,6 +159,42 @@ def test_logps_count_only_completion_tokens(tok):
     lp = torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
     expected = (lp * b["completion_mask"][:, 1:]).sum(1)
     torch.testing.assert_close(dpo.completion_logps(model, b, fused=False).double(), expected, atol=1e-5, rtol=0)
+
+
+# ---- packed DPO ---------------------------------------------------------------------------------------
+def test_pack_batch_layout(tok):
+    kept, b = batch_of(tok, ROWS * 3)
+    packed = dpo.pack_batch(b, 64)
+    lengths = b["attention_mask"].sum(1)
+    assert packed["input_ids"].shape[0] < b["input_ids"].shape[0] and "attention_mask" not in packed
+    for i, n in enumerate(lengths.tolist()):  # every sequence whole, in one row, positions 0..n-1
+        r, cols = (packed["sequence_id"] == i).nonzero(as_tuple=True)
+        assert len(set(r.tolist())) == 1 and len(cols) == n and cols.diff().eq(1).all()
+        assert packed["input_ids"][r[0], cols].tolist() == b["input_ids"][i, :n].tolist()
+        assert packed["position_ids"][r[0], cols].tolist() == list(range(n))
+        assert packed["completion_mask"][r[0], cols].tolist() == b["completion_mask"][i, :n].tolist()
+    assert torch.equal(dpo.completion_lengths(packed), dpo.completion_lengths(b))
+    model = tiny()
+    pre = preference.collate(dpo.precompute_ref_logps(model, kept, 3, dpo.DPOConfig(), 2, ref_model=model), 3, 64)
+    assert torch.equal(dpo.pack_batch(pre)["ref_chosen_logps"], pre["ref_chosen_logps"])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_packed_equals_padded_loss_and_grads(tok, loss_type):
+    _, b = batch_of(tok, ROWS * 3)
+    ref_model = tiny().eval()
+    policy = perturbed(ref_model)
+    cfg = dpo.DPOConfig(loss_type=loss_type)
+    out = []
+    for batch in (b, dpo.pack_batch(b, 64)):
+        policy.zero_grad()
+        loss, metrics = dpo.dpo_step(cfg, policy, batch, ref_model=ref_model)
+        loss.backward()
+        out.append((loss.item(), metrics, [p.grad.clone() for p in policy.parameters()]))
+    (la, ma, ga), (lb, mb, gb) = out
+    scale = 1.0 if loss_type == "sigmoid" else 25.0  # ipo's loss ~ (1 / (2 beta))^2: its fp32 rounding scales
+    assert abs(la - lb) <= 1e-6 * scale and ma == pytest.approx(mb, rel=1e-6, abs=1e-6)
+    assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) <= 1e-6 * scale
 
 
 # ---- the reference -----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ logger = logging.getLogger("minillm.train")
 
 def save_loss_plot(history: list[dict], path: Path, smooth: int = 9) -> None:
     """The run's loss curve as a picture: training loss per logged step, its moving average over `smooth` logged
-    steps (one batch's loss is noisy), eval loss where there is one. A missing matplotlib only skips it."""
+    steps (one batch's loss is noisy), eval loss where there is one, and for a DPO run the reward margin
+    (rewards/margins) on its own axis. A missing matplotlib only skips it."""
     train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
     if not train and not evals:
@@ -35,7 +36,14 @@ def save_loss_plot(history: list[dict], path: Path, smooth: int = 9) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(path.parent.name)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    margins = [(e["step"], e["rewards/margins"]) for e in history if "rewards/margins" in e and "step" in e]
+    if margins:  # DPO: the reward margin (chosen - rejected) should grow as the loss falls
+        right = ax.twinx()
+        right.plot(*zip(*margins), color="tab:green", lw=1.2, label="reward margin")
+        right.set_ylabel("reward margin")
+        handles = [a + b for a, b in zip(handles, right.get_legend_handles_labels())]
+    ax.legend(*handles)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
