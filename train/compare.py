@@ -117,13 +117,57 @@ def pin_op_build_env(env: dict | None = None) -> dict:
     45-150 s per switch. Putting this venv's bin/ first makes it one ninja per venv. TORCH_EXTENSIONS_DIR is
     pinned next to the venv as well (a launch outside `make` reuses the same build)."""
     env = os.environ if env is None else env
-    venv_bin = Path(sys.prefix) / "bin"
+    venv_bin = Path(os.path.realpath(sys.prefix)) / "bin"
     if (venv_bin / "ninja").exists():
         path = env.get("PATH", "")
         if path.split(os.pathsep)[0] != str(venv_bin):
             env["PATH"] = os.pathsep.join([str(venv_bin), *[p for p in path.split(os.pathsep) if p != str(venv_bin)]])
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    if env is os.environ:
+        _canonical_op_paths()
     return env
+
+
+def _canonical_op_paths() -> None:
+    """The second measured cause: a venv reached through a symlink (a scratch copy of the checkout whose .venv links
+    to the real one). Python then sees sys.prefix as the link's path, and DeepSpeed's build command names every
+    source and include path through it: another command, so ninja compiles again (into the same build directory
+    when TORCH_EXTENSIONS_DIR resolves to it). In such a process the paths DeepSpeed and torch put into the
+    command are resolved, so it is the command of the real venv. Costs the deepspeed import (~4 s) there only."""
+    if os.path.realpath(sys.prefix) == os.path.abspath(sys.prefix):
+        return
+    from torch.utils import cpp_extension as ce
+
+    ce._TORCH_PATH = os.path.realpath(ce._TORCH_PATH)
+    ce.TORCH_LIB_PATH = os.path.join(ce._TORCH_PATH, "lib")
+    try:
+        from deepspeed.ops.op_builder import builder
+    except ImportError:
+        return
+    src_root = os.path.realpath(Path(builder.__file__).parent.parent)
+    builder.OpBuilder.deepspeed_src_path = lambda self, code_path: (
+        code_path if os.path.isabs(code_path) else os.path.join(src_root, code_path))
+
+
+def op_build_plan() -> tuple[str | None, str]:
+    """(the ninja this process would run, the build.ninja it would write for the op): DeepSpeed's flags for the op
+    through torch's own ninja-file writer. Two launches compile the op once between them only if both are equal."""
+    import shutil
+    import tempfile
+
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from torch.utils import cpp_extension as ce
+
+    b = ShareMemCommBuilder()
+    sources = [os.path.abspath(b.deepspeed_src_path(p)) for p in b.sources()]
+    includes = [os.path.abspath(b.deepspeed_src_path(p)) for p in b.include_paths()]
+    cflags = [*b.strip_empty_entries(b.cxx_args()), "-UC10_USE_GLOG"]  # as DeepSpeed's jit_load adds it
+    ldflags = ce._prepare_ldflags(b.strip_empty_entries(b.extra_ldflags()), False, False, False, False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "build.ninja"
+        ce._write_ninja_file_to_build_library(str(path), OP, sources, cflags, [], [], ldflags, includes, False, False,
+                                              False)
+        return shutil.which("ninja", path=os.environ.get("PATH")), path.read_text()
 
 
 def op_build_reason() -> str | None:
@@ -138,29 +182,18 @@ def op_build_reason() -> str | None:
     build = op_root() / OP
     if not list(build.glob("*.so")):
         return f"not built yet in {build}"
-    ninja = shutil.which("ninja", path=os.environ.get("PATH"))
-    if ninja is None:
-        return "no ninja on PATH (DeepSpeed cannot build its op)"
     try:
-        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-        from torch.utils import cpp_extension as ce
-
-        b = ShareMemCommBuilder()
-        sources = [os.path.abspath(b.deepspeed_src_path(p)) for p in b.sources()]
-        includes = [os.path.abspath(b.deepspeed_src_path(p)) for p in b.include_paths()]
-        cflags = [*b.strip_empty_entries(b.cxx_args()), "-UC10_USE_GLOG"]  # as DeepSpeed's jit_load adds it
-        ldflags = ce._prepare_ldflags(b.strip_empty_entries(b.extra_ldflags()), False, False, False, False)
-        with tempfile.TemporaryDirectory() as tmp:
-            scratch = Path(tmp) / OP
-            shutil.copytree(build, scratch, symlinks=True, ignore=shutil.ignore_patterns("lock"))
-            old = (scratch / "build.ninja").read_text() if (scratch / "build.ninja").exists() else ""
-            (scratch / "build.ninja").unlink(missing_ok=True)
-            ce._write_ninja_file_to_build_library(str(scratch / "build.ninja"), OP, sources, cflags, [], [], ldflags,
-                                                  includes, False, False, False)
-            new = (scratch / "build.ninja").read_text()
-            run = subprocess.run([ninja, "-n", "-d", "explain", "-C", str(scratch)], capture_output=True, text=True)
+        ninja, new = op_build_plan()
     except Exception as e:  # noqa: BLE001 - a check that cannot run must not stop training
         return f"unknown (the check failed: {type(e).__name__}: {e})"
+    if ninja is None:
+        return "no ninja on PATH (DeepSpeed cannot build its op)"
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / OP
+        shutil.copytree(build, scratch, symlinks=True, ignore=shutil.ignore_patterns("lock"))
+        old = (scratch / "build.ninja").read_text() if (scratch / "build.ninja").exists() else ""
+        (scratch / "build.ninja").write_text(new)
+        run = subprocess.run([ninja, "-n", "-d", "explain", "-C", str(scratch)], capture_output=True, text=True)
     said = (run.stdout + run.stderr).splitlines()
     if run.returncode == 0 and any("no work to do" in l for l in said):
         return None
@@ -171,8 +204,8 @@ def op_build_reason() -> str | None:
         gone = sorted(set(old.split()) - set(new.split()))
         came = sorted(set(new.split()) - set(old.split()))
         why.insert(0, f"the build command changed ({', '.join(gone[:3])} -> {', '.join(came[:3])}"
-                      + ("; this venv is reached through another path (a symlink?) than when it was built"
-                         if any(str(Path(sys.prefix)) in w for w in came) else "") + ")")
+                      + ("; it was built through another path to the venv's files, e.g. a copy of the checkout "
+                         "whose .venv links here" if any("site-packages" in w for w in gone) else "") + ")")
     if old == new and any("command line changed" in w for w in why):  # same command, hashed by another ninja
         why.insert(0, "the op was last built by another ninja binary (the same command, hashed another way in the "
                       "build log)")
