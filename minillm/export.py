@@ -20,7 +20,7 @@ llama.cpp itself in tests/test_export_llama_cpp.py. What is unusual:
   same default system message as `python -m minillm.generate`) and <|im_end|> as both EOS and EOT, so llama.cpp
   and Ollama stop at the end of the turn (a model that never stops is the common failure of exports). The
   bundled tokenizer_config.json's own template is not copied: its `{% generation %}` tag is transformers' (for
-  assistant masks) and other Jinja engines refuse it.
+  assistant masks), which plain Jinja refuses (llama-cpp-python carries an extension that ignores it).
 - Refused, by name, before anything is written: what llama.cpp would run differently from minillm (dynamic NTK
   RoPE, YaRN with non-default attention factor/mscale/betas, llama3 RoPE outside the llama arch, activations other
   than SiLU, qwen3's o_proj bias, qwen2 with head_dim * heads != hidden_size), and adapters that are not a
