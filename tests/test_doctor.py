@@ -153,3 +153,14 @@ def test_no_warning_for_a_run_that_learned_or_another_setup(tmp_path):
     other.mkdir()
     write_run(other, curve(8.3, 7.6, 9), "pretrain.py", data="mydata/corpus.jsonl")
     assert doctor.end_of_run_warning(other, path) is None  # not the demo's setup: the band says nothing
+
+
+def test_a_run_shorter_than_its_logging_interval_is_warned_about(tmp_path):
+    """5 steps at the scripts' --logging_steps 10 log no 'loss', only the run's mean train_loss: still warned."""
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(REF))
+    run_dir = tmp_path / "short"
+    run_dir.mkdir()
+    write_run(run_dir, [], "pretrain.py", data="minillm/data/pretrain.jsonl")
+    (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 5, "train_loss": 8.01}]}))
+    assert "not learned yet: 5 steps, loss 8.01" in doctor.end_of_run_warning(run_dir, path)

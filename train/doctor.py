@@ -56,6 +56,9 @@ def read_run(run_dir: Path) -> tuple[list[tuple[int, float]], dict, dict | None]
     except (ValueError, KeyError) as e:
         raise SystemExit(f"doctor.py: error: {state_file}: not a Trainer state file ({e})")
     points = [(int(e["step"]), float(e["loss"])) for e in history if "loss" in e and "step" in e]
+    summary = next((e for e in history if "train_loss" in e and "step" in e), None)
+    if not points and summary is not None:  # a run shorter than --logging_steps: its mean loss at its last step
+        points = [(int(summary["step"]), float(summary["train_loss"]))]
     extra = {"lrs": [float(e["learning_rate"]) for e in history if "learning_rate" in e],
              "grad_norms": [float(e["grad_norm"]) for e in history if "grad_norm" in e]}
     record = None
