@@ -22,6 +22,7 @@ help:
 	@echo "make gpu-check - bf16 parity rows, fused loss at vocab 151,936 and a bf16 train-step benchmark on CUDA"
 	@echo "make mutants   - plant realistic one-line bugs one at a time; every one must be caught by a check"
 	@echo "make eval MODEL=out/sft - held-out bits per byte and multiple-choice accuracy (lm-eval task files)"
+	@echo "make export-check - the GGUF export run by llama.cpp itself (installs llama-cpp-python once: ~25 min)"
 	@echo "make doctor RUN=out/sft - is my loss normal? a run's loss against the demo's reference band, likely causes"
 
 install: $(STAMP)
@@ -52,7 +53,8 @@ test: $(STAMP)
 
 # Everything but the multi-process training runs, the trained-model parity and the mutation checks.
 FAST_SKIP := --ignore-glob='tests/test_train*.py' --ignore=tests/test_trained_parity.py --ignore=tests/test_mutants.py \
-	--ignore=tests/test_compare.py --ignore=tests/test_bench.py --ignore=tests/test_readme.py
+	--ignore=tests/test_compare.py --ignore=tests/test_bench.py --ignore=tests/test_readme.py \
+	--ignore=tests/test_export_llama_cpp.py --ignore=tests/test_multinode.py --ignore=tests/test_resume_world_size.py
 .PHONY: test-fast
 test-fast: $(STAMP)
 	$(VENV)/bin/lint-imports
@@ -91,6 +93,16 @@ MODEL ?= out/demo/sft-full-minillm
 eval: $(STAMP)
 	$(PY) train/evaluate.py --model $(MODEL) --tasks minillm/data/eval/sample_mc.yaml minillm/data/eval/heldout.yaml \
 	  --output_dir $(or $(OUT),out/eval)
+
+# The exported GGUF run by llama.cpp itself: the `export` extra (llama-cpp-python compiles llama.cpp: ~23 min on 2
+# shared cores, once), then the structural checks and tests/test_export_llama_cpp.py (~3 min).
+EXPORT_STAMP := $(VENV)/.installed-export
+$(EXPORT_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[export]"
+	@touch $(EXPORT_STAMP)
+.PHONY: export-check
+export-check: $(EXPORT_STAMP)
+	$(PY) -m pytest -q tests/test_export.py tests/test_export_llama_cpp.py
 
 # Is my loss normal? RUN's trainer_state.json against the demo's reference band (train/reference_curves.json).
 .PHONY: doctor

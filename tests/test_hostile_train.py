@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minillm.config import ModelConfig
 from minillm.infra.store import is_complete
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -480,7 +481,6 @@ def test_output_directory_overlap(case, output, inputs, refusal, tmp_path, monke
 
 def test_config_file_in_the_working_directory_output_in_a_subdirectory_trains(tmp_path, monkeypatch):
     """The issue's own command: --config_name ./config.json --output_dir ./out."""
-    from minillm.config import ModelConfig
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
@@ -488,3 +488,20 @@ def test_config_file_in_the_working_directory_output_in_a_subdirectory_trains(tm
     _main("pretrain.py", ["--config_name", "./config.json", "--output_dir", "./out", "--max_steps", "1",
                           "--save_strategy", "no", "--cache_dir", str(tmp_path / "c"), *TINY], monkeypatch)
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "config.json").read_bytes() == before
+
+
+def test_token_ids_past_the_models_vocabulary_are_refused_before_training(tmp_path, monkeypatch):
+    """The bundled tokenizer's ids go up to 4095; a model with 64 embedding rows would crash mid-run in the
+    embedding. pretrain.py refuses it before training."""
+    for k in LAUNCHER_ENV:
+        monkeypatch.delenv(k, raising=False)
+    cfg = tmp_path / "small-vocab.json"
+    cfg.write_text(json.dumps({**ModelConfig.preset("tiny", vocab_size=64).to_hf()}))
+    argv = ["--config_name", str(cfg), "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+            "--max_steps", "1", "--block_size", "32"]
+    with pytest.raises(SystemExit) as e:
+        _main("pretrain.py", argv, monkeypatch)
+    # the tokenizer's size is checked first; a store whose ids pass it (added tokens, gapped vocabularies) meets
+    # check_ids_fit on the same path (its cases: tests/test_hostile_store.py)
+    assert "the tokenizer has 4096 tokens but the model's vocab_size is 64" in str(e.value), e.value
+    assert not (tmp_path / "out" / "model.safetensors").exists()

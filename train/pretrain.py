@@ -27,7 +27,7 @@ import os
 from transformers import default_data_collator, set_seed
 
 from minillm.infra import corpus
-from minillm.infra.store import StoreDataset, StreamingBlocks, is_complete, open_store, store_splits
+from minillm.infra.store import StoreDataset, StreamingBlocks, check_ids_fit, is_complete, open_store, store_splits
 from minillm.pack import DocumentMaskCollator
 
 from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, check_args, fail, parse_args
@@ -107,6 +107,12 @@ def main() -> None:
     if data_args.validation_files:
         eval_dataset, _ = dataset(data_args.validation_files, tokenizer, block_size, data_args, training_args,
                                   desc="validation")
+    for data in (train_dataset, eval_dataset):  # an id past the embedding would crash mid-run: refuse it now
+        if data is not None:
+            try:
+                check_ids_fit(data, model.config.vocab_size)
+            except ValueError as e:
+                fail(str(e))
     if not data_args.streaming:
         logger.info(f"Training on {len(train_dataset)} blocks of {block_size} tokens from {data_args.train_files}")
 
