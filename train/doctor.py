@@ -132,7 +132,7 @@ def diagnose(points: list[tuple[int, float]], extra: dict, record: dict | None, 
         few = "a few virtual-token vectors" if method["method"] in ("prefix", "prompt") else "small adapters"
         causes.append(f"--peft {method['method']} instead of full fine-tuning: {few} train, and on the tiny model "
                       "they stay far above full SFT (make compare's methods table); the band is full SFT")
-    if above and stage == "sft" and sm[0] > hi[0] + 1.0:
+    if above and stage == "sft" and sm[0] > hi[0] + 1.0 and not base_cause:  # (an untrained base starts high too)
         causes.append("template: the first SFT losses are far above the reference start: a chat template or special "
                       "tokens (<|im_start|>, <|im_end|>) other than the tokenizer's ChatML, or a base model trained "
                       "with another tokenizer")
@@ -196,9 +196,9 @@ def undertrained_base(record: dict | None, reference: dict) -> str | None:
         return None
     if (short := not_learned(points, reference, "pretrain")) is None:
         return None
-    return (f"an undertrained base model: {base} {short.replace('this model', 'has')}. Fine-tuning cannot teach "
+    return (f"an undertrained base model: {base} {short.replace('this model has', 'has')}. Fine-tuning cannot teach "
             "a base that has not learned the language; pretrain longer first (README, Training: one epoch of the "
-            "bundled data at --block_size 128 --per_device_train_batch_size 8 on 2 ranks is 257 steps), then check "
+            "bundled data at --block_size 128 --per_device_train_batch_size 8 on 2 ranks is 258 steps), then check "
             f"it: make doctor RUN={base}")
 
 
