@@ -34,6 +34,8 @@ SKIP = {
     "make mutants": "40 mutants x up to a minute each; tests/test_mutants.py runs the runner on small ones",
     "make gpu-check": "needs CUDA; tests/test_bench.py runs its CPU dry run and its no-CUDA exit",
     ".venv/bin/python -m parity.checkpoint ~/models/": "needs a checkpoint you downloaded (~/models/...)",
+    "deepspeed --hostfile hostfile --no_ssh": "two nodes started at once; tests/test_multinode.py runs them",
+    "torchrun --nnodes 2": "two nodes started at once; tests/test_multinode.py runs them",
 }
 # The demo's outputs, which the chat commands read, are stood in for by the README's own training outputs.
 DEMO_STANDINS = {"out/demo/sft-full-minillm": "out/sft-merged"}
@@ -43,7 +45,7 @@ def readme_commands(text: str) -> list[str]:
     """The commands in README order (later ones use earlier ones' outputs)."""
     found = []  # (position, command)
     for block in re.finditer(r"```bash\n(.*?)```", text, flags=re.S):
-        for i, line in enumerate(block.group(1).splitlines()):
+        for i, line in enumerate(re.sub(r"\\\n\s*", "", block.group(1)).splitlines()):  # `\` continuations joined
             line = line.split("  #")[0].strip()
             if line and not line.startswith("#"):
                 found.append((block.start() + i, line))
@@ -127,7 +129,7 @@ def test_readme_commands_run(tmp_path):
 
 def _merge_standin(tmp: Path, env: dict) -> None:
     """out/demo/sft-full-minillm's stand-in: the README's LoRA run (out/pretrain + out/sft) merged into a model."""
-    code = ("import sys; from minillm.model import CausalLM; from minillm.peft.lora import load_adapter, merge_and_unload;"
+    code = ("import sys; from minillm.model import CausalLM; from minillm.peft import load_adapter, merge_and_unload;"
             "import shutil; m = CausalLM.from_pretrained('out/pretrain'); load_adapter(m, 'out/sft');"
             "merge_and_unload(m).save_pretrained('out/sft-merged');"
             "shutil.copy('out/sft/tokenizer.json', 'out/sft-merged/tokenizer.json')")
