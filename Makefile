@@ -54,7 +54,8 @@ test: $(STAMP)
 # Everything but the multi-process training runs, the trained-model parity and the mutation checks.
 FAST_SKIP := --ignore-glob='tests/test_train*.py' --ignore=tests/test_trained_parity.py --ignore=tests/test_mutants.py \
 	--ignore=tests/test_compare.py --ignore=tests/test_bench.py --ignore=tests/test_readme.py \
-	--ignore=tests/test_export_llama_cpp.py --ignore=tests/test_multinode.py --ignore=tests/test_resume_world_size.py
+	--ignore=tests/test_export_llama_cpp.py --ignore=tests/test_multinode.py --ignore=tests/test_resume_world_size.py \
+	--ignore=tests/test_dpo_train.py
 .PHONY: test-fast
 test-fast: $(STAMP)
 	$(VENV)/bin/lint-imports

@@ -84,6 +84,7 @@ import numpy as np
 import torch
 
 from minillm.infra import corpus
+from minillm.infra.files import file_identity
 
 STORE_VERSION = 2  # 2: the index records the tokenizer's hash, its largest id and the largest id stored
 INDEX = "index.json"
@@ -123,11 +124,6 @@ def _tokenizer_hash(tokenizer: Any) -> str:
 def _check_block_size(block_size: Any) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise StoreError(f"block_size must be an integer >= 1, got {block_size!r}")
-
-
-def _file_identity(path: str) -> dict:
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 # ---- tokenizing batches: in this process or in a pool of processes --------------------------------------------
@@ -405,7 +401,7 @@ def _expected(files: Sequence[str], tokenizer: Any, block_size: int, eos_token_i
         raise StoreError(f"the tokenizer's largest id is {top}, more than a token store holds (2**31 - 1)")
     return {"tokenizer": _tokenizer_hash(tokenizer), "eos_token_id": eos_token_id,
             "specials_as_text": specials_as_text, "block_size": block_size, "max_token_id": top,
-            "dtype": token_dtype(top + 1).str, "sources": [_file_identity(f) for f in files]}
+            "dtype": token_dtype(top + 1).str, "sources": [file_identity(f) for f in files]}
 
 
 def _disagreement(path: Path, index: dict, expected: dict) -> str | None:
