@@ -21,7 +21,7 @@ def test_the_set_covers_every_hand_written_part():
     names = [m.name for m in pm.MUTANTS]
     assert len(names) >= 25 and len(set(names)) == len(names)
     for part in ("rope-", "attn-", "mask-", "norm-", "cache-", "positions-", "sampling-", "generate-", "loss-",
-                 "fused-", "chunk-", "sft-", "lora-", "ckpt-", "glue-"):
+                 "fused-", "chunk-", "sft-", "lora-", "ckpt-", "glue-", "ia3-", "houlsby-", "dpo-", "pref-"):
         assert any(n.startswith(part) for n in names), part
     for kind in ("linear", "dynamic", "yarn", "llama3", "mscale", "temperature", "top-k", "top-p", "dora", "rslora"):
         assert any(kind in n for n in names), kind
