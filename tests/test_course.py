@@ -75,8 +75,6 @@ def _final_loss(run_dir: Path) -> tuple[int, float]:
     return state["global_step"], [e for e in state["log_history"] if "loss" in e][-1]["loss"]
 
 
-@pytest.mark.xfail(strict=True, reason="until the README's Training section shows these commands (issue 20: the "
-                                       "README text is changed by hand; remove this mark then)")
 def test_the_readme_shows_the_course_commands():
     text = " ".join(README.read_text().split())
     for cmd in (PRETRAIN, SFT, *VARIANTS.values()):

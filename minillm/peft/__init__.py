@@ -5,12 +5,13 @@ methods.py keeps the table of them and the functions that work on any of them, r
 """
 
 from minillm.peft.houlsby import HoulsbyConfig
+from minillm.peft.ia3 import IA3Config
 from minillm.peft.lora import LoraConfig
 from minillm.peft.methods import (BY_NAME, METHODS, apply, disable_adapter, load_adapter, merge_and_unload,
                                   method_in, method_of, print_trainable_parameters, read_config, save_adapter)
 from minillm.peft.prefix import PrefixTuningConfig
 from minillm.peft.prompt import PromptTuningConfig
 
-__all__ = ["BY_NAME", "METHODS", "HoulsbyConfig", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig", "apply",
+__all__ = ["BY_NAME", "METHODS", "HoulsbyConfig", "IA3Config", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig", "apply",
            "disable_adapter", "load_adapter", "merge_and_unload", "method_in", "method_of",
            "print_trainable_parameters", "read_config", "save_adapter"]
