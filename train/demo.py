@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "chat.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     took = time.perf_counter() - t0
     once = f" (+ {compile_s:.0f} s compiling DeepSpeed's op, once)" if compile_s else ""
+    export = (f"{runnable_python()} -m minillm.export --model {model}" + (f" --adapter {adapter}" if adapter else "")
+              + f" --outfile {out / 'chat.gguf'}")
     print(f"\ndemo done in {took:.0f} s{once}"
-          + f"; everything is in {out}. Chat yourself: {chat}")
+          + f"; everything is in {out}. Chat yourself: {chat}\nRun it elsewhere (llama.cpp, Ollama): {export}")
     (out / "timing.json").write_text(json.dumps({"demo_s": took, "compile_s": compile_s,
                                                  "load_1min": os.getloadavg()[0]}))
     return 0 if pre["passed"] else 1
