@@ -15,6 +15,7 @@ help:
 	@echo "make parity    - check minillm against transformers/peft, print the table"
 	@echo "make test      - install (if needed), check the import contracts, run the test suite (~10 min)"
 	@echo "make test-fast - the quick subset for the edit-test loop (no multi-process training runs)"
+	@echo "make test-slow - the course path trained as written and resumes on another number of ranks (~15 min)"
 	@echo "make install   - create $(VENV) and install everything"
 	@echo "make demo      - the course end to end on the bundled data (pretrain both impls, full SFT, chat)"
 	@echo "make compare   - --impl minillm vs --impl hf under ZeRO-2: per-step loss table and plot"
@@ -48,14 +49,23 @@ $(STAMP): pyproject.toml
 # tests: about 10 minutes on 2 idle cores, 20 under load. `make test-fast` is the edit-test loop (a few minutes).
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	@echo "running the whole suite: about 10 minutes on 2 idle cores (make test-fast: the quick subset)"
-	$(PY) -m pytest -q
+	@echo "running the suite: about 15-20 minutes on 2 idle cores (make test-fast: the quick subset; make test-slow: the"
+	@echo "course path trained to convergence and resumes on another number of ranks, ~15 more minutes)"
+	$(PY) -m pytest -q $(SLOW_SKIP)
+
+# The two longest multi-process lanes: the README's course path trained as written (~5-12 min) and resuming on
+# another number of ranks (~6-9 min). `make test-slow` runs them; `make test` leaves them out to stay near 15 min.
+SLOW := tests/test_course.py tests/test_resume_world_size.py
+SLOW_SKIP := $(foreach t,$(SLOW),--ignore=$(t))
+.PHONY: test-slow
+test-slow: $(STAMP)
+	$(PY) -m pytest -q $(SLOW)
 
 # Everything but the multi-process training runs, the trained-model parity and the mutation checks.
 FAST_SKIP := --ignore-glob='tests/test_train*.py' --ignore=tests/test_trained_parity.py --ignore=tests/test_mutants.py \
 	--ignore=tests/test_compare.py --ignore=tests/test_bench.py --ignore=tests/test_readme.py \
 	--ignore=tests/test_export_llama_cpp.py --ignore=tests/test_multinode.py --ignore=tests/test_resume_world_size.py \
-	--ignore=tests/test_dpo_train.py
+	--ignore=tests/test_dpo_train.py $(SLOW_SKIP)
 .PHONY: test-fast
 test-fast: $(STAMP)
 	$(VENV)/bin/lint-imports
