@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-from train import compare
+from train import compare, ops
 
 
 def run(loss: list[float], before: float | None = 7.0, after: float | None = 6.5, params: dict | None = None) -> dict:
@@ -117,19 +117,19 @@ def test_plot_draws_equal_steps_as_ticks_in_every_panel(tmp_path):
 
 def test_op_build_env_pins_one_ninja(monkeypatch):
     """The venv's bin/ first on PATH (its ninja), for this process and the launched ones."""
-    env = compare.pin_op_build_env({"PATH": "/usr/bin:/bin"})
+    env = ops.pin_op_build_env({"PATH": "/usr/bin:/bin"})
     venv_bin = Path(sys.prefix) / "bin"
     if (venv_bin / "ninja").exists():
         assert env["PATH"].split(":")[0] == str(venv_bin) and env["PATH"].count(str(venv_bin)) == 1
-        again = compare.pin_op_build_env(dict(env))
+        again = ops.pin_op_build_env(dict(env))
         assert again["PATH"] == env["PATH"]
     assert env["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
-    assert compare.pin_op_build_env({"PATH": "", "TORCH_EXTENSIONS_DIR": "/x"})["TORCH_EXTENSIONS_DIR"] == "/x"
+    assert ops.pin_op_build_env({"PATH": "", "TORCH_EXTENSIONS_DIR": "/x"})["TORCH_EXTENSIONS_DIR"] == "/x"
 
 
 def test_op_not_built_is_announced_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert compare.op_build_reason().startswith("not built yet in ")
+    assert ops.op_build_reason().startswith("not built yet in ")
 
 
 def test_op_build_is_the_same_in_every_launch_style(tmp_path):
@@ -141,7 +141,7 @@ def test_op_build_is_the_same_in_every_launch_style(tmp_path):
     import os
     import subprocess
 
-    code = ("import json; from train.compare import pin_op_build_env, op_build_plan; pin_op_build_env(); "
+    code = ("import json; from train.ops import pin_op_build_env, op_build_plan; pin_op_build_env(); "
             "print('PLAN' + json.dumps(op_build_plan()))")
     venv_bin = str(Path(sys.prefix) / "bin")
     bare = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)

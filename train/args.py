@@ -32,13 +32,13 @@ from minillm.config import PRESETS
 from minillm.generate import adapter_instead_of_model
 
 from train import peft_methods, safety
-from train.compare import pin_op_build_env
+from train.ops import pin_op_build_env
 from train.peft_methods import PeftArguments
 
 # DeepSpeed compiles its C++ ops on first use into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
 # Keep them next to the venv, as the Makefile does, so a launch outside `make` reuses the same build, and build
 # them with the venv's own ninja whatever PATH says (two ninjas recompiled the op at every switch: why in
-# train/compare.py pin_op_build_env). At import: every script importing this module is covered, launched any way.
+# train/ops.py pin_op_build_env). At import: every script importing this module is covered, launched any way.
 pin_op_build_env()
 
 # --learning_rate when none is given: the Trainer's 5e-5 barely moves a from-scratch or LoRA run. Measured on the
@@ -273,9 +273,9 @@ def check_ds_config(cfg: str | dict) -> int | None:
 
 
 def announce_op_build(training_args: TrainingArguments) -> None:
-    """Pin how DeepSpeed's CPU op is built (one ninja per venv: train/compare.py pin_op_build_env says why), then
+    """Pin how DeepSpeed's CPU op is built (one ninja per venv: train/ops.py pin_op_build_env says why), then
     say before a silent 1-3 min wait that it is about to be compiled, and why (ninja's own reason)."""
-    from train.compare import OP, op_build_reason, op_root, pin_op_build_env
+    from train.ops import OP, op_build_reason, op_root, pin_op_build_env
 
     pin_op_build_env()  # every rank: whichever rank takes the build lock first runs ninja
     if not training_args.use_cpu or os.environ.get("RANK", "0") != "0":

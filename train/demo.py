@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from minillm.generate import runnable_python
-from train.compare import ROOT, build_ops, compare_stage, launch, plot, table
+from train.compare import ROOT, compare_stage, launch, plot, table
+from train.ops import build_ops
 
 # The bundled SFT data's most frequent questions (counted in minillm/data/sft.jsonl), both languages.
 QUESTIONS = ["What do I need to make apple cake?", "做蜂蜜茶需要什么?", "What is gradient descent?", "什么是梯度下降?",

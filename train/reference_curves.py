@@ -15,7 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train.compare import ROOT, build_ops, launch
+from train.compare import ROOT, launch
+from train.ops import build_ops
 from train.demo import pretrain_args, sft_args, shared_args
 
 OUT = ROOT / "train" / "reference_curves.json"
