@@ -24,9 +24,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: a task or model never comes from the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-if __package__ in (None, ""):  # `python train/evaluate.py`: the checkout on the path, as the other scripts
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 from tqdm import tqdm
 
