@@ -127,7 +127,7 @@ def test_merged_lora_checkpoint_passes(trained, impl, tmp_path):
     base, adapter, out = trained / "pre-minillm", trained / f"lora-{impl}", tmp_path / "merged"
     if impl == "minillm":
         from minillm import CausalLM
-        from minillm.peft.lora import load_adapter, merge_and_unload
+        from minillm.peft import load_adapter, merge_and_unload
         model = CausalLM.from_pretrained(base)
         load_adapter(model, adapter)
         merge_and_unload(model).save_pretrained(out)

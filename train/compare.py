@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from train.ops import build_ops
+from train.ops import build_ops, pin_op_build_env
 
 TARGET = 1e-5  # max |Δ loss| per step between the two fp32 curves (the target)
 ROOT = Path(__file__).resolve().parent.parent
