@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -253,8 +254,6 @@ def model_fingerprint(model_dir: str | Path, chunks: int = 16, chunk_bytes: int 
     of `chunks` slices of `chunk_bytes` at evenly spaced offsets (first and last included). Reads at most 1 MiB per
     file, so a multi-GB checkpoint is fingerprinted in milliseconds; two different trainings of one architecture
     differ in their sampled bytes."""
-    import hashlib
-
     root = Path(model_dir)
     out: dict[str, Any] = {"format": 1, "config_sha256": None, "weights": {}}
     if (root / "config.json").is_file():
