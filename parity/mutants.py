@@ -295,7 +295,7 @@ MUTANTS: list[Mutant] = [
            "the output scaling does not multiply the bias"),
     Mutant("ia3-disable-ignored", "minillm/peft/ia3.py", "layer.disabled = not enabled", "layer.disabled = False",
            (parity("peft_methods", "disable_adapter: ia3"),), "disable_adapter leaves (IA)^3 on"),
-    Mutant("prompt-disable-ignored", "minillm/peft/prompt.py", "model.disabled = not enabled", "model.disabled = False",
+    Mutant("prompt-disable-ignored", "minillm/peft/base.py", "model.disabled = not enabled", "model.disabled = False",
            (parity("peft_methods", "disable_adapter: prompt"),), "disable_adapter leaves the virtual tokens on"),
     Mutant("lora-disable-ignored", "minillm/peft/lora.py", "layer.disabled = not enabled", "layer.disabled = False",
            (parity("peft_methods", "disable_adapter: lora"),), "disable_adapter leaves LoRA on"),

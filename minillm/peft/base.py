@@ -152,6 +152,17 @@ class VirtualTokensLM(nn.Module):
         self.base_model.gradient_checkpointing_disable()
 
 
+class VirtualTokensMethod:
+    """What the two wrapper methods (prompt and prefix tuning) implement alike: the file's tensors are the wrapper's
+    own `adapter_state_dict`, and switching off is the wrapper's flag."""
+
+    def state_dict(self, model: VirtualTokensLM) -> dict[str, torch.Tensor]:
+        return model.adapter_state_dict()
+
+    def set_enabled(self, model: VirtualTokensLM, enabled: bool) -> None:
+        model.disabled = not enabled
+
+
 def virtual_tokens_config(peft_type: str, model: nn.Module, **method_keys: Any) -> dict[str, Any]:
     """adapter_config.json of prompt and prefix tuning: peft's shared keys, then the method's own."""
     return {"peft_type": peft_type, "task_type": "CAUSAL_LM", "revision": None, "inference_mode": True,

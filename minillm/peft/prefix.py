@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from minillm.generation import KVCache
-from minillm.peft.base import (VirtualTokensLM, check_tensors, check_virtual_tokens_keys, config_of, copy_into,
-                               expect_key, is_positive_int, virtual_tokens_config)
+from minillm.peft.base import (VirtualTokensLM, VirtualTokensMethod, check_tensors, check_virtual_tokens_keys,
+                               config_of, copy_into, expect_key, is_positive_int, virtual_tokens_config)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class PrefixTuningLM(VirtualTokensLM):
         return {"prompt_embeddings": self.prefix_table()}
 
 
-class PrefixTuning:
+class PrefixTuning(VirtualTokensMethod):
     """Prefix tuning behind the one interface of minillm/peft/base.py: a wrapper around the model."""
 
     peft_type, name, config_class = "PREFIX_TUNING", "prefix", PrefixTuningConfig
@@ -145,9 +145,6 @@ class PrefixTuning:
 
     def apply(self, model: nn.Module, config: PrefixTuningConfig) -> nn.Module:
         return PrefixTuningLM(model, config)
-
-    def state_dict(self, model: PrefixTuningLM) -> dict[str, torch.Tensor]:
-        return model.adapter_state_dict()
 
     def config_dict(self, model: PrefixTuningLM) -> dict[str, Any]:
         cfg, pc = model.config, model.peft_config
@@ -176,9 +173,6 @@ class PrefixTuning:
         wrapped = model if config_of(model) is not None else PrefixTuningLM(model, config, inference_mode=True)
         copy_into({"prompt_embeddings": wrapped.embedding.weight}, tensors)
         return wrapped
-
-    def set_enabled(self, model: PrefixTuningLM, enabled: bool) -> None:
-        model.disabled = not enabled
 
     def merge_and_unload(self, model: nn.Module) -> nn.Module:
         raise ValueError("prefix tuning has no merge: its prefix is extra keys and values every layer attends to, "

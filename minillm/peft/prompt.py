@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from minillm.generation import KVCache
-from minillm.peft.base import (VirtualTokensLM, check_tensors, check_virtual_tokens_keys, config_of, copy_into,
-                               is_positive_int, virtual_tokens_config)
+from minillm.peft.base import (VirtualTokensLM, VirtualTokensMethod, check_tensors, check_virtual_tokens_keys,
+                               config_of, copy_into, is_positive_int, virtual_tokens_config)
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -112,7 +112,7 @@ class PromptTuningLM(VirtualTokensLM):
         return {"prompt_embeddings": self.prompt(1)[0]}
 
 
-class PromptTuning:
+class PromptTuning(VirtualTokensMethod):
     """Prompt tuning behind the one interface of minillm/peft/base.py: a wrapper around the model."""
 
     peft_type, name, config_class = "PROMPT_TUNING", "prompt", PromptTuningConfig
@@ -121,9 +121,6 @@ class PromptTuning:
 
     def apply(self, model: nn.Module, config: PromptTuningConfig) -> nn.Module:
         return PromptTuningLM(model, config)
-
-    def state_dict(self, model: PromptTuningLM) -> dict[str, torch.Tensor]:
-        return model.adapter_state_dict()
 
     def config_dict(self, model: PromptTuningLM) -> dict[str, Any]:
         cfg, pc = model.config, model.peft_config
@@ -145,9 +142,6 @@ class PromptTuning:
         wrapped = model if config_of(model) is not None else PromptTuningLM(model, config)
         copy_into({"prompt_embeddings": wrapped.prompt_encoder.weight}, tensors)
         return wrapped
-
-    def set_enabled(self, model: PromptTuningLM, enabled: bool) -> None:
-        model.disabled = not enabled
 
     def merge_and_unload(self, model: nn.Module) -> nn.Module:
         raise ValueError("prompt tuning has no merge: its virtual tokens are extra inputs, not a change of weights; "
