@@ -27,6 +27,15 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+from deepspeed.checkpoint import ds_to_universal
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from minillm.config import ModelConfig
+from minillm.model import CausalLM
+from train import safety
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -67,11 +76,6 @@ def run_impl(checkpoint: Path, impl: str | None) -> str:
 
 def fp32_state_dict(checkpoint: Path, tag: str) -> dict:
     """The full fp32 weights of a ZeRO-1/2/3 checkpoint, every torch.load weights-only."""
-    import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from train import safety
-
     if err := safety.forbid_unpickling_code():
         fail(err)
     with torch.serialization.safe_globals(safety.resume_safe_globals()):
@@ -88,13 +92,8 @@ def build(checkpoint: Path, impl: str, state_dict: dict):
     if not (checkpoint / "config.json").is_file():
         fail(f"{checkpoint} has no config.json (the Trainer writes it into every checkpoint of a full model)")
     if impl == "minillm":
-        from minillm.config import ModelConfig
-        from minillm.model import CausalLM
-
         model = CausalLM(ModelConfig.from_hf(checkpoint / "config.json"))
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # a tied lm_head is the embedding itself: DeepSpeed stores the tensor once, under either name
@@ -134,10 +133,6 @@ def universal(checkpoint: Path, tag: str | None = None, workers: int = 1) -> Pat
     `latest_universal` file naming it). A resume loads it on any number of ranks with "checkpoint":
     {"load_universal": true} in the DeepSpeed config (ds_configs/zero2_universal.json, zero3_universal.json):
     the engine then reads `latest_universal` instead of `latest`."""
-    import torch
-
-    from train import safety
-
     checkpoint = checkpoint.resolve()
     tag = zero_tag(checkpoint, tag)
     if tag.endswith("_universal"):
@@ -149,8 +144,6 @@ def universal(checkpoint: Path, tag: str | None = None, workers: int = 1) -> Pat
     argv = ["ds_to_universal", "--input_folder", str(checkpoint / tag), "--output_folder", str(out),
             "--num_extract_workers", str(workers), "--num_merge_workers", str(workers), "--no_strict",
             "--inject_missing_state"]  # ZeRO-1/2: the HF Trainer writes no universal_checkpoint_info; this adds it
-    from deepspeed.checkpoint import ds_to_universal
-
     old = sys.argv
     try:
         sys.argv = argv

@@ -23,12 +23,16 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
-from minillm.infra import corpus
 from minillm.config import ModelConfig, PRESETS
-from minillm.peft.lora import LoraConfig, apply_lora, merge_and_unload
+from minillm.generation import generate
+from minillm.infra import corpus
 from minillm.model import CausalLM
-from minillm.sft import mask_batch
+from minillm.peft.lora import LoraConfig, apply_lora, merge_and_unload
+from minillm.sft import DEFAULT_SYSTEM_PROMPT, chatml_prompt_ids, mask_batch
+from train.args import DEFAULT_LR
+from train.demo import QUESTIONS, taught_answers
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RATES = {"scratch": [5e-5, 1e-3, 3e-3], "full": [5e-5, 1e-3, 3e-3], "lora": [5e-5, 2e-3, 5e-3, 2e-2]}
 
@@ -90,10 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft_steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=42)
     args = ap.parse_args(argv)
-    from train.demo import QUESTIONS, taught_answers
-    from minillm.generation import generate
-    from minillm.sft import DEFAULT_SYSTEM_PROMPT, chatml_prompt_ids
-
     tok = AutoTokenizer.from_pretrained(str(corpus.TOKENIZER_DIR))
     answers = taught_answers(ROOT / "minillm" / "data" / "sft.jsonl", QUESTIONS)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(result: dict, path: Path) -> None:
     """One panel per mode: each learning rate's loss (9-step moving average), the chosen default drawn thick."""
+    # imported here, as in train/plots.py: the Agg backend must be chosen before pyplot is imported
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from train.args import DEFAULT_LR
 
     titles = {"scratch": "pretraining from scratch", "full": "full SFT", "lora": "LoRA SFT (r=32, all-linear)"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
