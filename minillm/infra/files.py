@@ -25,7 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for a sentence: "a FIFO (named pipe)", "a directory", ..."""
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
@@ -61,7 +62,7 @@ def checked_file(root: Path, name: object, what: str) -> Path:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what}: {path} is a dangling symlink") from None
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{what}: {path} is {_file_kind(mode)}, not a regular file")
+        raise ValueError(f"{what}: {path} is {file_kind(mode)}, not a regular file")
     return path
 
 

@@ -84,7 +84,7 @@ import numpy as np
 import torch
 
 from minillm.infra import corpus
-from minillm.infra.files import file_identity
+from minillm.infra.files import file_identity, file_kind
 
 STORE_VERSION = 2  # 2: the index records the tokenizer's hash, its largest id and the largest id stored
 INDEX = "index.json"
@@ -259,7 +259,9 @@ def _lock(path: Path) -> Path:
 
 def _own_file_problem(path: Path) -> str | None:
     """Why `path` is not a file the builder wrote (it writes plain regular files only), or None.
-    lstat: nothing is followed or opened, so a symlink out of the store or a FIFO is found before it is read."""
+    lstat: nothing is followed or opened, so a symlink out of the store or a FIFO is found before it is read.
+    Stricter than files.checked_file, which follows links that stay inside a checkpoint: the store refuses
+    every link, since it never writes one."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -268,9 +270,7 @@ def _own_file_problem(path: Path) -> str | None:
         return f"is a symlink (to {os.readlink(path)}); the store's files are never links"
     if stat.S_ISREG(mode):
         return None
-    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
-            else "a device or socket")
-    return f"is {kind}, not a regular file"
+    return f"is {file_kind(mode)}, not a regular file"
 
 
 def _open_new(path: Path, mode: str = "wb") -> Any:
