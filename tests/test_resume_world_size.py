@@ -9,25 +9,23 @@ curve would jump otherwise).
         `python train/consolidate.py CKPT --universal` converts it (DeepSpeed's ds_to_universal) and the resume
         runs with ds_configs/zero*_universal.json ("checkpoint": {"load_universal": true}). Without that DeepSpeed
         refuses: "The checkpoint being loaded used a DP world size of 2 but the current world size is 1".
-Plain and ZeRO-2 cost 4 launches each, ZeRO-3 2 (~25-40 s each on 2 busy cores). The run.json world-size record
-and the refusal of a changed global batch are tested in-process at the end (they need the train/run.py change).
+Plain and ZeRO-2 cost 4 launches each, ZeRO-3 2 (~25-40 s each on 2 busy cores). The run.json world-size record,
+the refusal of a changed global batch and of a ZeRO checkpoint on another world size without its universal form
+are tested without training, in tests/test_resume_batch.py (in `make test`).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.test_train import ROOT, TRAIN, _env, _losses, _port
-from train import run
 
 CURVE_TOL = 1e-6
 COMMON = ["--config_name", "tiny", "--block_size", "32", "--max_steps", "6", "--learning_rate", "3e-3",
@@ -135,93 +133,3 @@ def test_consolidate_an_hf_zero3_checkpoint(tmp):
         theirs = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=x).logits
         ours = CausalLM.from_pretrained(out).eval()(x).logits
     assert (ours - theirs).abs().max().item() < 1e-5
-
-
-# ---- the run record: world size, global batch (train/run.py) -------------------------------------------------
-
-needs_run_change = pytest.mark.xfail(not hasattr(run, "batch_record"), reason="needs the run.py change")
-RECORD = {"script": "pretrain.py", "impl": "minillm", "model": "tiny", "tokenizer": None, "dtype": "float32",
-          "data": None, "validation": None, "sequence_length": {"block_size": 32}, "lora": None, "peft": None,
-          "packing": None, "validation_split": None}
-
-
-def args(out: Path, world_size: int = 1, per_device: int = 2, accumulation: int = 1, allow: bool = False,
-         deepspeed: str | None = None) -> SimpleNamespace:
-    """What check_resume reads of TrainingArguments (world_size is the launcher's, not a flag)."""
-    return SimpleNamespace(output_dir=str(out), world_size=world_size, per_device_train_batch_size=per_device,
-                           gradient_accumulation_steps=accumulation, allow_changed_resume=allow, deepspeed=deepspeed,
-                           learning_rate=3e-3, should_save=True)
-
-
-def checkpoint(out: Path, world_size: int, per_device: int, accumulation: int = 1, zero: bool = False) -> Path:
-    """A checkpoint-3 as a run on `world_size` ranks leaves it (run.json with the batch record, trainer_state)."""
-    ckpt = out / "checkpoint-3"
-    ckpt.mkdir(parents=True)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 3, "max_steps": 6}))
-    batch = {"world_size": world_size, "per_device_train_batch_size": per_device,
-             "gradient_accumulation_steps": accumulation, "global_batch_size": world_size * per_device * accumulation}
-    (ckpt / "run.json").write_text(json.dumps({**RECORD, **batch, "learning_rate": 3e-3}))
-    if zero:
-        (ckpt / "latest").write_text("global_step3")
-        (ckpt / "global_step3").mkdir()
-        for r in range(world_size):
-            (ckpt / "global_step3" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
-    return ckpt
-
-
-@needs_run_change
-def test_run_json_records_the_world_size_and_global_batch(tmp_path):
-    run.check_resume(args(tmp_path, world_size=2, per_device=2, accumulation=3), None, dict(RECORD))
-    rec = json.loads((tmp_path / "run.json").read_text())
-    assert (rec["world_size"], rec["per_device_train_batch_size"], rec["gradient_accumulation_steps"],
-            rec["global_batch_size"]) == (2, 2, 3, 12)
-
-
-@needs_run_change
-def test_resume_with_the_same_global_batch_on_another_world_size_is_accepted(tmp_path):
-    ckpt = checkpoint(tmp_path, world_size=2, per_device=2)
-    run.check_resume(args(tmp_path, world_size=1, per_device=4), str(ckpt), dict(RECORD))
-    run.check_resume(args(tmp_path, world_size=1, per_device=2, accumulation=2), str(ckpt), dict(RECORD))
-    rec = json.loads((tmp_path / "run.json").read_text())
-    assert rec["world_size"] == 1 and rec["global_batch_size"] == 4 and rec["changed_on_resume"] == []
-
-
-@needs_run_change
-def test_resume_with_another_global_batch_is_refused_with_the_arithmetic(tmp_path):
-    ckpt = checkpoint(tmp_path, world_size=2, per_device=2)
-    with pytest.raises(SystemExit) as e:
-        run.check_resume(args(tmp_path, world_size=1, per_device=2), str(ckpt), dict(RECORD))
-    msg = str(e.value)
-    assert ("the global batch would change from 4 (2 ranks x 2 per device x 1 accumulation step) to "
-            "2 (1 rank x 2 per device x 1 accumulation step)") in msg, msg
-    assert "--per_device_train_batch_size or --gradient_accumulation_steps" in msg and "--allow_changed_resume" in msg
-    run.check_resume(args(tmp_path, world_size=1, per_device=2, allow=True), str(ckpt), dict(RECORD))
-    rec = json.loads((tmp_path / "run.json").read_text())
-    assert rec["global_batch_size"] == 2 and any("global batch" in c for c in rec["changed_on_resume"])
-
-
-def test_a_record_without_the_batch_is_not_refused(tmp_path):
-    """Checkpoints written before the record had the batch: nothing to compare, the resume goes on."""
-    ckpt = checkpoint(tmp_path, world_size=2, per_device=2)
-    rec = json.loads((ckpt / "run.json").read_text())
-    for k in ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size"):
-        del rec[k]
-    (ckpt / "run.json").write_text(json.dumps(rec))
-    run.check_resume(args(tmp_path, world_size=1, per_device=2), str(ckpt), dict(RECORD))
-
-
-@needs_run_change
-def test_a_zero_checkpoint_on_another_world_size_needs_the_universal_form(tmp_path):
-    """DeepSpeed would stop deep in its load ("used a DP world size of 2 but the current world size is 1"): refused
-    before any work, naming the conversion and the config key; a converted checkpoint with that config goes on."""
-    ckpt = checkpoint(tmp_path, world_size=2, per_device=2, zero=True)
-    plain, universal = (str(ROOT / "ds_configs" / f"zero2{s}.json") for s in ("", "_universal"))
-    with pytest.raises(SystemExit) as e:
-        run.check_resume(args(tmp_path, world_size=1, per_device=4, deepspeed=plain), str(ckpt), dict(RECORD))
-    msg = str(e.value)
-    assert f"python train/consolidate.py {ckpt} --universal" in msg and '"load_universal": true' in msg, msg
-    with pytest.raises(SystemExit, match="has no universal form yet"):
-        run.check_resume(args(tmp_path, world_size=1, per_device=4, deepspeed=universal), str(ckpt), dict(RECORD))
-    (ckpt / "latest_universal").write_text("global_step3_universal")
-    run.check_resume(args(tmp_path, world_size=1, per_device=4, deepspeed=universal), str(ckpt), dict(RECORD))
-    run.check_resume(args(tmp_path, world_size=2, per_device=2, deepspeed=plain), str(ckpt), dict(RECORD))

@@ -114,8 +114,9 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "start afresh in output_dir: its checkpoint-N directories are removed first"})
     allow_changed_resume: bool = field(
-        default=False, metadata={"help": "resume even though the implementation, model, data or sequence length "
-                                         "differ from the run record (run.json) of the checkpoint's run"})
+        default=False, metadata={"help": "resume even though the implementation, model, data, sequence length or "
+                                         "global batch (ranks x per-device batch x accumulation steps) differ from "
+                                         "the run record (run.json) of the checkpoint's run"})
 
 
 def fail(msg: str) -> None:
@@ -261,15 +262,22 @@ def check_args(model_args: ModelArguments, data_args: DataTrainingArguments, tra
 def check_ds_config(cfg: str | dict) -> int | None:
     """ZeRO-3 must gather the weights for the final save, or the model / adapter written would be empty.
     Returns the ZeRO stage."""
-    try:
-        d = json.loads(Path(cfg).read_text()) if isinstance(cfg, str) else cfg
-    except (OSError, ValueError) as e:
-        fail(f"--deepspeed {cfg}: not a readable JSON config ({e})")
-    zero = d.get("zero_optimization", {}) if isinstance(d, dict) else {}
+    zero = ds_config(cfg).get("zero_optimization", {})
     if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
         fail(f"--deepspeed {cfg}: ZeRO-3 needs \"stage3_gather_16bit_weights_on_model_save\": true in "
              "zero_optimization, otherwise the saved model (or LoRA adapter) would hold no weights")
     return zero.get("stage")
+
+
+def ds_config(cfg: str | dict) -> dict:
+    """The --deepspeed config as a dict (a path is read; the Trainer also accepts the dict itself)."""
+    try:
+        d = json.loads(Path(cfg).read_text()) if isinstance(cfg, str) else cfg
+    except (OSError, ValueError) as e:
+        fail(f"--deepspeed {cfg}: not a readable JSON config ({e})")
+    if not isinstance(d, dict):
+        fail(f"--deepspeed {cfg}: not a JSON object")
+    return d
 
 
 def announce_op_build(training_args: TrainingArguments) -> None:

@@ -6,6 +6,8 @@
 - `run_record` is what a run trains on (implementation, model, data files by size and mtime, sequence length, PEFT
   method, packing); it is written as run.json into the output directory and every checkpoint, and `check_resume`
   refuses to continue a checkpoint with a different one unless --allow_changed_resume (train/safety.py compares).
+  The record holds the global batch too (ranks x per-device batch x accumulation steps, `batch_record`): a resume
+  on another number of ranks must keep the product, and a ZeRO checkpoint there needs its universal form.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from minillm.infra import files
 from minillm.infra.checkpoint import read_safetensors_file
 
 from train import peft_methods, safety
-from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, fail
+from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, ds_config, fail
 from train.peft_methods import PeftArguments
 
 logger = logging.getLogger("minillm.train")
@@ -151,12 +153,54 @@ def run_record(script: str, model_args: ModelArguments, data_args: DataTrainingA
             if data_args.validation_split_percentage and not data_args.validation_files else None}
 
 
+def batch_record(training_args: TrainingArguments) -> dict[str, int]:
+    """This start's global batch and its factors: ranks (the launcher's world size) x per-device batch x
+    accumulation steps. A resume must keep the product, not the factors (safety.compare_run_record)."""
+    ranks, per_device = training_args.world_size, training_args.per_device_train_batch_size
+    steps = training_args.gradient_accumulation_steps
+    return {"world_size": ranks, "per_device_train_batch_size": per_device, "gradient_accumulation_steps": steps,
+            "global_batch_size": ranks * per_device * steps}
+
+
+_ZERO_OPTIM = re.compile(r"(?:bf16_)?zero_pp_rank_([0-9]+)_mp_rank_[0-9]+_optim_states\.pt")  # one per ZeRO rank
+
+
+def zero_ranks(checkpoint: str) -> int | None:
+    """The number of data-parallel ranks a DeepSpeed ZeRO checkpoint is partitioned over (one optimizer-state file
+    each in the global_stepN directory its `latest` file names); None when it holds no ZeRO checkpoint."""
+    latest = Path(checkpoint, "latest")
+    tag = Path(checkpoint, latest.read_text().strip()) if latest.is_file() else None
+    if tag is None or not tag.is_dir():
+        return None
+    names = os.listdir(tag)
+    return len({m.group(1) for n in names if (m := _ZERO_OPTIM.fullmatch(n))}) or None
+
+
+def check_zero_world_size(training_args: TrainingArguments, checkpoint: str) -> None:
+    """DeepSpeed loads a ZeRO checkpoint only on the number of ranks that saved it, and says so deep in its load
+    ("used a DP world size of 2 but the current world size is 1"); its universal form loads on any number, with
+    "checkpoint": {"load_universal": true} in the config. Refuse, before any work, what DeepSpeed would refuse."""
+    universal = ds_config(training_args.deepspeed).get("checkpoint", {}).get("load_universal") is True
+    convert = f"python train/consolidate.py {checkpoint} --universal"
+    if universal and not Path(checkpoint, "latest_universal").is_file():
+        fail(f"{checkpoint} has no universal form yet, and --deepspeed {training_args.deepspeed} loads only that "
+             f"(\"load_universal\": true): convert it first with `{convert}`")
+    saved = zero_ranks(checkpoint)
+    if not universal and saved is not None and saved != training_args.world_size:
+        fail(f"{checkpoint} holds DeepSpeed ZeRO partitions of {saved} rank{'s' * (saved != 1)} and this start has "
+             f"{training_args.world_size}: DeepSpeed loads them only on {saved}. Convert it once with `{convert}`, "
+             "then resume with a --deepspeed config holding \"checkpoint\": {\"load_universal\": true} "
+             "(ds_configs/zero2_universal.json or zero3_universal.json)")
+
+
 def check_resume(training_args: TrainingArguments, checkpoint: str | None, record: dict[str, Any]) -> None:
     """Say loudly what a resume continues from; refuse a changed run unless --allow_changed_resume; write run.json.
 
-    The record compared is the checkpoint's own run.json (written into every checkpoint), else the output
-    directory's. A data file counts as changed when its size or modification time differ.
+    `record` gains this start's batch (batch_record) in place: the Trainer copies the same dict into every
+    checkpoint, which is what the next resume compares. The record compared is the checkpoint's own run.json,
+    else the output directory's. A data file counts as changed when its size or modification time differ.
     """
+    record.update(batch_record(training_args))
     if checkpoint:
         saved_by_deepspeed = any(Path(checkpoint).glob("global_step*"))
         if saved_by_deepspeed != bool(training_args.deepspeed):
@@ -166,6 +210,8 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
                  f"it {'with the same --deepspeed config' if saved_by_deepspeed else 'without --deepspeed'} (its "
                  "optimizer and learning-rate schedule are stored in that form), or --overwrite_output_dir to "
                  "start afresh")
+        if saved_by_deepspeed:
+            check_zero_world_size(training_args, checkpoint)
         try:
             old = safety.read_run_record(checkpoint) or safety.read_run_record(os.path.dirname(checkpoint))
         except ValueError as e:
@@ -182,6 +228,9 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
                            f"optimizer and scheduler restored from {checkpoint} keep its run's peak {old_lr:g}. Use "
                            "--overwrite_output_dir to start afresh with the new learning rate")
         changes = safety.compare_run_record(old, record)
+        if old and old.get("world_size", record["world_size"]) != record["world_size"] and not changes:
+            logger.warning(f"{checkpoint} was saved on {old['world_size']} rank(s), this start has "
+                           f"{record['world_size']}: the global batch is unchanged ({safety.describe_batch(record)})")
         if changes and not training_args.allow_changed_resume:
             fail(f"resuming {checkpoint} would continue a different run: " + "; ".join(changes) +
                  ". Pass --allow_changed_resume to continue it anyway, or --overwrite_output_dir to start afresh")

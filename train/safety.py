@@ -10,8 +10,8 @@
 - Numbers. `check_numbers()` refuses nan/inf/negative values and sizes that cannot train, naming the flag.
 - Paths. `check_paths()` refuses an output directory that is, contains or lies inside an input.
 - The run record. `run.json` in the output directory says what a run trains on; a resume compares it
-  (`compare_run_record()`) and refuses a changed implementation, data set, model or sequence length
-  unless --allow_changed_resume.
+  (`compare_run_record()`) and refuses a changed implementation, data set, model, sequence length or global
+  batch (ranks x per-device batch x accumulation steps) unless --allow_changed_resume.
 - Staging and clean-ups. Every save is staged under minillm's own name (minillm/infra/files.py:
   `.{target}.minillm-staging-{host}-{pid}-{random}`) and renamed; a clean-up removes only entries carrying that
   name, this host and a dead pid (`files.remove_stale_staging`), and only once the directory has been accepted
@@ -174,6 +174,8 @@ def check_writable(flag: str, path: str | os.PathLike) -> str | None:
 RUN_RECORD = "run.json"
 # Keys of the record whose change makes a resume train a different thing than the checkpoint did.
 MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "peft", "packing", "validation_split")
+# The batch of a run (train/run.py batch_record): the last must match on resume, the others may trade against it.
+BATCH = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size")
 
 
 def file_identity(paths: list[str] | None) -> list[dict] | None:
@@ -201,6 +203,10 @@ def read_run_record(directory: str) -> dict | None:
     problems = [f"{k!r} is {d[k]!r}, not a string" for k in ("script", "impl") if not isinstance(d.get(k, ""), str)]
     if "learning_rate" in d and not (_real(d["learning_rate"]) and d["learning_rate"] >= 0):
         problems.append(f"'learning_rate' is {d['learning_rate']!r}, not a learning rate")
+    problems += [f"{k!r} is {d[k]!r}, not a count" for k in BATCH
+                 if k in d and not (isinstance(d[k], int) and not isinstance(d[k], bool) and d[k] >= 1)]
+    if all(k in d for k in BATCH) and not problems and d[BATCH[3]] != d[BATCH[0]] * d[BATCH[1]] * d[BATCH[2]]:
+        problems.append(f"'global_batch_size' {d[BATCH[3]]} is not {' x '.join(str(d[k]) for k in BATCH[:3])}")
     if not isinstance(d.get("sequence_length", {}), (dict, type(None))):
         problems.append(f"'sequence_length' is {d['sequence_length']!r}, not an object")
     if problems:
@@ -263,14 +269,28 @@ def is_minillm_checkpoint(checkpoint: str) -> bool:
 
 
 def compare_run_record(old: dict | None, new: dict) -> list[str]:
-    """Lines naming what differs between the record a checkpoint was trained under and this run's."""
+    """Lines naming what differs between the record a checkpoint was trained under and this run's.
+
+    The global batch must match, not the world size: 2 ranks x 2 continue exactly as 1 rank x 4 (or x 2 x 2
+    accumulation steps). A record written before the batch was recorded has nothing to compare."""
     if old is None:
         return ["no run record (run.json) in the output directory: what the checkpoint was trained on is unknown"]
     changes = []
     for key in MUST_MATCH:
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}")
+    if all(k in old and k in new for k in BATCH) and old["global_batch_size"] != new["global_batch_size"]:
+        changes.append(f"the global batch would change from {describe_batch(old)} to {describe_batch(new)}; "
+                       "keep ranks x per device x accumulation steps equal with --per_device_train_batch_size or "
+                       "--gradient_accumulation_steps")
     return changes
+
+
+def describe_batch(record: dict) -> str:
+    """'4 (2 ranks x 2 per device x 1 accumulation step)': a record's global batch and its arithmetic."""
+    w, b, a = (record[k] for k in BATCH[:3])
+    return (f"{record['global_batch_size']} ({w} rank{'s' * (w != 1)} x {b} per device x {a} accumulation "
+            f"step{'s' * (a != 1)})")
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
