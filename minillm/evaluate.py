@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml  # PyYAML: installed with tokenizers' and transformers' hub client; the only non-torch import here
+import yaml  # PyYAML: installed with tokenizers' and transformers' hub client
+from tokenizers import Tokenizer
 
 from minillm.generation import KVCache
 
@@ -182,7 +183,7 @@ class Encoder:
     def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         if context == "":
             cont = self.encode(continuation, add_special_tokens=False)
-            return ([self.prefix], cont) if cont[0] != self.prefix else (cont[:1], cont[1:])
+            return ([self.prefix], cont) if cont[:1] != [self.prefix] else (cont[:1], cont[1:])
         n = len(context) - len(context.rstrip())  # trailing spaces belong to the continuation's first word
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
@@ -208,8 +209,6 @@ class Encoder:
 def encoder_for(tok_dir: str | Path, max_length: int) -> Encoder:
     """The Encoder of a saved model: tokenizer.json, and tokenizer_config.json's bos_token (else eos_token) as the
     prefix token, as HFLM.prefix_token_id picks it."""
-    from tokenizers import Tokenizer
-
     tok_dir = Path(tok_dir)
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     cfg_path = tok_dir / "tokenizer_config.json"
@@ -305,6 +304,23 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
     return out  # type: ignore[return-value]
 
 
+def check_continuations(task: Task, i: int, context: str, choices: list[str], conts: list[list[int]],
+                        max_length: int) -> None:
+    """Refuse what lm-eval's HFLM asserts on (`assert len(continuation_enc) > 0` and `<= self.max_length` in
+    lm_eval/models/huggingface.py): scored anyway, an empty continuation's log-likelihood would be 0, the highest."""
+    for j, (choice, cont) in enumerate(zip(choices, conts)):
+        where = f"{task.doc_where[i]} (task {task.path}), choice {j} {choice!r}"
+        if not cont:
+            raise TaskError(f"{where}: tokenizes to nothing after the context ...{context[-20:]!r}: the tokenizer "
+                            "merges the end of the context with the choice, so encode(context + delimiter + choice) "
+                            "is no longer than encode(context) (lm-eval's _encode_pair); lm-eval stops here too. "
+                            "Separate them with a space (target_delimiter \" \", the default) or end the context "
+                            "with punctuation the tokenizer keeps apart")
+        if len(cont) > max_length:
+            raise TaskError(f"{where}: is {len(cont)} tokens, longer than the model's {max_length}; lm-eval "
+                            "refuses it too (it truncates contexts, never continuations)")
+
+
 def mean_stderr(xs: list[float]) -> float:
     """lm-eval's mean_stderr: sample standard deviation / sqrt(n)."""
     n = len(xs)
@@ -314,6 +330,12 @@ def mean_stderr(xs: list[float]) -> float:
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
 
 
+def mc_chance(task: Task, raw: list[tuple[str, list[str], int]] | None = None) -> float:
+    """The accuracy of a uniform guess: the mean over items of 1 / (number of choices)."""
+    raw = raw if raw is not None else [task.item(i) for i in range(len(task.docs))]
+    return sum(1 / len(c) for _, c, _ in raw) / len(raw)
+
+
 def evaluate_task(model, enc: Encoder, task: Task, batch_size: int = 16, use_cache: bool = True,
                   progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     """Score every item of `task`: {"metrics": {name: (value, stderr, chance)}, "items": [...per item...]}."""
@@ -321,6 +343,8 @@ def evaluate_task(model, enc: Encoder, task: Task, batch_size: int = 16, use_cac
     if task.output_type == "multiple_choice":
         raw = [task.item(i) for i in range(len(task.docs))]
         pairs = [[enc.pair(ctx, task.target_delimiter + c) for c in choices] for ctx, choices, _ in raw]
+        for i, ((ctx, choices, _), p) in enumerate(zip(raw, pairs)):
+            check_continuations(task, i, ctx, choices, [cont for _, cont in p], enc.max_length)
         items = [(p[0][0], [cont for _, cont in p]) for p in pairs]
         if use_cache:
             scores = score_choices(model, items, enc.max_length, batch_size, progress)
@@ -335,7 +359,7 @@ def evaluate_task(model, enc: Encoder, task: Task, batch_size: int = 16, use_cac
             per["acc_bytes"].append(float(np.argmax(lls / np.array([float(len(c.encode())) for c in choices])) == gold))
             log.append({"context": ctx, "choices": choices, "gold": gold, "loglikelihoods": lls.tolist(),
                         "is_greedy": [g for _, g in s]})
-        chance = sum(1 / len(c) for _, c, _ in raw) / len(raw)
+        chance = mc_chance(task, raw)
         metrics = {m: (sum(per[m]) / len(per[m]), mean_stderr(per[m]), chance) for m in task.metrics}
         return {"metrics": metrics, "items": log}
     texts = [task.item(i) for i in range(len(task.docs))]

@@ -21,10 +21,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from minillm.config import ModelConfig
 from minillm.data import DATA_DIR, TOKENIZER_DIR
+from minillm.data.sample_eval import check_split
 from minillm.evaluate import TaskError, encoder_for, evaluate_task, mean_stderr, read_task, score_choices, score_rows
 from parity.model import random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parent.parent
 ENC = encoder_for(TOKENIZER_DIR, 40)
 TEXT = st.lists(st.sampled_from(list("ab cd  \n河边的小镇,.") + ["the ", "river ", "<|endoftext|>"]),
                 max_size=12).map("".join)
@@ -139,6 +141,11 @@ def test_rolling_metrics(tmp_path, model):
     (MC, [{**ROW, "answer": 2}], r"d\.jsonl:1 \(task .*\): the gold index 2 is out of range for 2 choices"),
     (MC, [{**ROW, "answer": "c"}], r"the answer 'c' is not one of the choices"),
     (MC + "metric_list:\n  - metric: exact_match\n", [ROW], r"t\.yaml:11: metric 'exact_match' is not supported"),
+    # no delimiter: the tokenizer merges "之后是星期二" across the join, so the choice tokenizes to nothing after the
+    # context (lm-eval's HFLM asserts len(continuation_enc) > 0 on it)
+    (MC.replace("Q: {{q}}", "{{q}}") + "target_delimiter: \"\"\n",
+     [ROW, {"q": "星期日之后是", "choices": ["星期二", "星期一"], "answer": 1}],
+     r"d\.jsonl:2 \(task .*\), choice 0 '星期二': tokenizes to nothing after the context"),
 ])
 def test_bad_input_is_a_sentence(tmp_path, model, yaml_text, rows, match):
     with pytest.raises(TaskError, match=match):
@@ -151,6 +158,34 @@ def test_bundled_eval_data():
     assert len(items) >= 300 and {d["lang"] for d in mc.docs} == {"en", "zh"}
     trained = {json.loads(l)["text"] for l in (DATA_DIR / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()}
     assert len(text.docs) >= 200 and not trained & {d["text"] for d in text.docs}
+
+
+def test_bundled_choices_split_where_lm_eval_splits():
+    """Every bundled choice's tokens follow its question's tokens unchanged (no merge across the join)."""
+    mc = read_task(DATA_DIR / "eval" / "sample_mc.yaml")
+    check_split(mc.docs, mc.target_delimiter)
+
+
+def test_bundled_task_hf_equals_minillm(tmp_path, monkeypatch):
+    """train/evaluate.py --impl hf (lm-eval's own HFLM) and --impl minillm on the bundled sample_mc task: the same
+    acc/acc_norm and per-item log-likelihoods (lm-eval reads the YAML's data_files from the repository root)."""
+    from train.evaluate import main
+
+    monkeypatch.chdir(ROOT)
+    d = tmp_path / "model"
+    random_model(ModelConfig.preset("tiny", pad_token_id=3, eos_token_id=0), 0).eval().save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / f, d / f)
+    res = {}
+    for impl in ("hf", "minillm"):
+        assert main(["--model", str(d), "--tasks", str(DATA_DIR / "eval" / "sample_mc.yaml"), "--impl", impl,
+                     "--batch_size", "32", "--output_dir", str(tmp_path / impl)]) == 0
+        res[impl] = json.loads((tmp_path / impl / "results.json").read_text())["tasks"]["sample_mc"]
+    for m in ("acc", "acc_norm"):
+        assert res["hf"]["metrics"][m]["value"] == res["minillm"]["metrics"][m]["value"]
+    assert res["hf"]["metrics"]["acc"]["chance"] == res["minillm"]["metrics"]["acc"]["chance"] == 0.25
+    for a, b in zip(res["hf"]["items"], res["minillm"]["items"], strict=True):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], rel=1e-5) and a["gold"] == b["gold"]
 
 
 def test_cli(tmp_path, model, capsys):

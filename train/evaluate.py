@@ -24,10 +24,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: a task or model never comes from the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import lm_eval
 import torch
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
-from minillm.evaluate import TaskError, encoder_for, evaluate_task, read_task
+from minillm.evaluate import TaskError, encoder_for, evaluate_task, mc_chance, read_task
 from minillm.model import CausalLM
 from minillm.peft import load_adapter
 from minillm.peft.methods import merge_and_unload, method_of
@@ -85,10 +88,6 @@ def run_minillm(args, tasks: list[Path]) -> dict:
 
 
 def run_hf(args, tasks: list[Path]) -> dict:
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     kwargs = {"peft": args.adapter} if args.adapter else {}
     if args.max_length:
         kwargs["max_length"] = args.max_length
@@ -96,17 +95,19 @@ def run_hf(args, tasks: list[Path]) -> dict:
               batch_size=args.batch_size, dtype="float32", **kwargs)
     out = {}
     for path in tasks:  # one TaskManager per folder: lm-eval finds tasks by name under include_path
-        name = read_task(path).name
+        task = read_task(path)
+        name = task.name
         r = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=str(path.parent)),
                                     log_samples=True, verbosity="ERROR")
         res, samples = r["results"][name], sorted(r["samples"][name], key=lambda s: s["doc_id"])
         metrics = {}
+        chance = mc_chance(task) if task.output_type == "multiple_choice" else float("nan")  # lm-eval has none
         for key, value in res.items():
             if "," in key and "_stderr" not in key:
                 m = key.split(",")[0]
                 se = res.get(f"{m}_stderr,none")
-                metrics[m] = (value, se if isinstance(se, float) else float("nan"), float("nan"))
-        if read_task(path).output_type == "multiple_choice":
+                metrics[m] = (value, se if isinstance(se, float) else float("nan"), chance)
+        if task.output_type == "multiple_choice":
             items = [{"choices": [c for _, c in s["arguments"]], "gold": s["target"],
                       "loglikelihoods": [ll for ll, _ in s["filtered_resps"]],
                       "is_greedy": [g for _, g in s["filtered_resps"]]} for s in samples]

@@ -8,6 +8,13 @@ From the sample world of sample_data.py (its towns, words, days, prices), never 
   construction (the town's product and region, the next weekday, a sum, a translation, a price), the distractors
   drawn from the same table so that every choice is a plausible continuation.
 
+Every choice follows its question after a space (target_delimiter " ", lm-eval's default), Chinese ones too. The
+bundled tokenizer's pre-tokenizer keeps a run of letters together (`\p{L}+`), and Chinese has no spaces: with no
+delimiter, "星期日之后是" + "星期一" is one run, BPE merges across the join (the tokenizer learned "之后是星期一" as
+one token from the training text), and lm-eval's `_encode_pair` (encode the whole, keep the tokens after
+len(encode(context))) leaves the continuation empty (lm-eval asserts) or cut from the wrong place. A space starts a
+new pre-token, so the context's tokens are a prefix of the whole's; `check_split` asserts that for every choice.
+
 The YAML files name their data relative to the repository root (lm-eval reads data_files from the working
 directory); minillm.evaluate.read_task also finds them next to the YAML. Deterministic: a fixed seed.
 """
@@ -19,9 +26,10 @@ import json
 import random
 from pathlib import Path
 
-from minillm.data import DATA_DIR
+from minillm.data import DATA_DIR, TOKENIZER_DIR
 from minillm.data.sample_data import (DAYS, ITEMS, PRODUCTS, REGIONS, WORDS, arithmetic, counting, dictionary,
                                       make_towns, recipe, story, town_text, weekdays)
+from minillm.evaluate import encoder_for
 
 EVAL_DIR = DATA_DIR / "eval"
 SEED = 2024  # sample_data.py uses 1234; make_towns(Random(1234)) reproduces its towns
@@ -37,7 +45,7 @@ MC_YAML = HEADER.format(name="sample_mc", data="sample_mc.jsonl") + """output_ty
 doc_to_text: "{{question}}"
 doc_to_choice: "{{choices}}"
 doc_to_target: answer
-target_delimiter: ""
+target_delimiter: " "
 metric_list:
   - metric: acc
   - metric: acc_norm
@@ -105,11 +113,22 @@ def mc_items(rng: random.Random, towns, n: int) -> list[dict]:
             q, a, lang = f"It cost {price} coins, so {k} of them cost", f"{price * k} coins", "en"
             pool = [f"{price * k + d} coins" for d in (-price, -1, 1, price, 2 * price) if price * k + d > 0]
         choices, gold = choices_with(rng, a, pool)
-        q += " " if lang == "en" else ""  # target_delimiter is "": English answers follow a space, Chinese none
         item = {"question": q, "choices": choices, "answer": gold, "lang": lang}
         if item not in items:
             items.append(item)
     return items
+
+
+def check_split(items: list[dict], delimiter: str = " ") -> None:
+    """Each choice's tokens are the whole string's tokens after the context's, as lm-eval splits them: the
+    context's encoding is a prefix of encode(context + delimiter + choice) and something is left after it."""
+    enc = encoder_for(TOKENIZER_DIR, 10**6)  # no truncation: the whole strings
+    for n, item in enumerate(items, 1):
+        ctx = enc.encode(item["question"])
+        for c in item["choices"]:
+            whole = enc.encode(item["question"] + delimiter + c)
+            assert whole[:len(ctx)] == ctx and len(whole) > len(ctx), \
+                f"sample_mc.jsonl:{n}: {item['question']!r} + {c!r} merges across the join"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "heldout.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in heldout),
                                            encoding="utf-8")
     mc = mc_items(rng, towns, args.mc_items)
+    check_split(mc)
     (args.out / "sample_mc.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mc),
                                              encoding="utf-8")
     (args.out / "heldout.yaml").write_text(HELDOUT_YAML, encoding="utf-8")
