@@ -106,14 +106,16 @@ eval: $(STAMP)
 	  --output_dir $(or $(OUT),out/eval)
 
 # The exported GGUF run by llama.cpp itself: the `export` extra (llama-cpp-python compiles llama.cpp: ~23 min on 2
-# shared cores, once), then the structural checks and tests/test_export_llama_cpp.py (~3 min).
+# shared cores, once), then the structural checks, tests/test_export_llama_cpp.py (~3 min) and the Modelfile's
+# template rendered by Go's text/template as Ollama renders it (Debian's golang-go, installed once if missing).
 EXPORT_STAMP := $(VENV)/.installed-export
 $(EXPORT_STAMP): $(STAMP)
 	$(PY) -m pip install -e ".[export]"
+	command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq golang-go)
 	@touch $(EXPORT_STAMP)
 .PHONY: export-check
 export-check: $(EXPORT_STAMP)
-	$(PY) -m pytest -q tests/test_export.py tests/test_export_llama_cpp.py
+	$(PY) -m pytest -q tests/test_export.py tests/test_export_llama_cpp.py tests/test_export_ollama.py
 
 # Is my loss normal? RUN's trainer_state.json against the demo's reference band (train/reference_curves.json).
 .PHONY: doctor

@@ -284,9 +284,13 @@ def add_architecture(writer: gguf.GGUFWriter, cfg: ModelConfig) -> None:
 def modelfile(gguf_file: str) -> str:
     """An Ollama Modelfile for the exported file: ChatML in Ollama's template language, the chat's defaults
     (minillm.generate's system message, greedy decoding, no repetition penalty) and <|im_end|> as the stop."""
+    # Ollama collects the system messages into .System; whether it also leaves them in .Messages changed across
+    # its versions (older ones removed them), so the system turn comes from .System and the loop skips system
+    # messages: one system turn either way (tests/test_export_ollama.py runs it through Go's text/template)
     return (f"FROM ./{gguf_file}\n"
-            'TEMPLATE """{{- range .Messages }}' f"{IM_START}{{{{ .Role }}}}\n{{{{ .Content }}}}{IM_END}\n"
-            f'{{{{ end }}}}{IM_START}assistant\n"""\n'
+            f'TEMPLATE """{{{{ if .System }}}}{IM_START}system\n{{{{ .System }}}}{IM_END}\n{{{{ end }}}}'
+            f'{{{{ range .Messages }}}}{{{{ if ne .Role "system" }}}}{IM_START}{{{{ .Role }}}}\n{{{{ .Content }}}}{IM_END}\n'
+            f'{{{{ end }}}}{{{{ end }}}}{IM_START}assistant\n"""\n'
             f'SYSTEM """{DEFAULT_SYSTEM_PROMPT}"""\n'
             f'PARAMETER stop "{IM_END}"\n'
             "PARAMETER temperature 0\n"
