@@ -180,15 +180,39 @@ class Encoder:
             add_special_tokens = not (self.prefix_text and s.startswith(self.prefix_text))
         return self.tok.encode(s, add_special_tokens=add_special_tokens).ids
 
+    def encode_many(self, strings: list[str]) -> list[list[int]]:
+        """`encode` of every string, in one call per add_special_tokens value (the tokenizer's Rust batch)."""
+        out: list[list[int]] = [[] for _ in strings]
+        for special in (True, False):
+            idx = [i for i, s in enumerate(strings)
+                   if special != bool(self.prefix_text and s.startswith(self.prefix_text))]
+            if idx:
+                for i, e in zip(idx, self.tok.encode_batch_fast([strings[i] for i in idx], add_special_tokens=special)):
+                    out[i] = e.ids
+        return out
+
     def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if context == "":
-            cont = self.encode(continuation, add_special_tokens=False)
-            return ([self.prefix], cont) if cont[:1] != [self.prefix] else (cont[:1], cont[1:])
-        n = len(context) - len(context.rstrip())  # trailing spaces belong to the continuation's first word
-        if n:
-            context, continuation = context[:-n], context[-n:] + continuation
-        whole, ctx = self.encode(context + continuation), self.encode(context)
-        return ctx, whole[len(ctx):]  # the whole string encoded, split at the context's length
+        return self.pairs([(context, continuation)])[0]
+
+    def pairs(self, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """lm-eval's loglikelihood tokenisation of (context, continuation) pairs: (context ids, continuation ids)."""
+        out: list[tuple[list[int], list[int]] | None] = [None] * len(requests)
+        split = []  # (request index, context, context + continuation)
+        for i, (context, continuation) in enumerate(requests):
+            if context == "":
+                cont = self.encode(continuation, add_special_tokens=False)
+                out[i] = ([self.prefix], cont) if cont[:1] != [self.prefix] else (cont[:1], cont[1:])
+                continue
+            n = len(context) - len(context.rstrip())  # trailing spaces belong to the continuation's first word
+            if n:
+                context, continuation = context[:-n], context[-n:] + continuation
+            split.append((i, context, context + continuation))
+        contexts = list(dict.fromkeys(c for _, c, _ in split))  # a question's choices share its context
+        ctx_ids = dict(zip(contexts, self.encode_many(contexts)))
+        for (i, context, _), whole in zip(split, self.encode_many([w for _, _, w in split])):
+            ctx = ctx_ids[context]
+            out[i] = (ctx, whole[len(ctx):])  # the whole string encoded, split at the context's length
+        return out  # type: ignore[return-value]
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         """lm_eval.utils.get_rolling_token_windows(context_len=1) + make_disjoint_window."""
@@ -222,11 +246,68 @@ def encoder_for(tok_dir: str | Path, max_length: int) -> Encoder:
     return Encoder(tok, next(i for i in ids if i is not None), max_length)
 
 
-def _lls(logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
-    """(sum of log-probs of `cont`, every token the argmax) from its (len(cont), V) logits."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    target = torch.tensor(cont, device=logits.device)
-    return float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
+def token_bytes(tok: Tokenizer) -> list[int]:
+    """The UTF-8 bytes each token id stands for, 0 for special tokens: bits per byte as nanochat counts it (total
+    nats over the total bytes of the target tokens, special tokens excluded from both). Byte-level BPE: each
+    character of a token's string is one byte (GPT-2's byte alphabet), exact even for a token that holds part of a
+    character; other tokenizers: the length of the token's decoded text."""
+    specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    added = {t.content for t in tok.get_added_tokens_decoder().values()}  # stored as written, not byte-encoded
+    byte_level = json.loads(tok.to_str()).get("decoder", {}).get("type") == "ByteLevel"
+    out = []
+    for i in range(tok.get_vocab_size(with_added_tokens=True)):
+        s = tok.id_to_token(i)
+        if s is None or s in specials:
+            out.append(0)
+        elif byte_level and s not in added:
+            out.append(len(s))
+        else:
+            out.append(len(tok.decode([i], skip_special_tokens=False).encode("utf-8")))
+    return out
+
+
+class HeldOutBits:
+    """Totals of a training run's evaluation, batch by batch, for bits per byte as nanochat defines it: the nats of
+    every target token over its UTF-8 bytes (`token_bytes`), special tokens and ignored labels (-100) out of both."""
+
+    def __init__(self, token_bytes: list[int]):
+        self.bytes_of = torch.tensor(token_bytes, dtype=torch.long)
+        self.nats, self.bytes, self.tokens = 0.0, 0, 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """(B, T', V) logits and (B, T) labels of one batch, read as transformers' causal-LM loss reads them."""
+        T = labels.shape[1]
+        logits, labels = logits[:, -T:][:, :-1], labels[:, 1:]  # position t predicts label t+1; virtual tokens of
+        # prompt learning come first in the logits, so the last T positions are the labelled ones
+        if len(self.bytes_of) < logits.shape[-1]:  # a vocabulary padded beyond the tokenizer's: no bytes there
+            self.bytes_of = torch.cat([self.bytes_of, self.bytes_of.new_zeros(logits.shape[-1] - len(self.bytes_of))])
+        nbytes = torch.where(labels == -100, 0, self.bytes_of.to(labels.device)[labels.clamp(min=0)])
+        keep = nbytes > 0
+        nats = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
+        self.nats, self.bytes, self.tokens = (self.nats + float(nats), self.bytes + int(nbytes.sum()),
+                                              self.tokens + int(keep.sum()))
+
+    def totals(self) -> torch.Tensor:
+        return torch.tensor([self.nats, self.bytes, self.tokens], dtype=torch.float64)
+
+
+def _padded(rows: list[list[int]], width: int, device) -> torch.Tensor:
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> list[tuple[float, bool]]:
+    """Per row of (R, T, V) logits: (sum of the log-probs of `targets` where `scored`, every scored target the
+    argmax), as lm-eval's _loglikelihood_tokens computes them (log_softmax in fp32 per position, gather, sum), for
+    the whole batch at once: only the scored positions go through log_softmax."""
+    row = scored.nonzero()[:, 0]  # (N,) the row of each scored position, row-major: each row's in order
+    target = targets[scored]
+    logp = torch.log_softmax(logits[scored].float(), dim=-1)  # (N, V)
+    token = logp.gather(-1, target[:, None])[:, 0]
+    miss = (logp.argmax(-1) != target).long()
+    R = logits.shape[0]
+    ll = torch.zeros(R, dtype=token.dtype, device=token.device).index_add_(0, row, token)  # sums in row order
+    missed = torch.zeros(R, dtype=torch.long, device=token.device).index_add_(0, row, miss)
+    return list(zip(ll.tolist(), (missed == 0).tolist()))
 
 
 @torch.no_grad()
@@ -240,15 +321,35 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], max_length: int, 
         idx = order[b:b + batch_size]
         inps = [(rows[i][0] + rows[i][1])[-(max_length + 1):][:-1] for i in idx]
         T = max(map(len, inps))
-        x = torch.zeros(len(idx), T, dtype=torch.long, device=device)
-        for r, inp in enumerate(inps):
-            x[r, :len(inp)] = torch.tensor(inp)
-        logits = model(x).logits  # (B, T, V)
-        for r, i in enumerate(idx):
-            cont, n = rows[i][1], len(inps[r])
-            out[i] = _lls(logits[r, n - len(cont):n], cont)
+        # the continuation's tokens are the last len(cont) targets of each input (the logits at n-k .. n-1)
+        targets = [[0] * (len(inp) - len(rows[i][1])) + rows[i][1] for inp, i in zip(inps, idx)]
+        scored = [[0] * (len(inp) - len(rows[i][1])) + [1] * len(rows[i][1]) for inp, i in zip(inps, idx)]
+        logits = model(_padded(inps, T, device)).logits  # (B, T, V)
+        res = _score(logits, _padded(targets, T, device), _padded(scored, T, device).bool())
+        for i, r in zip(idx, res):
+            out[i] = r
         progress(len(idx))
     return out  # type: ignore[return-value]
+
+
+def _choice_rows(context: list[int], conts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The rows that score an item's choices from its cached context: (row inputs, the row of each choice).
+
+    Choice k is read as [last context token] + k[:-1]. A choice whose input is a prefix of another's is scored
+    from that row's first len(k) positions (causal: the same logits), so a one-token choice costs nothing beyond
+    the row of any other choice, and choices sharing their beginning share a row."""
+    inputs = [[context[-1]] + k[:-1] for k in conts]
+    order = sorted(range(len(conts)), key=lambda j: -len(inputs[j]))
+    rows: list[list[int]] = []
+    row_of = [0] * len(conts)
+    for j in order:  # longest first: a shorter input finds the row it is a prefix of
+        inp = inputs[j]
+        r = next((r for r, row in enumerate(rows) if row[:len(inp)] == inp), None)
+        if r is None:
+            rows.append(inp)
+            r = len(rows) - 1
+        row_of[j] = r
+    return rows, row_of
 
 
 @torch.no_grad()
@@ -256,10 +357,12 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
                   progress: Callable[[int], None] = lambda n: None) -> list[list[tuple[float, bool]]]:
     """(ll, is_greedy) of every continuation of every (context, [continuations]) item, each context read once.
 
-    A batch of contexts minus their last token goes through the model once into a KVCache (right-padded); the
-    cache rows are copied once per choice; then each choice reads [last context token] + continuation[:-1] from
-    its position on, a 2-D mask hiding the other contexts' padding. Items that need left truncation take
-    lm-eval's path (score_rows): their truncated contexts differ per choice."""
+    A batch of contexts minus their last token goes through the model once into a KVCache (right-padded, no
+    logits); the cache rows are copied once per choice row (`_choice_rows`: choices that are prefixes of another
+    share its row); each row reads [last context token] + continuation[:-1] from its context's length on, a 2-D
+    mask hiding the other contexts' padding; log_softmax runs once per scored position, whatever number of
+    choices it scores. Items that need left truncation take lm-eval's path (score_rows): their truncated
+    contexts differ per choice."""
     out: list[list | None] = [None] * len(items)
     fits = [i for i, (c, conts) in enumerate(items) if all(len(c) + len(k) <= max_length + 1 for k in conts)]
     rest = sorted(set(range(len(items))) - set(fits))
@@ -269,34 +372,52 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
         out[i] = [next(scored) for _ in items[i][1]]
         progress(1)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    fits.sort(key=lambda i: -len(items[i][0]))
+    # batched by the longest choice, then by context length: little padding in either pass
+    fits.sort(key=lambda i: (-max(map(len, items[i][1])), -len(items[i][0])))
     for b in range(0, len(fits), batch_size):
         idx = fits[b:b + batch_size]
         ctxs = [items[i][0] for i in idx]
         P = max(map(len, ctxs)) - 1  # cached context positions (all but each context's last token)
-        owner = [r for r, i in enumerate(idx) for _ in items[i][1]]  # the context row of each choice row
-        conts = [k for i in idx for k in items[i][1]]
-        T = max(map(len, conts))
+        rows, owner, where = [], [], []  # row inputs, the context of each row, (first row, row of each choice)
+        for o, i in enumerate(idx):
+            item_rows, row_of = _choice_rows(ctxs[o], items[i][1])
+            where.append((len(rows), row_of))
+            rows += item_rows
+            owner += [o] * len(item_rows)
+        T = max(map(len, rows))
         cache = KVCache(model.config, len(idx), P, dtype, device)
         if P > 0:
-            x = torch.zeros(len(idx), P, dtype=torch.long, device=device)
-            for r, c in enumerate(ctxs):
-                x[r, :len(c) - 1] = torch.tensor(c[:-1])
-            model(x, cache=cache, logits_to_keep=1)  # (B, P) keys/values; no logits needed
-        rows = KVCache(model.config, len(conts), P + T, dtype, device)
+            model(_padded([c[:-1] for c in ctxs], P, device), cache=cache, logits_to_keep=1)  # (B, P) keys/values
+        cached = KVCache(model.config, len(rows), P + T, dtype, device)
         owner_t = torch.tensor(owner, device=device)
-        rows.k[:, :, :, :P], rows.v[:, :, :, :P] = cache.k[:, owner_t], cache.v[:, owner_t]
-        rows.length = P
-        x = torch.zeros(len(conts), T, dtype=torch.long, device=device)
-        mask = torch.zeros(len(conts), P + T, dtype=torch.long, device=device)
+        cached.k[:, :, :, :P], cached.v[:, :, :, :P] = cache.k[:, owner_t], cache.v[:, owner_t]
+        cached.length = P
+        # each row sees its own context's cached positions and its own tokens (causally)
+        mask = _padded([[1] * (len(ctxs[o]) - 1) + [0] * (P - len(ctxs[o]) + 1) + [1] * T for o in owner], P + T,
+                       device)
         start = torch.tensor([len(ctxs[o]) - 1 for o in owner], device=device)
-        for r, (o, k) in enumerate(zip(owner, conts)):
-            x[r, :len(k)] = torch.tensor([ctxs[o][-1]] + k[:-1])
-            mask[r, :len(ctxs[o]) - 1] = 1
-            mask[r, P:] = 1
         positions = start[:, None] + torch.arange(T, device=device)  # (R, T): each row continues its context
-        logits = model(x, attention_mask=mask, position_ids=positions, cache=rows).logits  # (R, T, V)
-        res = [_lls(logits[r, :len(k)], k) for r, k in enumerate(conts)]
+        logits = model(_padded(rows, T, device), attention_mask=mask, position_ids=positions, cache=cached).logits
+        # every position of every row is scored by some choice: log_softmax once per (row, position)
+        first = [0]
+        for row in rows:
+            first.append(first[-1] + len(row))
+        logp = torch.log_softmax(logits[_padded([[1] * len(r) for r in rows], T, device).bool()].float(), dim=-1)
+        at, target, choice = [], [], []  # (scored position in logp, its target, the choice's index in the batch)
+        n = 0
+        for o, i in enumerate(idx):
+            base, row_of = where[o]
+            for k, r in zip(items[i][1], row_of):
+                at += range(first[base + r], first[base + r] + len(k))
+                target += k
+                choice += [n] * len(k)
+                n += 1
+        at_t, target_t, choice_t = (torch.tensor(x, device=device) for x in (at, target, choice))
+        token = logp[at_t, target_t]  # (N,) the log-prob of each choice token
+        miss = (logp.argmax(-1)[at_t] != target_t).long()
+        ll = torch.zeros(n, dtype=token.dtype, device=device).index_add_(0, choice_t, token)  # in token order
+        missed = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, choice_t, miss)
+        res = list(zip(ll.tolist(), (missed == 0).tolist()))
         n = 0
         for i in idx:
             out[i], n = res[n:n + len(items[i][1])], n + len(items[i][1])
@@ -342,7 +463,8 @@ def evaluate_task(model, enc: Encoder, task: Task, batch_size: int = 16, use_cac
     vocab = model.config.vocab_size
     if task.output_type == "multiple_choice":
         raw = [task.item(i) for i in range(len(task.docs))]
-        pairs = [[enc.pair(ctx, task.target_delimiter + c) for c in choices] for ctx, choices, _ in raw]
+        flat_pairs = iter(enc.pairs([(ctx, task.target_delimiter + c) for ctx, choices, _ in raw for c in choices]))
+        pairs = [[next(flat_pairs) for _ in choices] for _, choices, _ in raw]
         for i, ((ctx, choices, _), p) in enumerate(zip(raw, pairs)):
             check_continuations(task, i, ctx, choices, [cont for _, cont in p], enc.max_length)
         items = [(p[0][0], [cont for _, cont in p]) for p in pairs]

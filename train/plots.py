@@ -11,7 +11,8 @@ logger = logging.getLogger("minillm.train")
 def save_loss_plot(history: list[dict], path: Path, smooth: int = 9) -> None:
     """The run's loss curve as a picture: training loss per logged step, its moving average over `smooth` logged
     steps (one batch's loss is noisy), eval loss where there is one, and for a DPO run the reward margin
-    (rewards/margins) on its own axis. A missing matplotlib only skips it."""
+    (rewards/margins) on its own axis; with evaluation bits per byte (eval_bpb, train/trainer.py) a second panel
+    below shows it with the eval perplexity. A missing matplotlib only skips it."""
     train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
     if not train and not evals:
@@ -23,7 +24,11 @@ def save_loss_plot(history: list[dict], path: Path, smooth: int = 9) -> None:
     except ImportError:
         logger.warning(f"matplotlib is not installed: no {path.name} (pip install -e '.[train]')")
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    bpb = [(e["step"], e["eval_bpb"], e.get("eval_perplexity")) for e in history if "eval_bpb" in e and "step" in e]
+    if bpb:  # loss above, bits per byte below, on the same steps
+        fig, (ax, low) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         steps, loss = zip(*train)
         ax.plot(steps, loss, lw=0.8, alpha=0.5, label="training loss")
@@ -33,8 +38,17 @@ def save_loss_plot(history: list[dict], path: Path, smooth: int = 9) -> None:
                     label=f"moving average ({smooth} logged steps)")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
+    (low if bpb else ax).set_xlabel("step")
     ax.set_ylabel("loss")
+    if bpb:
+        steps, values, ppl = zip(*bpb)
+        low.plot(steps, values, "o-", color="tab:red", label="eval bits per byte")
+        for x, y, p in zip(steps, values, ppl):
+            if p is not None:  # the perplexity beside each point: the same evaluation in run_clm's unit
+                low.annotate(f"ppl {p:.3g}", (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                             ha="center")
+        low.set_ylabel("bits per byte")
+        low.legend()
     ax.set_title(path.parent.name)
     handles = ax.get_legend_handles_labels()
     margins = [(e["step"], e["rewards/margins"]) for e in history if "rewards/margins" in e and "step" in e]

@@ -29,6 +29,7 @@ import transformers
 from transformers import trainer_pt_utils
 from transformers.trainer_utils import rotate_checkpoints
 
+from minillm.evaluate import HeldOutBits, token_bytes
 from minillm.infra import files
 from minillm.infra.checkpoint import WEIGHTS, copy_matching, read_safetensors, staged_dir
 from minillm.model import CausalLM
@@ -63,6 +64,8 @@ class Trainer(transformers.Trainer):
         self.run_record = run_record  # copied into every checkpoint (what it was trained on)
         self._bad_loss: float | None = None
         self._staging: str | None = None
+        self.token_bytes: list[int] | None = None  # per token id (minillm.evaluate.token_bytes): set, eval has BPB
+        self._bits: HeldOutBits | None = None
 
     # ---- divergence ----
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -100,6 +103,31 @@ class Trainer(transformers.Trainer):
         if self.control.should_save:  # set by the step's callbacks just before: a checkpoint is about to be written
             self.check_weights_finite()
         return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    # ---- evaluation: loss, perplexity and bits per byte ----
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._bits is None or model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        self._bits.add(outputs["logits"], inputs["labels"])  # the logits the eval loss came from
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The Trainer's evaluation, plus PREFIX_perplexity (exp of the loss, as run_clm) and PREFIX_bpb (total nats
+        over total bytes of the target tokens, summed over ranks: nanochat's bits per byte)."""
+        self._bits = HeldOutBits(self.token_bytes) if self.token_bytes else None
+        try:
+            out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        finally:
+            bits, self._bits = self._bits, None
+        if (loss := out.metrics.get(f"{metric_key_prefix}_loss")) is not None:
+            out.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50))
+        if bits is not None:
+            nats, nbytes, _ = self.accelerator.reduce(bits.totals().to(self.args.device), "sum").tolist()
+            if nbytes > 0:
+                out.metrics[f"{metric_key_prefix}_bpb"] = nats / nbytes / math.log(2)
+        return out
 
     # ---- saving ----
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -266,6 +294,8 @@ def train_and_save(trainer: Trainer, checkpoint: str | None, tokenizer, train_sa
     log and save the metrics and state, evaluate when there is a validation set, tear down.
     eval_extra(metrics) may add derived eval metrics (pretraining adds perplexity)."""
     check_step_fits_data(trainer)
+    if trainer.eval_dataset is not None and hasattr(tokenizer, "backend_tokenizer"):  # a fast (Rust) tokenizer
+        trainer.token_bytes = token_bytes(tokenizer.backend_tokenizer)
     if checkpoint:
         step = safety.read_trainer_state(checkpoint)["global_step"]  # checked by check_resume
         if step >= planned_steps(trainer):
