@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from parity.bench import CASES
+from parity.bench.__main__ import available_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
     for key in ("cpu", "cores", "threads", "torch", "transformers", "peft"):
         assert key in result["machine"], key
     assert result["quick"] is True and result["matmul_gflops"] > 0
-    assert list(result["cases"]) == list(CASES)
+    assert list(result["cases"]) == available_cases() and set(available_cases()) >= set(CASES) - {"eval"}
     for name, case in result["cases"].items():
         assert "error" not in case, (name, case.get("error"))
         assert case["same_output"] is True, (name, case)
@@ -42,7 +43,7 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
     # the printed table names every case and has the documented columns
     for col in ("case", "metric", "minillm", "reference", "ratio", "target", "met?"):
         assert col in proc.stdout
-    for name in CASES:
+    for name in available_cases():
         assert name in proc.stdout
     rows = {(r["case"], r["metric"]) for r in result["rows"]}
     assert ("train_v32k", "peak MiB") in rows and ("masker", "conv/s") in rows
@@ -50,6 +51,13 @@ def test_bench_quick_runs_and_outputs_agree(tmp_path):
     # issue 14's PEFT methods: both rows per case, trainable counts equal where the reference is peft's same method
     for name in ("lora_embed", "prompt_tuning", "prefix_tuning", "prefix_proj", "houlsby"):
         assert (name, "step s") in rows and (name, "peak MiB") in rows, name
+    # issue 21: a DPO step vs TRL's at vocab 4,096 and 151,936 (toy widths), both rows each, the same first loss
+    for name, vocab in (("dpo", 4096), ("dpo_v152k", 151936)):
+        assert (name, "step s") in rows and (name, "peak MiB") in rows, name
+        case = result["cases"][name]
+        assert case["size"]["vocab"] == vocab and case["peak_mb"]["minillm"] > 0 and case["peak_mb"]["reference"] > 0
+    if "eval" in result["cases"]:  # issue 22 (parity/bench/eval.py): items/s vs lm-eval, equal results
+        assert ("eval", "items/s") in rows and result["cases"]["eval"]["items_s"]["minillm"] > 0
     for name in ("lora_embed", "prompt_tuning", "prefix_tuning", "prefix_proj"):
         t = result["cases"][name]["trainable"]
         assert t["minillm"] == t["reference"] > 0 and result["cases"][name]["loss_rel_diff"]["last"] <= 1e-3, name
@@ -74,3 +82,22 @@ def test_gpu_lane_dry_run_on_cpu():
         assert check in out, check
     assert "FAIL" not in out and "SKIP" not in out
     assert "| minillm " in out and "| transformers " in out and "first losses agree" in out
+
+
+def test_report_gives_the_ratio_spread_of_cases_measured_in_rounds():
+    """The dpo / eval rows carry the ratio's range over rounds (worst first), and targets from targets.TARGETS."""
+    from parity.bench.report import table_rows
+
+    spread = {"minillm": (1.0, 2.0), "reference": (2.0, 4.0)}
+    dpo = {"size": {"vocab": 32000}, "rounds": 3, "same_output": True, "step_s": {"minillm": 1.5, "reference": 3.0},
+           "peak_mb": {"minillm": 100.0, "reference": 400.0}, "step_s_spread": spread,
+           "peak_mb_spread": {"minillm": (100.0, 100.0), "reference": (400.0, 400.0)}}
+    ev = {"same_output": True, "runs": {"minillm": [{}, {}, {}]}, "items_s": {"minillm": 30.0, "reference": 10.0},
+          "items_s_spread": {"minillm": (20.0, 40.0), "reference": (10.0, 10.0)}}
+    rows = {(r["case"], r["metric"]): r for r in table_rows({"dpo": dpo, "eval": ev})}
+    step = rows[("dpo", "step s")]
+    assert step["ratio"] == 0.5 and step["target"] == "<= 1" and step["met"] is True
+    assert "ratio 1.00 (worst) to 0.25 (best) over 3 rounds" in step["note"]
+    assert rows[("dpo", "peak MiB")]["met"] is True and rows[("dpo", "peak MiB")]["target"] == "<= 0.6"
+    items = rows[("eval", "items/s")]
+    assert items["ratio"] == 3.0 and items["met"] is True and "ratio 2.00 (worst) to 4.00 (best)" in items["note"]

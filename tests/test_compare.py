@@ -1,5 +1,6 @@
 """train/compare.py's PEFT-methods table: one real 2-rank ZeRO-2 comparison (prefix tuning, both impls) and the
-table's checks on made-up runs (they must be able to fail).
+table's checks on made-up runs (they must be able to fail); its DPO stage (train/compare_dpo.py): the issue's
+trajectory, 2 ranks, ZeRO-2, 20 steps, max |Δ loss| and |Δ rewards/margins| within 1e-5.
 
 The real run starts from a random `tiny` model (--base tiny), not a pretrained one, so it costs two launches
 (~25 s of start-up each, well under a second of training); the full four-method table is `make compare`.
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-from train import compare, ops
+from train import compare, compare_dpo, ops
 
 
 def run(loss: list[float], before: float | None = 7.0, after: float | None = 6.5, params: dict | None = None) -> dict:
@@ -31,7 +32,7 @@ def stage(runs: dict, delta: list[float] | None) -> dict:
 def test_prefix_tuning_both_impls_table(tmp_path, monkeypatch):
     monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "cmp"
-    rc = compare.main(["--out", str(out), "--base", "tiny", "--methods", "prefix", "--sft_steps", "12"])
+    rc = compare.main(["--out", str(out), "--base", "tiny", "--methods", "prefix", "--sft_steps", "12", "--no_dpo"])
     assert rc == 0
     result = json.loads((out / "compare.json").read_text())
     assert [st["stage"] for st in result["stages"]] == []  # no pretrain stage (--base), no LoRA stage (not listed)
@@ -47,6 +48,34 @@ def test_prefix_tuning_both_impls_table(tmp_path, monkeypatch):
     row = next(line for line in md.splitlines() if line.startswith("| prefix |"))
     assert f"{a['params']['trainable']:,d}" in row and f"{a['loss'][-1]:.4f} | {b['loss'][-1]:.4f}" in row
     assert (out / "compare.png").stat().st_size > 0
+
+
+def test_dpo_stage_minillm_equals_trl(tmp_path, monkeypatch):
+    """make compare's third stage from a random tiny model (--base tiny: two launches, no pretraining): per step
+    loss and TRL's rewards/margins of --impl minillm and --impl hf within compare.TARGET (measured 4.8e-7 and 1e-6)."""
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    assert compare.main(["--out", str(out), "--base", "tiny", "--no_sft"]) == 0
+    stage, = json.loads((out / "compare.json").read_text())["stages"]
+    assert stage["stage"] == "dpo" and stage["steps"] == 20 and stage["passed"]
+    assert stage["max_delta"] <= compare.TARGET and stage["max_margin_delta"] <= compare.TARGET, stage
+    a, b = stage["runs"]["minillm"], stage["runs"]["hf"]
+    assert len(a["margin"]) == len(b["margin"]) == 20 and any(m != 0 for m in a["margin"])
+    md = (out / "compare.md").read_text()
+    assert "max |Δ rewards/margins|" in md and f"| 20 | {a['loss'][-1]:.8f} | {b['loss'][-1]:.8f} |" in md
+    assert (out / "dpo.png").stat().st_size > 0 and not (out / "compare.png").exists()  # nothing else ran
+
+
+def test_dpo_margins_apart_fail_the_stage(tmp_path):
+    for impl, m in (("minillm", [0.0, 0.1]), ("hf", [0.0, 0.2])):
+        (tmp_path / f"dpo-{impl}").mkdir()
+        (tmp_path / f"dpo-{impl}" / "trainer_state.json").write_text(json.dumps(
+            {"log_history": [{"step": i + 1, "loss": 0.69, "rewards/margins": x} for i, x in enumerate(m)]}))
+    timed = lambda: {**run([0.69, 0.69]), "train_runtime_s": 1.0, "wall_s": 2.0}  # noqa: E731
+    st = compare_dpo.with_margins({**stage({"minillm": timed(), "hf": timed()}, [0.0, 0.0]), "stage": "dpo"},
+                                  tmp_path, compare.TARGET)
+    assert not st["passed"] and abs(st["max_margin_delta"] - 0.1) < 1e-9
+    assert "FAIL" in compare_dpo.dpo_table({**st, "steps": 2}, compare.TARGET)
 
 
 def test_method_problems_can_fail():

@@ -160,3 +160,43 @@ def test_packing_trains_as_padding(runs, tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["dpo.py", *common, "--impl", "hf", "--packing",
                                           "--output_dir", str(tmp_path / "hf")])
         script.main()
+
+
+def test_default_learning_rate_by_method_and_width(tmp_path):
+    """train/dpo.py DEFAULT_LR: measured for full DPO and LoRA of hidden <= 512 models; TRL's 1e-6 otherwise."""
+    from train import dpo as script
+    from train.args import ModelArguments
+    from train.peft_methods import PeftArguments
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "config.json").write_text(json.dumps({"hidden_size": 1024}))
+    tiny = ModelArguments(config_name="tiny")
+    assert script.default_learning_rate(tiny, PeftArguments()) == script.DEFAULT_LR["none"] == 3e-4
+    assert script.default_learning_rate(tiny, PeftArguments(peft="lora")) == 3e-3
+    assert script.default_learning_rate(tiny, PeftArguments(use_lora=True)) == 3e-3
+    assert script.default_learning_rate(tiny, PeftArguments(peft="prefix")) == script.TRL_LR == 1e-6
+    assert script.default_learning_rate(ModelArguments(model_name_or_path=str(wide)), PeftArguments()) == 1e-6
+
+
+def test_pair_logps_are_the_training_log_probs(runs):
+    """train/dpo.py pair_logps (the demo's preference table): each row's (chosen, rejected) log-probs, equal to
+    minillm.dpo.completion_logps on the batch training collates, whatever the batch size."""
+    from transformers import AutoTokenizer
+
+    from minillm import dpo, preference
+    from minillm.model import CausalLM
+    from train.dpo import SAMPLE_DPO, pair_logps
+
+    tok = AutoTokenizer.from_pretrained(str(runs / "base"))
+    model = CausalLM.from_pretrained(str(runs / "base"))
+    rows = [json.loads(line) for line in SAMPLE_DPO.read_text(encoding="utf-8").splitlines()[:6]]
+    ids, _ = preference.tokenize_rows(tok, rows, tok.eos_token, 1024)
+    with torch.no_grad():
+        chosen, rejected = dpo.completion_logps(model, preference.collate(ids, tok.pad_token_id, 1024)).chunk(2)
+    for batch_size in (6, 4, 1):
+        got = pair_logps(model, tok, rows, batch_size=batch_size)
+        assert len(got) == 6
+        for (c, r), c0, r0 in zip(got, chosen.tolist(), rejected.tolist()):
+            assert abs(c - c0) <= 1e-4 and abs(r - r0) <= 1e-4
+        assert all(c < 0 and r < 0 for c, r in got)

@@ -3,7 +3,9 @@
 Both runs use the same launcher, ranks, seed, data and hyper-parameters, and start from identical
 weights (train/models.py builds the hf model from the minillm one), so their loss curves should be
 the same curve: fp32, step by step, within TARGET. Pretraining from scratch is compared, then LoRA
-SFT on top of the minillm pretrain output (the same base directory for both impls).
+SFT on top of the minillm pretrain output (the same base directory for both impls), then DPO (train/dpo.py, full
+fine-tuning from that base on the bundled pairs; --impl hf is TRL's DPOTrainer): loss and rewards/margins per
+step, both within TARGET (train/compare_dpo.py; its own table and dpo.png).
 
 Then the chapter's four efficient fine-tuning methods (§3.3; train/peft_methods.py) from that same base on the
 bundled SFT data, same steps, batch, seed and data order: LoRA (the sft-lora stage above), prefix tuning,
@@ -13,11 +15,11 @@ max |Δ| between the two curves, step time, and the loss on held-out conversatio
 bundled file, never trained on).
 
 Writes to --out: compare.md (the tables), compare.json (every number), compare.png (curves and |Δ|),
-and each run's output directory and log. Exits 1 if a curve pair differs by more than TARGET, or a method's
+dpo.png (the DPO stage's loss and margin), and each run's output directory and log. Exits 1 if a curve pair differs by more than TARGET, or a method's
 loss is not finite or does not end below where it started.
 
     python train/compare.py --out out/compare [--steps 60] [--nproc 2] [--launcher torchrun|deepspeed]
-        [--methods lora,prefix,prompt,adapter | none] [--base DIR_OR_PRESET]
+        [--methods lora,prefix,prompt,adapter | none] [--base DIR_OR_PRESET] [--dpo_steps 20 | --no_dpo]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from train.compare_dpo import DPO_FLAGS, dpo_plot, dpo_table, with_margins
 from train.ops import build_ops, pin_op_build_env
 
 TARGET = 1e-5  # max |Δ loss| per step between the two fp32 curves (the issue's target)
@@ -315,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config_name", default="tiny")
     ap.add_argument("--block_size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4, help="per-device batch size")
-    ap.add_argument("--no_sft", dest="sft", action="store_false", help="compare pretraining only")
+    ap.add_argument("--no_sft", dest="sft", action="store_false", help="no SFT stage and no PEFT methods")
+    ap.add_argument("--no_dpo", dest="dpo", action="store_false", help="no DPO stage")
+    ap.add_argument("--dpo_steps", type=int, default=20, help="steps of the DPO stage (the issue's trajectory: 20)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"PEFT methods to fine-tune with and tabulate, comma-separated from {','.join(METHODS)} "
                          "(lora is the sft-lora stage, run only when listed); none: the LoRA SFT stage only, no "
@@ -364,15 +369,23 @@ def main(argv: list[str] | None = None) -> int:
             by_method[m] = compare_stage(f"sft-{m}", "finetune.py", [*sft_args, *flags, "--learning_rate", lr], {},
                                          out, args.nproc, args.launcher, IMPLS if m in HF_HAS else ("minillm",))
 
-    md = table(stages)
+    if args.dpo:  # full DPO from the same base, batch 4 per rank (DPO_FLAGS: the trajectory check's settings)
+        dpo = compare_stage("dpo", "dpo.py", [*shared, *base, *DPO_FLAGS, "--max_steps", str(args.dpo_steps)], {},
+                            out, args.nproc, args.launcher)
+        stages.append(with_margins(dpo, out, TARGET))
+        dpo_plot(dpo, out / "dpo.png", TARGET)
+    curves = [st for st in stages if st["stage"] != "dpo"]  # the DPO stage has its own table and plot
+    md = table(curves) + ("\n" + dpo_table(stages[-1], TARGET) if args.dpo else "")
     if by_method:
         md += "\n" + methods_table(by_method, lrs)
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps({"stages": stages, "methods": by_method, "methods_lr": lrs,
                                                   "heldout": HELDOUT}, indent=1))
-    plot(stages, out / "compare.png", by_method)
+    if curves or by_method:
+        plot(curves, out / "compare.png", by_method)
     print(md)
-    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
+    print("wrote " + ", ".join(str(out / f) for f in ("compare.md", "compare.json", "compare.png", "dpo.png")
+                               if (out / f).exists()))
     rc = 0
     failed = [st["stage"] for st in stages if not st["passed"]]
     if failed:

@@ -11,7 +11,7 @@ gradients and the AdamW state, the same on both sides except the activations. Th
 `rounds` times: the medians and the spread (min-max over rounds) are reported; a shared CPU makes timings noisy.
 The first step's losses must agree (same_output).
 
-    python -m parity.bench.dpo [--quick]     # this case alone, its table
+    python -m parity.bench.dpo [--quick] [--case dpo_v152k]     # one case alone, its table
 
 Measured (2 busy shared cores, 2 threads, 3 rounds x 3 steps, vocab 32,000, 4 pairs x ~450 tokens): step 3.06 s vs
 6.32 s, ratio 0.48 (round pairs 0.22-0.65); peak 653 MiB vs 2,568 MiB, ratio 0.25 (0.25-0.26); same loss.
@@ -27,8 +27,22 @@ import subprocess
 import sys
 import time
 
+# "full": the `dpo` case (Llama, vocab 32,000); "v152k": the `dpo_v152k` case, Qwen2-shaped at Qwen's vocabulary
+# 151,936 (hidden 512, 2 layers, as parity/bench/train.py's train_v152k), 2 pairs of 64 + <= 192 tokens: TRL's
+# (tokens x vocab) fp32 logits are ~0.6 GiB per forward there; each has a toy "quick" counterpart (--quick).
 SIZES = {"full": dict(vocab=32000, hidden=256, layers=4, heads=4, inter=688, pairs=4, prompt=64, completion=192),
-         "quick": dict(vocab=4096, hidden=64, layers=2, heads=4, inter=176, pairs=2, prompt=16, completion=48)}
+         "quick": dict(vocab=4096, hidden=64, layers=2, heads=4, inter=176, pairs=2, prompt=16, completion=48),
+         "v152k": dict(vocab=151936, hidden=512, layers=2, heads=8, kv_heads=2, inter=1408, pairs=2, prompt=64,
+                       completion=192, model_type="qwen2"),
+         "v152k_quick": dict(vocab=151936, hidden=32, layers=1, heads=2, kv_heads=1, inter=64, pairs=2, prompt=16,
+                             completion=48, model_type="qwen2")}
+CASE_SIZES = {"dpo": "full", "dpo_v152k": "v152k"}  # the bench's case name -> its size (quick: + "_quick")
+
+
+def size_name(case: str, quick: bool) -> str:
+    """The SIZES key a case runs at: "full" -> "quick", "v152k" -> "v152k_quick" under --quick."""
+    name = CASE_SIZES[case]
+    return ("quick" if name == "full" else f"{name}_quick") if quick else name
 
 
 def _setup(size: dict, seed: int = 0):
@@ -40,9 +54,10 @@ def _setup(size: dict, seed: int = 0):
     from minillm.config import ModelConfig
     from minillm.model import CausalLM
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["inter"],
-                      num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-                      num_key_value_heads=size["heads"], tie_word_embeddings=False)
+    cfg = ModelConfig(model_type=size.get("model_type", "llama"), vocab_size=size["vocab"], hidden_size=size["hidden"],
+                      intermediate_size=size["inter"], num_hidden_layers=size["layers"],
+                      num_attention_heads=size["heads"], num_key_value_heads=size.get("kv_heads", size["heads"]),
+                      tie_word_embeddings=False)
     model = CausalLM(cfg)
     g = torch.Generator().manual_seed(seed + 1)
     rand = lambda n: torch.randint(4, size["vocab"], (n,), generator=g).tolist()  # noqa: E731
@@ -96,25 +111,31 @@ def _side(side: str, size: dict, reps: int) -> dict:
             "tokens": sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)}
 
 
-def _child(side: str, quick: bool, threads: int, reps: int) -> dict:
+def _child(side: str, size: str, threads: int, reps: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "parity.bench.dpo", "--side", side, "--reps", str(reps), "--threads", str(threads)]
-    out = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, env=env, check=False)
+    cmd = [sys.executable, "-m", "parity.bench.dpo", "--side", side, "--reps", str(reps), "--threads", str(threads),
+           "--size", size]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
         raise RuntimeError(f"{side} child failed: {out.stderr[-1500:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def dpo_case(quick: bool, threads: int, rounds: int = 3, reps: int = 3) -> dict:
-    """The `dpo` case: medians over rounds, each round one fresh child per side (in turn, alternating order)."""
+def dpo_case(quick: bool, threads: int, rounds: int = 3, reps: int = 3, case: str = "dpo") -> dict:
+    """The `dpo` (or `dpo_v152k`) case: medians over rounds, each round one fresh child per side (in turn,
+    alternating order). Returned shape (parity/bench/report.py reads it): {"size", "runs", "step_s", "peak_mb":
+    {"minillm": median, "reference": median}, "step_s_spread", "peak_mb_spread": {side: (min, max)}, "rounds",
+    "same_output"}."""
+    size = size_name(case, quick)
     runs: dict[str, list[dict]] = {"minillm": [], "reference": []}
-    for r in range(1 if quick else rounds):
+    rounds = 1 if quick else rounds
+    for r in range(rounds):
         for side in (("minillm", "reference") if r % 2 == 0 else ("reference", "minillm")):
-            runs[side].append(_child(side, quick, threads, 1 if quick else reps))
+            runs[side].append(_child(side, size, threads, 1 if quick else reps))
     med = lambda side, k: statistics.median(x[k] for x in runs[side])  # noqa: E731
     spread = lambda side, k: (min(x[k] for x in runs[side]), max(x[k] for x in runs[side]))  # noqa: E731
     losses = [x["loss"] for side in runs for x in runs[side]]
-    return {"size": SIZES["quick" if quick else "full"], "runs": runs,
+    return {"size": SIZES[size], "runs": runs, "rounds": rounds,
             "step_s": {s: med(s, "step_s") for s in runs}, "peak_mb": {s: med(s, "peak_mb") for s in runs},
             "step_s_spread": {s: spread(s, "step_s") for s in runs},
             "peak_mb_spread": {s: spread(s, "peak_mb") for s in runs},
@@ -135,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parity.bench.dpo", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--side", choices=("minillm", "reference"))
+    ap.add_argument("--case", choices=sorted(CASE_SIZES), default="dpo")
+    ap.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)  # a child's size
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -142,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.side:
         import torch
         torch.set_num_threads(args.threads)
-        print(json.dumps(_side(args.side, SIZES["quick" if args.quick else "full"], args.reps)))
+        print(json.dumps(_side(args.side, SIZES[args.size or size_name(args.case, args.quick)], args.reps)))
         return 0
-    c = dpo_case(args.quick, args.threads, args.rounds, args.reps)
+    c = dpo_case(args.quick, args.threads, args.rounds, args.reps, args.case)
     print(format_case(c))
     print(f"same first-step loss on both sides: {c['same_output']}; size {c['size']}")
     return 0 if c["same_output"] else 1

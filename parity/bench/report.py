@@ -14,6 +14,29 @@ def _met(figure: float | None, op: str, target: float) -> bool | None:
     return figure >= target if op == ">=" else figure <= target
 
 
+def ratio_spread(c: dict, key: str, higher_is_better: bool = False, reference: str = "reference") -> str:
+    """The ratio's range over the rounds of a case measured in rounds (parity/bench/dpo.py's shape: c[key + "_spread"]
+    = {side: (min, max)}, rounds = c["rounds"] or the number of runs per side), worst first: a note for the table;
+    "" for a case measured once."""
+    spread, rounds = c.get(f"{key}_spread"), c.get("rounds") or len(c.get("runs", {}).get("minillm", []))
+    if not spread or rounds < 2:
+        return ""
+    (a_lo, a_hi), (b_lo, b_hi) = spread["minillm"], spread[reference]
+    worst, best = (a_lo / b_hi, a_hi / b_lo) if higher_is_better else (a_hi / b_lo, a_lo / b_hi)
+    return f"ratio {worst:.2f} (worst) to {best:.2f} (best) over {rounds} rounds"
+
+
+def eval_items_s(c: dict) -> tuple[dict, dict | None]:
+    """The eval case's items/s per side, and their (min, max) over rounds: its own "items_s" if it gives one, else
+    c["size"]["items"] / the seconds of dpo_case's shape ("step_s" = one pass over the task, "step_s_spread")."""
+    if "items_s" in c:
+        return c["items_s"], c.get("items_s_spread")
+    n = c.get("size", {}).get("items", 1)
+    spread = c.get("step_s_spread")
+    return ({side: n / s for side, s in c["step_s"].items()},
+            None if spread is None else {side: (n / hi, n / lo) for side, (lo, hi) in spread.items()})
+
+
 def table_rows(cases: dict[str, dict], verdicts: bool = True) -> list[dict]:
     """minillm, reference and their ratio per metric; target and verdict from TARGETS where one applies.
     verdicts=False (--quick: toy sizes, which only show that the bench runs): no target and no verdict, since the
@@ -79,6 +102,22 @@ def table_rows(cases: dict[str, dict], verdicts: bool = True) -> list[dict]:
             t, m = c["tokens_s"], c["peak_mb"]
             add(name, "tokens/s", t["minillm"], t["reference"], same or f"{c['corpus_mb']:.0f} MB corpus, {c['workers']} workers")
             add(name, "peak MiB", m["minillm"], m["reference"], "tree PSS, libraries included")
+        elif name.startswith("dpo"):  # parity/bench/dpo.py: medians over rounds, and the ratio's range
+            v = c["size"]["vocab"]
+            add(name, "step s", c["step_s"]["minillm"], c["step_s"]["reference"],
+                same or "; ".join(x for x in (f"vs TRL's DPOTrainer, vocab {v:,}", ratio_spread(c, "step_s")) if x))
+            add(name, "peak MiB", c["peak_mb"]["minillm"], c["peak_mb"]["reference"], ratio_spread(c, "peak_mb"))
+        elif name == "eval":  # parity/bench/eval.py (issue 22): multiple-choice scoring vs lm-eval
+            items_s, spread = eval_items_s(c)
+            timed = {"items_s_spread": spread, "runs": c.get("runs", {}), "rounds": c.get("rounds")}
+            add(name, "items/s", items_s["minillm"], items_s["reference"],
+                same or "; ".join(x for x in ("vs lm-eval's hf model, its fastest batch",
+                                              ratio_spread(timed, "items_s", True)) if x))
+            if "reference_default" in items_s:  # lm-eval as run without --batch_size (HFLM's default 1)
+                add(name, "items/s vs lm-eval batch 1", items_s["minillm"], items_s["reference_default"],
+                    ratio_spread(timed, "items_s", True, "reference_default"))
+            if "peak_mb" in c:
+                add(name, "peak MiB", c["peak_mb"]["minillm"], c["peak_mb"]["reference"], ratio_spread(c, "peak_mb"))
     return rows
 
 

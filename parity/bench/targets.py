@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 CASES = ("train_tiny", "train_v32k", "train_h512", "train_v152k", "lora_qv", "lora_all", "lora_embed", "prompt_tuning",
          "prefix_tuning", "prefix_proj", "houlsby", "chunker", "chunker_stream", "masker", "generate", "sft_epoch",
-         "preprocess")
+         "preprocess", "dpo", "dpo_v152k", "eval")
 
 
 class Target(NamedTuple):
@@ -51,4 +51,12 @@ TARGETS: list[Target] = [
            "minus unpacked, over the largest seed-to-seed spread: within noise (or lower)"),
     Target("preprocess", "tokens/s", ">=", 1.5, "ratio", "jsonl -> blocks on disk vs the course's datasets.map pipeline"),
     Target("preprocess", "peak MiB", "<=", 0.5, "ratio", "peak PSS of the process tree, same comparison"),
+    # issue 21: one DPO step vs TRL 1.16's DPOTrainer, same weights and batch (parity/bench/dpo.py), medians over rounds
+    Target("dpo", "step s", "<=", 1.0, "ratio", "DPO step (policy + frozen reference), vocab 32000, vs TRL's DPOTrainer"),
+    Target("dpo", "peak MiB", "<=", 0.6, "ratio", "DPO step peak memory vs TRL (fused log-probs: no logits held)"),
+    Target("dpo_v152k", "step s", "<=", 1.0, "ratio", "DPO step at Qwen's vocab 151936, hidden 512, vs TRL"),
+    Target("dpo_v152k", "peak MiB", "<=", 0.6, "ratio", "DPO step peak memory at vocab 151936 vs TRL"),
+    # issue 22: multiple-choice scoring vs lm-eval 0.4's hf model on the same task and checkpoint (parity/bench/eval.py)
+    Target("eval", "items/s", ">=", 2.0, "ratio", "multiple-choice items/s vs lm-eval (context encoded once, choices "
+           "from the KV cache)"),
 ]
