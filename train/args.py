@@ -6,6 +6,8 @@ HF Trainer, DeepSpeed via `--deepspeed`). What is unusual here, and why:
 - On a machine without CUDA `use_cpu` defaults to True. Without it a 2-rank DeepSpeed run on CPU
   trains silently wrong: the Trainer thinks world_size=1 and does not split the data (see
   shared/notes/deepspeed-cpu.md). On a GPU machine it stays False.
+- Launched on several CPU ranks, the process group is joined with `--ddp_timeout` (start_process_group): transformers
+  passes it on GPU only, and gloo's default would keep the other ranks waiting 30 minutes on a rank that hangs.
 - `--learning_rate` defaults by mode and model width (DEFAULT_LR, measured), not to the Trainer's 5e-5.
 - A stale DeepSpeed op build lock (left by a process killed while loading the op) makes every later
   run hang silently; `check_args` refuses to start and names the file instead.
@@ -21,10 +23,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import transformers
 from transformers import HfArgumentParser
 
@@ -110,6 +114,11 @@ class DataTrainingArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
+    def __post_init__(self):
+        # transformers' __post_init__ sets up the device, which joins the process group: join it first, with the timeout
+        start_process_group(self)
+        super().__post_init__()
+
     # transformers 5 dropped this flag; the course's resume logic (and run_clm's) uses it.
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "start afresh in output_dir: its checkpoint-N directories are removed first"})
@@ -117,6 +126,19 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False, metadata={"help": "resume even though the implementation, model, data, sequence length or "
                                          "global batch (ranks x per-device batch x accumulation steps) differ from "
                                          "the run record (run.json) of the checkpoint's run"})
+
+
+def start_process_group(training_args: TrainingArguments) -> None:
+    """Join the ranks' process group with --ddp_timeout on CPU, when a launcher started several ranks.
+
+    transformers gives accelerate the timeout on the GPU and DeepSpeed paths only (TrainingArguments._setup_devices):
+    on CPU the gloo group got its default of 30 minutes, so a rank that hangs kept the others waiting that long, and
+    so did a node that never arrives. accelerate and DeepSpeed join a group only when none exists: they use this one.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not training_args.use_cpu or dist.is_initialized():
+        return
+    dist.init_process_group(backend=training_args.ddp_backend or "gloo",
+                            timeout=timedelta(seconds=training_args.ddp_timeout))
 
 
 def fail(msg: str) -> None:

@@ -43,7 +43,8 @@ from train.caches import cache_path, cached, read_or_fail
 from train.doctor import end_of_run_warning
 from train.models import build_model, load_tokenizer, tokenizer_dir
 from train.peft_methods import PeftArguments, add_peft, check_fits
-from train.run import check_resume, find_resume_checkpoint, run_record, setup_logging
+from train.run import (ProcessGroupTimeout, check_resume, find_resume_checkpoint, reporting_lost_ranks, run_record,
+                       setup_logging)
 from train.trainer import Trainer, train_and_save
 
 logger = logging.getLogger("minillm.train")
@@ -198,8 +199,10 @@ def main() -> None:
     else:
         collator = SFTCollator(pad_token_id=pad)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator, base_model_path=model_args.model_name_or_path, run_record=record)
-    train_and_save(trainer, checkpoint, tokenizer, n_train)
+                      data_collator=collator, base_model_path=model_args.model_name_or_path, run_record=record,
+                      callbacks=[ProcessGroupTimeout()])
+    with reporting_lost_ranks(training_args):
+        train_and_save(trainer, checkpoint, tokenizer, n_train)
     if os.environ.get("RANK", "0") == "0":
         record_base(training_args.output_dir, model_args.model_name_or_path)
         if warning := end_of_run_warning(training_args.output_dir):

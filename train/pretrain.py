@@ -34,7 +34,8 @@ from train.args import DataTrainingArguments, ModelArguments, TrainingArguments,
 from train.caches import cache_path, remove_dead_temporaries
 from train.doctor import end_of_run_warning
 from train.models import build_model, load_tokenizer
-from train.run import check_resume, find_resume_checkpoint, run_record, setup_logging
+from train.run import (ProcessGroupTimeout, check_resume, find_resume_checkpoint, reporting_lost_ranks, run_record,
+                       setup_logging)
 from train.trainer import Trainer, train_and_save
 
 logger = logging.getLogger("minillm.train")
@@ -118,9 +119,10 @@ def main() -> None:
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=DocumentMaskCollator(tokenizer.eos_token_id) if data_args.document_mask
-                      else default_data_collator, run_record=record)
-    train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset),
-                   eval_extra=lambda m: m.update(perplexity=math.exp(min(m["eval_loss"], 50))))
+                      else default_data_collator, run_record=record, callbacks=[ProcessGroupTimeout()])
+    with reporting_lost_ranks(training_args):
+        train_and_save(trainer, checkpoint, tokenizer, None if data_args.streaming else len(train_dataset),
+                       eval_extra=lambda m: m.update(perplexity=math.exp(min(m["eval_loss"], 50))))
     if os.environ.get("RANK", "0") == "0" and (warning := end_of_run_warning(training_args.output_dir)):
         print(warning, flush=True)
 

@@ -8,18 +8,22 @@
   refuses to continue a checkpoint with a different one unless --allow_changed_resume (train/safety.py compares).
   The record holds the global batch too (ranks x per-device batch x accumulation steps, `batch_record`): a resume
   on another number of ranks must keep the product, and a ZeRO checkpoint there needs its universal form.
+- `reporting_lost_ranks` says in one sentence that another rank died or hung, and which checkpoint a restart resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import transformers
 
 from minillm.infra import files
@@ -112,6 +116,50 @@ def find_resume_checkpoint(training_args: TrainingArguments) -> str | None:
                 if safety.is_run_record(out):
                     Path(out, safety.RUN_RECORD).unlink()
     return resume
+
+
+class ProcessGroupTimeout(transformers.TrainerCallback):
+    """--ddp_timeout on every process group, once the Trainer has set DeepSpeed up (before the first step).
+
+    DeepSpeed makes groups of its own (its data-parallel group is a clone of the world, torch.distributed.new_group),
+    and a new group gets torch's default timeout (gloo: 30 minutes), not the default group's: under ZeRO a hung rank
+    was waited for that long whatever --ddp_timeout said. torch's _set_pg_timeout is the one way to change the timeout
+    of a group that exists; pg_map lists them all.
+    """
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if dist.is_available() and dist.is_initialized():
+            for group in list(dist.distributed_c10d._world.pg_map):
+                dist.distributed_c10d._set_pg_timeout(timedelta(seconds=args.ddp_timeout), group)
+
+
+# The first line of gloo's error when the rank at the other end of a collective is gone: its sockets closed (killed,
+# crashed) or it never answered within --ddp_timeout (hung, stopped). The text is gloo's (torch 2.13); anything else
+# is not about a lost rank and keeps its traceback.
+_GLOO_LOST = re.compile(r"(?:\[[^\]]*\] )?(?P<what>.*?(?P<died>Connection reset by peer|Connection closed by peer"
+                        r"|Broken pipe)|(?P<silent>Timed out waiting [0-9]+ms for \w+ operation to complete))")
+
+
+@contextlib.contextmanager
+def reporting_lost_ranks(training_args: TrainingArguments):
+    """Turn a collective that failed because another rank is gone into one sentence: which rank (in a 2-rank run the
+    other one; gloo does not say which of several), what gloo saw, and the checkpoint the same command resumes from.
+    The launcher then stops the remaining ranks and names each one's exit."""
+    try:
+        yield
+    except RuntimeError as e:
+        found = _GLOO_LOST.match(str(e).strip())
+        if training_args.world_size < 2 or found is None:
+            raise
+        me, ranks = training_args.process_index, training_args.world_size
+        who = f"rank {1 - me}" if ranks == 2 else "another rank"
+        what = ("stopped (its connection was reset: killed or crashed)" if found["died"] else
+                f"did not answer within --ddp_timeout {training_args.ddp_timeout} s (hung or stopped)")
+        done = next((c for c in _checkpoints(training_args.output_dir)
+                     if os.path.isfile(os.path.join(c, safety.TRAINER_STATE))), None)
+        fail(f"rank {me} of {ranks}: {who} {what}; gloo: {found['what']}. "
+             + (f"The same command resumes from {done}, the last complete checkpoint" if done else
+                "No checkpoint was completed: the same command starts afresh"))
 
 
 def last_checkpoint(output_dir: str) -> str | None:
