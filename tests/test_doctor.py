@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from minillm.config import ModelConfig
+from minillm.data import TOKENIZER_DIR
+from parity.model import random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 from train import doctor
@@ -164,3 +169,44 @@ def test_a_run_shorter_than_its_logging_interval_is_warned_about(tmp_path):
     write_run(run_dir, [], "pretrain.py", data="minillm/data/pretrain.jsonl")
     (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 5, "train_loss": 8.01}]}))
     assert "not learned yet: 5 steps, loss 8.01" in doctor.end_of_run_warning(run_dir, path)
+
+
+def saved_model(d: Path) -> Path:
+    """A run directory's final model: a seeded random tiny model with the bundled tokenizer (an untrained model)."""
+    random_model(ModelConfig.preset("tiny", pad_token_id=3, eos_token_id=0), 0).eval().save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / f, d / f)
+    return d
+
+
+def test_heldout_bpb_above_the_band_is_named(tmp_path, capsys):
+    """A loss in band but a final model that predicts the held-out text badly (here: untrained weights)."""
+    write_run(tmp_path, curve(8.3, 1.15, 200, 0.25, 7), "pretrain.py", data="minillm/data/pretrain.jsonl")
+    saved_model(tmp_path)
+    ref = {**REF, "pretrain": {**REF["pretrain"], "heldout_bpb": {"1": 1.10, "2": 1.15, "3": 1.20}}}
+    rc, out = run(tmp_path, capsys, ref)
+    assert rc == 1 and "held-out bits per byte" in out and "ABOVE" in out and "never saw" in out, out
+    bpb = doctor.heldout_bpb(tmp_path)
+    assert bpb > 2  # untrained: about log2(4096) = 12 bits per token, over ~4 bytes per token
+    ref["pretrain"]["heldout_bpb"] = {"1": bpb - 0.01, "2": bpb, "3": bpb + 0.01}
+    rc, out = run(tmp_path, capsys, ref)
+    assert rc == 0 and "in band" in out and "normal" in out, out
+
+
+def test_bpb_verdicts():
+    ref = {"sft": {"heldout_bpb": {"1": 1.0, "2": 1.1, "3": 1.2}, "seeds": REF["sft"]["seeds"]}}
+    assert doctor.bpb_verdict(1.05, ref, "sft")[1] is None and "in band" in doctor.bpb_verdict(1.05, ref, "sft")[0]
+    assert doctor.bpb_verdict(1.24, ref, "sft") == (doctor.bpb_verdict(1.24, ref, "sft")[0], None)  # near band
+    assert "below the demo's band" in doctor.bpb_verdict(0.5, ref, "sft")[1]
+    assert doctor.heldout_bpb(Path("/nonexistent")) is None  # no final model: nothing to evaluate
+    line, cause = doctor.bpb_verdict(0.5, ref, "sft", steps=3000)  # ten times the reference's 300 steps
+    assert cause is None and "expected: this run made 3000 steps" in line
+    assert doctor.bpb_verdict(2.0, ref, "sft", steps=30)[1] is None and doctor.bpb_verdict(2.0, ref, "sft", 300)[1]
+
+
+def test_the_reference_holds_a_bpb_band_per_stage():
+    """train/reference_curves.json: every reference seed's final model has its held-out BPB."""
+    ref = json.loads(doctor.REFERENCE.read_text())
+    for stage in ("pretrain", "sft"):
+        assert set(ref[stage]["heldout_bpb"]) == set(ref[stage]["seeds"])
+        assert all(0 < v < 12 for v in ref[stage]["heldout_bpb"].values())

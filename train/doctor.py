@@ -6,7 +6,11 @@ RUN_DIR is a train/pretrain.py or train/finetune.py output directory (its traine
 checkpoint-N's). The band comes from train/reference_curves.json: the demo's pretraining (tiny preset, bundled
 data, lr 3e-3) and full SFT (lr 3e-3) with several seeds (train/reference_curves.py). It fits the demo's setup;
 for another model or data the absolute values differ, and only the shape checks (falls at all? diverges?)
-carry over. Exit status: 0 normal, 1 far off (the causes are printed), 2 unreadable run.
+carry over. A run that saved a final model is also evaluated on the bundled held-out text
+(minillm/data/eval/heldout.yaml, never trained on; a few seconds) and its bits per byte placed against the band
+of the same reference runs' final models (`heldout_bpb`): the loss says how well it fits its training text, the
+held-out BPB how well it predicts text it never saw. Exit status: 0 normal, 1 far off (the causes are printed),
+2 unreadable run.
 """
 
 from __future__ import annotations
@@ -15,11 +19,16 @@ import argparse
 import json
 import math
 import sys
+import statistics
 from pathlib import Path
+
+from minillm.evaluate import encoder_for, evaluate_task, read_task
+from minillm.model import CausalLM
 
 REFERENCE = Path(__file__).resolve().parent / "reference_curves.json"
 SMOOTH = 9  # steps in the moving average: single-batch noise is ±0.3 at this batch size
 TRAINER_DEFAULT_LR = 5e-5
+HELDOUT = Path(__file__).resolve().parent.parent / "minillm" / "data" / "eval" / "heldout.yaml"
 
 
 def smooth(xs: list[float], k: int = SMOOTH) -> list[float]:
@@ -239,6 +248,41 @@ def setup_note(record: dict | None, stage: str) -> str | None:
     return None
 
 
+def heldout_bpb(run_dir: Path) -> float | None:
+    """Bits per byte of the run's final model on the bundled held-out text, measured as train/reference_curves.py
+    measures the band; None without a final full model and its tokenizer (an adapter run, a run stopped early)."""
+    if not all((run_dir / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        return None
+    model = CausalLM.from_pretrained(run_dir).eval()
+    enc = encoder_for(run_dir, model.config.max_position_embeddings)
+    return evaluate_task(model, enc, read_task(HELDOUT))["metrics"]["bits_per_byte"][0]
+
+
+def bpb_verdict(bpb: float, reference: dict, stage: str, steps: int | None = None) -> tuple[str, str | None]:
+    """(the line placing `bpb` against the reference seeds' held-out BPB after their last step, the cause when it
+    is far outside). A run of `steps` clearly shorter (longer) than the reference runs is expected above (below)."""
+    seeds = reference[stage]["heldout_bpb"]
+    lo, hi, mid = min(seeds.values()), max(seeds.values()), statistics.median(seeds.values())
+    ref_steps = min(len(c) for c in reference[stage]["seeds"].values())
+    tol = max(0.05, 0.05 * hi)  # "far": clearly beyond the seeds' spread, as for the loss
+    verdict = ("in band" if lo <= bpb <= hi else "near band" if lo - tol <= bpb <= hi + tol
+               else "ABOVE" if bpb > hi else "BELOW")
+    line = (f"held-out bits per byte ({HELDOUT.with_suffix('.jsonl').name}): {bpb:.3f}; the demo's {stage} runs "
+            f"after {ref_steps} steps {lo:.3f} .. {hi:.3f} (median {mid:.3f}, {len(seeds)} seeds): {verdict}")
+    if steps is not None and ((verdict == "ABOVE" and steps < 0.9 * ref_steps) or
+                              (verdict == "BELOW" and steps > 1.1 * ref_steps)):
+        return line + f" (expected: this run made {steps} steps)", None
+    if verdict == "ABOVE":
+        return line, (f"held-out bits per byte {bpb:.3f} is above the demo's band ({lo:.3f} .. {hi:.3f}): the model "
+                      "predicts text it never saw worse than the demo's runs; with a loss in band, it has learned its "
+                      "training text by heart (many epochs of a small file) rather than the language")
+    if verdict == "BELOW":
+        return line, (f"held-out bits per byte {bpb:.3f} is below the demo's band ({lo:.3f} .. {hi:.3f}): the "
+                      "held-out text (minillm/data/eval/heldout.jsonl) or text like it may be in the training data, "
+                      "or the model is larger than the demo's")
+    return line, None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", help="output directory of train/pretrain.py or train/finetune.py")
@@ -253,12 +297,20 @@ def main(argv: list[str] | None = None) -> int:
     stage = args.stage or ("sft" if record and record.get("script") == "finetune.py" else "pretrain")
     reference = json.loads(Path(args.reference).read_text())
     rows, causes = diagnose(points, extra, record, stage, reference)
+    note = setup_note(record, stage)
+    bpb = heldout_bpb(run_dir) if reference[stage].get("heldout_bpb") else None
+    if bpb is not None:
+        bpb_line, bpb_cause = bpb_verdict(bpb, reference, stage, points[-1][0] if points else None)
+        if bpb_cause and note is None:  # another setup's held-out BPB is not the demo's: a guide only
+            causes.append(bpb_cause)
     print(f"{run_dir}: {stage} run, {len(points)} logged steps, compared with the demo's {stage} band "
           f"({len(reference[stage]['seeds'])} seeds, {SMOOTH}-step moving average)")
-    if note := setup_note(record, stage):
+    if note:
         print(f"note: {note}")
     if rows:
         print("| step | your loss | reference band | verdict |\n|---:|---:|---|---|\n" + "\n".join(rows))
+    if bpb is not None:
+        print(bpb_line)
     if not causes:
         print("verdict: normal (within the reference band)")
         return 0
