@@ -41,7 +41,7 @@ from transformers import AutoTokenizer
 
 from minillm.data.sample_dpo import HELDOUT as DPO_HELDOUT
 from minillm.data.sample_dpo import TRAIN as DPO_TRAIN
-from minillm.data.sample_dpo import shape
+from minillm.data.sample_dpo import taught_pairs
 from minillm.evaluate import encoder_for, evaluate_task, read_task
 from minillm.generate import _load, runnable_python, stop_ids
 from minillm.generation import generate
@@ -169,22 +169,23 @@ def preference_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def reply_kind(reply: dict, preferred: str) -> str:
-    """taught: the preferred answer; rejected-style: a fluent answer of the same shape to another question (what
-    the rejected answers are, minillm/data/sample_dpo.py); other: anything else."""
+def reply_kind(reply: dict, taught: set[str]) -> str:
+    """preferred: the chosen answer, then <|im_end|>; rejected-style: the answer the data teaches for another
+    question (what every rejected answer is, minillm/data/sample_dpo.py); other: no answer the data teaches."""
     if reply["match"]:
         return "preferred"
-    return "rejected-style" if shape(reply["reply"]) == shape(preferred) else "other"
+    return "rejected-style" if reply["reply"] in taught else "other"
 
 
 def reply_changes(sft: Path, dpo_model: Path, answers: dict[str, str]) -> tuple[str, dict]:
     """SFT's and DPO's greedy replies to the same questions: the rows where they differ, and each model's counts."""
     pairs = list(zip(score_chat(sft, None, answers), score_chat(dpo_model, None, answers)))
     counts = {m: {"preferred": 0, "rejected-style": 0, "other": 0} for m in ("SFT", "DPO")}
+    taught = {answer for _, answer in taught_pairs()}
     cut = lambda s, n=48: s if len(s) <= n else s[:n - 1] + "…"  # noqa: E731
     differ = []
     for a, b in pairs:
-        kinds = [reply_kind(r, a["taught"]) for r in (a, b)]
+        kinds = [reply_kind(r, taught) for r in (a, b)]
         for m, k in zip(("SFT", "DPO"), kinds):
             counts[m][k] += 1
         if a["reply"] != b["reply"]:
@@ -240,11 +241,9 @@ def chat_hint(model: Path, adapter: Path | None) -> str:
     return f"{runnable_python()} -m minillm.generate --model {model}" + (f" --adapter {adapter}" if adapter else "")
 
 
-def dpo_stage(out: Path, args, base: Path, sft: Path, adapter: Path | None, shared: list[str]) -> None:
+def dpo_stage(out: Path, args, base: Path, sft: Path, shared: list[str]) -> None:
     """Stages 4 and 5: DPO of the SFT model, its preference and reply tables (dpo.md), the evaluation table of the
     three models (eval.md); every figure also in dpo.json / eval.json."""
-    if adapter is not None:
-        raise SystemExit("demo.py: the DPO stage starts from a full SFT model: run --sft lora with --no_dpo")
     dpo_dir = out / "dpo-full-minillm"
     print(f"\n== 4/5 DPO of {sft} on the bundled preference pairs, ZeRO-2 on {args.nproc} ranks", flush=True)
     wall = launch("dpo.py", args.nproc, "torchrun", [*dpo_args(sft, dpo_dir), *shared], out / "dpo-full-minillm.log")
@@ -287,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     shared = shared_args()
 
+    if args.dpo and args.sft == "lora":
+        print("(--sft lora: no DPO stage, which starts from a full SFT model; the LoRA chat is the last stage)")
+        args.dpo = False
     n = 5 if args.dpo else 3
     print(f"== 1/{n} pretrain, --impl minillm and --impl hf, ZeRO-2 on {args.nproc} ranks", flush=True)
     pre = compare_stage("pretrain", "pretrain.py",
@@ -316,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "chat.md").write_text(scored + "\n")
     (out / "chat.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     if args.dpo:
-        dpo_stage(out, args, base, model, adapter, shared)
+        dpo_stage(out, args, base, model, shared)
     took = time.perf_counter() - t0
     once = f" (+ {compile_s:.0f} s compiling DeepSpeed's op, once)" if compile_s else ""
     export = (f"{runnable_python()} -m minillm.export --model {model}" + (f" --adapter {adapter}" if adapter else "")
