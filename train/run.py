@@ -8,7 +8,9 @@
   refuses to continue a checkpoint with a different one unless --allow_changed_resume (train/safety.py compares).
   The record holds the global batch too (ranks x per-device batch x accumulation steps, `batch_record`): a resume
   on another number of ranks must keep the product, and a ZeRO checkpoint there needs its universal form.
-- `reporting_lost_ranks` says in one sentence that another rank died or hung, and which checkpoint a restart resumes.
+- A lost rank: `ProcessGroupTimeout` gives --ddp_timeout to the process groups DeepSpeed creates (train/args.py
+  start_process_group to the world's), so a hung rank is given up on; `reporting_lost_ranks` then says in one
+  sentence that another rank died or hung, and which checkpoint a restart resumes.
 """
 
 from __future__ import annotations
@@ -228,7 +230,7 @@ def check_zero_world_size(training_args: TrainingArguments, checkpoint: str) -> 
     """DeepSpeed loads a ZeRO checkpoint only on the number of ranks that saved it, and says so deep in its load
     ("used a DP world size of 2 but the current world size is 1"); its universal form loads on any number, with
     "checkpoint": {"load_universal": true} in the config. Refuse, before any work, what DeepSpeed would refuse."""
-    universal = ds_config(training_args.deepspeed).get("checkpoint", {}).get("load_universal") is True
+    universal = (ds_config(training_args.deepspeed).get("checkpoint") or {}).get("load_universal") is True
     convert = f"python train/consolidate.py {checkpoint} --universal"
     if universal and not Path(checkpoint, "latest_universal").is_file():
         fail(f"{checkpoint} has no universal form yet, and --deepspeed {training_args.deepspeed} loads only that "
