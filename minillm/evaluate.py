@@ -12,8 +12,9 @@ What lm-eval does, and so what this file does (lm_eval/api/model.py, models/hugg
   the first window conditioned on the prefix token); word/byte perplexity and bits per byte come from the summed
   log-likelihood over the document's word count (re.split(r"\\s+")) and UTF-8 byte count.
 
-What is unusual here: lm-eval runs context + choice through the model once per choice. `score_choices` runs each
-context once, keeps its keys/values in a KVCache, and scores all choices of a batch of items from that cache.
+What is unusual here: lm-eval runs context + choice through the model once per choice. `score_choices` reads each
+context once: an item is one row, its context followed by all its choices side by side, a mask letting each choice
+see only the context and itself (a tree of continuations), so a batch of items is one forward pass.
 
 Tasks come from lm-eval task YAML (`read_task`), the subset a local task needs; see SUPPORTED_KEYS. Templates
 support the `{{ field }}` form only (plain text around it); anything else in braces is refused by name.
@@ -34,7 +35,6 @@ import torch
 import yaml  # PyYAML: installed with tokenizers' and transformers' hub client
 from tokenizers import Tokenizer
 
-from minillm.generation import KVCache
 
 SUPPORTED_KEYS = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "test_split", "validation_split",
                   "training_split", "output_type", "doc_to_text", "doc_to_choice", "doc_to_target",
@@ -181,15 +181,9 @@ class Encoder:
         return self.tok.encode(s, add_special_tokens=add_special_tokens).ids
 
     def encode_many(self, strings: list[str]) -> list[list[int]]:
-        """`encode` of every string, in one call per add_special_tokens value (the tokenizer's Rust batch)."""
-        out: list[list[int]] = [[] for _ in strings]
-        for special in (True, False):
-            idx = [i for i, s in enumerate(strings)
-                   if special != bool(self.prefix_text and s.startswith(self.prefix_text))]
-            if idx:
-                for i, e in zip(idx, self.tok.encode_batch_fast([strings[i] for i in idx], add_special_tokens=special)):
-                    out[i] = e.ids
-        return out
+        """`encode` of every string. One call per string: the tokenizer's batch call (encode_batch_fast, Rust
+        threads) measured no faster here in steady state, and up to 10x slower on a CPU busy with other work."""
+        return [self.encode(s) for s in strings]
 
     def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         return self.pairs([(context, continuation)])[0]
@@ -274,21 +268,28 @@ class HeldOutBits:
         self.bytes_of = torch.tensor(token_bytes, dtype=torch.long)
         self.nats, self.bytes, self.tokens = 0.0, 0, 0
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """(B, T', V) logits and (B, T) labels of one batch, read as transformers' causal-LM loss reads them."""
+    def per_row(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, 3) float64: nats, bytes and counted tokens of each row of one batch, its (B, T', V) logits and (B, T)
+        labels read as transformers' causal-LM loss reads them (per row: a caller can drop repeated rows)."""
         T = labels.shape[1]
         logits, labels = logits[:, -T:][:, :-1], labels[:, 1:]  # position t predicts label t+1; virtual tokens of
         # prompt learning come first in the logits, so the last T positions are the labelled ones
         if len(self.bytes_of) < logits.shape[-1]:  # a vocabulary padded beyond the tokenizer's: no bytes there
             self.bytes_of = torch.cat([self.bytes_of, self.bytes_of.new_zeros(logits.shape[-1] - len(self.bytes_of))])
-        nbytes = torch.where(labels == -100, 0, self.bytes_of.to(labels.device)[labels.clamp(min=0)])
+        nbytes = torch.where(labels == -100, 0, self.bytes_of.to(labels.device)[labels.clamp(min=0)])  # (B, T-1)
         keep = nbytes > 0
-        nats = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="sum")
-        self.nats, self.bytes, self.tokens = (self.nats + float(nats), self.bytes + int(nbytes.sum()),
-                                              self.tokens + int(keep.sum()))
+        nats = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
+        out = torch.zeros(labels.shape[0], 3, dtype=torch.float64, device=labels.device)
+        out[:, 0].index_add_(0, keep.nonzero()[:, 0], nats.double())
+        out[:, 1], out[:, 2] = nbytes.sum(1), keep.sum(1)
+        return out
 
-    def totals(self) -> torch.Tensor:
-        return torch.tensor([self.nats, self.bytes, self.tokens], dtype=torch.float64)
+    def add(self, rows: torch.Tensor) -> None:
+        nats, nbytes, tokens = rows.sum(0).tolist()
+        self.nats, self.bytes, self.tokens = self.nats + nats, self.bytes + int(nbytes), self.tokens + int(tokens)
+
+    def bpb(self) -> float:
+        return self.nats / self.bytes / math.log(2) if self.bytes else float("nan")
 
 
 def _padded(rows: list[list[int]], width: int, device) -> torch.Tensor:
@@ -332,24 +333,17 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], max_length: int, 
     return out  # type: ignore[return-value]
 
 
-def _choice_rows(context: list[int], conts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    """The rows that score an item's choices from its cached context: (row inputs, the row of each choice).
-
-    Choice k is read as [last context token] + k[:-1]. A choice whose input is a prefix of another's is scored
-    from that row's first len(k) positions (causal: the same logits), so a one-token choice costs nothing beyond
-    the row of any other choice, and choices sharing their beginning share a row."""
-    inputs = [[context[-1]] + k[:-1] for k in conts]
-    order = sorted(range(len(conts)), key=lambda j: -len(inputs[j]))
-    rows: list[list[int]] = []
-    row_of = [0] * len(conts)
-    for j in order:  # longest first: a shorter input finds the row it is a prefix of
-        inp = inputs[j]
-        r = next((r for r, row in enumerate(rows) if row[:len(inp)] == inp), None)
-        if r is None:
-            rows.append(inp)
-            r = len(rows) - 1
-        row_of[j] = r
-    return rows, row_of
+def _tree_mask(seg: torch.Tensor, dtype: torch.dtype, eager: bool) -> torch.Tensor:
+    """(B, 1, T, T) mask of rows laid out as [padding][context][choice 1][choice 2]...: `seg` (B, T) is -1 on padding,
+    0 on the context, j on choice j. A token sees the tokens before it that are context or of its own choice, so
+    every choice reads the context as if it followed it alone; padding sees only itself (a fully masked query row
+    would make SDPA return NaN, which the next layer's keys would carry)."""
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    q, k = seg[:, :, None], seg[:, None, :]  # (B, T, 1) queries, (B, 1, T) keys
+    mask = causal & (k >= 0) & ((k == 0) | (k == q)) | torch.eye(T, dtype=torch.bool, device=seg.device)
+    mask = mask[:, None]
+    return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype) if eager else mask
 
 
 @torch.no_grad()
@@ -357,12 +351,13 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
                   progress: Callable[[int], None] = lambda n: None) -> list[list[tuple[float, bool]]]:
     """(ll, is_greedy) of every continuation of every (context, [continuations]) item, each context read once.
 
-    A batch of contexts minus their last token goes through the model once into a KVCache (right-padded, no
-    logits); the cache rows are copied once per choice row (`_choice_rows`: choices that are prefixes of another
-    share its row); each row reads [last context token] + continuation[:-1] from its context's length on, a 2-D
-    mask hiding the other contexts' padding; log_softmax runs once per scored position, whatever number of
-    choices it scores. Items that need left truncation take lm-eval's path (score_rows): their truncated
-    contexts differ per choice."""
+    lm-eval reads context + choice once per choice. Here an item is one row: its context, then each choice's
+    tokens but the last, side by side, with a mask (`_tree_mask`) that lets every choice see the context and its own
+    earlier tokens only, and position ids that continue the context for each choice. The logits at the context's
+    last token give every choice's first token; a one-token choice adds nothing to the row. Rows are left-padded,
+    so only the last positions (the choices') go through the LM head (logits_to_keep), and log_softmax runs once per
+    scored position. Items that need left truncation take lm-eval's path (score_rows): their truncated contexts
+    differ per choice."""
     out: list[list | None] = [None] * len(items)
     fits = [i for i, (c, conts) in enumerate(items) if all(len(c) + len(k) <= max_length + 1 for k in conts)]
     rest = sorted(set(range(len(items))) - set(fits))
@@ -372,55 +367,44 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
         out[i] = [next(scored) for _ in items[i][1]]
         progress(1)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    # batched by the longest choice, then by context length: little padding in either pass
-    fits.sort(key=lambda i: (-max(map(len, items[i][1])), -len(items[i][0])))
+    tail = lambda i: sum(len(k) - 1 for k in items[i][1])  # choice tokens after the context  # noqa: E731
+    fits.sort(key=lambda i: -(len(items[i][0]) + tail(i)))  # similar row lengths batched: little padding
     for b in range(0, len(fits), batch_size):
         idx = fits[b:b + batch_size]
-        ctxs = [items[i][0] for i in idx]
-        P = max(map(len, ctxs)) - 1  # cached context positions (all but each context's last token)
-        rows, owner, where = [], [], []  # row inputs, the context of each row, (first row, row of each choice)
-        for o, i in enumerate(idx):
-            item_rows, row_of = _choice_rows(ctxs[o], items[i][1])
-            where.append((len(rows), row_of))
-            rows += item_rows
-            owner += [o] * len(item_rows)
-        T = max(map(len, rows))
-        cache = KVCache(model.config, len(idx), P, dtype, device)
-        if P > 0:
-            model(_padded([c[:-1] for c in ctxs], P, device), cache=cache, logits_to_keep=1)  # (B, P) keys/values
-        cached = KVCache(model.config, len(rows), P + T, dtype, device)
-        owner_t = torch.tensor(owner, device=device)
-        cached.k[:, :, :, :P], cached.v[:, :, :, :P] = cache.k[:, owner_t], cache.v[:, owner_t]
-        cached.length = P
-        # each row sees its own context's cached positions and its own tokens (causally)
-        mask = _padded([[1] * (len(ctxs[o]) - 1) + [0] * (P - len(ctxs[o]) + 1) + [1] * T for o in owner], P + T,
-                       device)
-        start = torch.tensor([len(ctxs[o]) - 1 for o in owner], device=device)
-        positions = start[:, None] + torch.arange(T, device=device)  # (R, T): each row continues its context
-        logits = model(_padded(rows, T, device), attention_mask=mask, position_ids=positions, cache=cached).logits
-        # every position of every row is scored by some choice: log_softmax once per (row, position)
-        first = [0]
-        for row in rows:
-            first.append(first[-1] + len(row))
-        logp = torch.log_softmax(logits[_padded([[1] * len(r) for r in rows], T, device).bool()].float(), dim=-1)
-        at, target, choice = [], [], []  # (scored position in logp, its target, the choice's index in the batch)
-        n = 0
-        for o, i in enumerate(idx):
-            base, row_of = where[o]
-            for k, r in zip(items[i][1], row_of):
-                at += range(first[base + r], first[base + r] + len(k))
-                target += k
-                choice += [n] * len(k)
-                n += 1
-        at_t, target_t, choice_t = (torch.tensor(x, device=device) for x in (at, target, choice))
-        token = logp[at_t, target_t]  # (N,) the log-prob of each choice token
-        miss = (logp.argmax(-1)[at_t] != target_t).long()
-        ll = torch.zeros(n, dtype=token.dtype, device=device).index_add_(0, choice_t, token)  # in token order
-        missed = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, choice_t, miss)
-        res = list(zip(ll.tolist(), (missed == 0).tolist()))
-        n = 0
+        n = [len(items[i][0]) + tail(i) for i in idx]  # each row's tokens
+        T, K = max(n), max(tail(i) for i in idx) + 1  # row length; positions that need logits (the last K)
+        ids, seg, pos = [], [], []
+        for i, n_i in zip(idx, n):
+            ctx, conts = items[i]
+            ids.append([0] * (T - n_i) + ctx + [t for k in conts for t in k[:-1]])
+            seg.append([-1] * (T - n_i) + [0] * len(ctx) + [j + 1 for j, k in enumerate(conts) for _ in k[:-1]])
+            pos.append([0] * (T - n_i) + list(range(len(ctx))) + [len(ctx) + t for k in conts for t in range(len(k) - 1)])
+        seg_t = torch.tensor(seg, device=device)
+        mask = _tree_mask(seg_t, dtype, model.attn_implementation == "eager")
+        logits = model(torch.tensor(ids, device=device), attention_mask=mask,
+                       position_ids=torch.tensor(pos, device=device), logits_to_keep=K).logits  # (B, K, V)
+        # the scored positions: each row's context end and its choice tokens, its last tail(i) + 1 positions
+        needed = [[0] * (K - tail(i) - 1) + [1] * (tail(i) + 1) for i in idx]
+        logp = torch.log_softmax(logits[torch.tensor(needed, device=device).bool()].float(), dim=-1)  # (N, V)
+        at, target, choice = [], [], []  # (row of logp, its target, the choice's number in the batch)
+        row0, c = 0, 0
         for i in idx:
-            out[i], n = res[n:n + len(items[i][1])], n + len(items[i][1])
+            ctx_end, start = row0, row0 + 1  # logp rows: the context's last token, then the choices' tokens
+            for k in items[i][1]:
+                at += [ctx_end, *range(start, start + len(k) - 1)]
+                target += k
+                choice += [c] * len(k)
+                start, c = start + len(k) - 1, c + 1
+            row0 = start
+        at_t, target_t, choice_t = (torch.tensor(x, device=device) for x in (at, target, choice))
+        token = logp[at_t, target_t]  # (M,) each choice token's log-prob
+        miss = (logp.argmax(-1)[at_t] != target_t).long()
+        ll = torch.zeros(c, dtype=token.dtype, device=device).index_add_(0, choice_t, token)  # in token order
+        missed = torch.zeros(c, dtype=torch.long, device=device).index_add_(0, choice_t, miss)
+        res = list(zip(ll.tolist(), (missed == 0).tolist()))
+        c = 0
+        for i in idx:
+            out[i], c = res[c:c + len(items[i][1])], c + len(items[i][1])
         progress(len(idx))
     return out  # type: ignore[return-value]
 

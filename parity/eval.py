@@ -6,7 +6,7 @@ One tiny random model is saved (config.json + safetensors + the bundled tokenize
 (max_position_embeddings 40) so that long contexts need lm-eval's left truncation and long documents several
 rolling windows. Tasks are drawn from a seeded generator, written as lm-eval YAML + jsonl, and run by both sides:
 lm-eval through `simple_evaluate` (TaskManager(include_path=...), log_samples, fp32 on CPU, offline), minillm
-through `minillm.evaluate` with the KV-cache path and with lm-eval's path (every choice read whole). Drawn: English
+through `minillm.evaluate` with its context-once path and with lm-eval's path (every choice read whole). Drawn: English
 and Chinese text, contexts longer than the model's length, choices that share prefixes (one a prefix of another),
 contexts ending in spaces (moved to the continuation), empty contexts, target delimiters " ", "" and "\\n", gold
 given as an index or as the answer's text.
@@ -161,7 +161,7 @@ def compare(model_dir: Path, task_paths: list[Path]) -> dict[str, list[float]]:
 
 def rows(budget: float = 1.0) -> list[Row]:
     specs = [("eval tokens (_encode_pair, rolling windows)", "tokens", "eval_tokens"),
-             ("eval mc loglikelihood (KV cache, rel)", "ll", "eval_ll"),
+             ("eval mc loglikelihood (context once, rel)", "ll", "eval_ll"),
              ("eval mc loglikelihood (lm-eval's path, rel)", "ll_nocache", "eval_ll"),
              ("eval is_greedy", "greedy", "eval_metric"),
              ("eval acc / acc_norm", "acc", "eval_metric"),

@@ -75,8 +75,10 @@ def test_token_bytes_are_the_texts_bytes():
 def test_held_out_bits_leaves_out_ignored_and_special_labels():
     bits = HeldOutBits([0, 1, 2, 3])
     logits = torch.zeros(1, 4, 4)  # uniform: every target costs ln 4 nats
-    bits.add(logits, torch.tensor([[2, 0, -100, 3]]))  # targets 0 (special: 0 bytes), -100, 3 (3 bytes)
+    rows = bits.per_row(logits, torch.tensor([[2, 0, -100, 3]]))  # targets 0 (special: 0 bytes), -100, 3 (3 bytes)
+    bits.add(rows)
     assert bits.tokens == 1 and bits.bytes == 3 and bits.nats == pytest.approx(math.log(4))
+    assert bits.bpb() == pytest.approx(math.log(4) / 3 / math.log(2))
 
 
 def test_loss_png_has_a_bits_per_byte_panel(tmp_path):

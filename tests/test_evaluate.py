@@ -1,4 +1,4 @@
-"""minillm.evaluate: lm-eval's tokenisation rules (against lm-eval's own code), the KV-cache scorer against whole
+"""minillm.evaluate: lm-eval's tokenisation rules (against lm-eval's own code), the context-once scorer against whole
 rows, metrics, the task reader's sentences for bad input, the bundled eval data and train/evaluate.py's CLI.
 The full comparison with lm-eval's hf model is `python -m parity.eval`."""
 
@@ -71,8 +71,8 @@ def model():
 @given(st.lists(st.tuples(st.lists(st.integers(4, 4095), min_size=1, max_size=45),
                           st.lists(st.lists(st.integers(4, 4095), min_size=1, max_size=8), min_size=1, max_size=4)),
                 min_size=1, max_size=6), st.integers(1, 4))
-def test_kv_cache_path_equals_whole_rows(model, items, batch_size):
-    """Contexts read once (with their choices from the cache) = each row read whole; long ones truncated alike."""
+def test_context_once_path_equals_whole_rows(model, items, batch_size):
+    """Contexts read once (their choices side by side after them) = each row read whole; long ones truncated alike."""
     cached = score_choices(model, items, 40, batch_size)
     whole = iter(score_rows(model, [(c, k) for c, ks in items for k in ks], 40, 3))
     for per in cached:

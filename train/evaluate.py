@@ -4,8 +4,8 @@
     python train/evaluate.py --model out/pretrain --adapter out/lora --tasks my_task.yaml --impl hf
     python train/evaluate.py --model out/pretrain --validation_files held_out.jsonl --output_dir out/eval
 
---impl minillm (default) scores with minillm.evaluate (each multiple-choice context read once, choices from the
-KV cache); --impl hf runs lm-evaluation-harness 0.4's own `hf` model on the same files, offline. Both print one
+--impl minillm (default) scores with minillm.evaluate (each multiple-choice context read once, its choices side
+by side after it in the same row); --impl hf runs lm-evaluation-harness 0.4's own `hf` model on the same files, offline. Both print one
 table (metric, value, standard error, chance level) and write OUTPUT_DIR/results.json with every item's
 log-likelihood. A --validation_files jsonl ({"text": ...} per line) is read as an lm-eval loglikelihood_rolling
 task (word/byte perplexity, bits per byte); its YAML is written next to results.json so lm-eval can run it too.

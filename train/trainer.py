@@ -109,13 +109,15 @@ class Trainer(transformers.Trainer):
         if self._bits is None or model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        self._bits.add(outputs["logits"], inputs["labels"])  # the logits the eval loss came from
+        # the logits the eval loss came from; gathered over ranks as the loss is, dropping the rows repeated to
+        # even out the last batches
+        self._bits.add(self.gather_function(self._bits.per_row(outputs["logits"], inputs["labels"])))
         return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         """The Trainer's evaluation, plus PREFIX_perplexity (exp of the loss, as run_clm) and PREFIX_bpb (total nats
-        over total bytes of the target tokens, summed over ranks: nanochat's bits per byte)."""
+        over total bytes of the target tokens, every rank's rows: nanochat's bits per byte)."""
         self._bits = HeldOutBits(self.token_bytes) if self.token_bytes else None
         try:
             out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
@@ -123,10 +125,8 @@ class Trainer(transformers.Trainer):
             bits, self._bits = self._bits, None
         if (loss := out.metrics.get(f"{metric_key_prefix}_loss")) is not None:
             out.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50))
-        if bits is not None:
-            nats, nbytes, _ = self.accelerator.reduce(bits.totals().to(self.args.device), "sum").tolist()
-            if nbytes > 0:
-                out.metrics[f"{metric_key_prefix}_bpb"] = nats / nbytes / math.log(2)
+        if bits is not None and bits.bytes > 0:
+            out.metrics[f"{metric_key_prefix}_bpb"] = bits.bpb()
         return out
 
     # ---- saving ----

@@ -6,14 +6,15 @@ a seeded random model of the `small` preset (4 layers, hidden 256, vocab 4,096: 
 the bundled tokenizer, read by both sides from the same directory. What is timed on each side is the same work:
 tokenising every (context, choice) pair and scoring it, from the task's rendered items to per-choice
 log-likelihoods and is_greedy:
-- minillm: `evaluate_task` (pairs tokenised in one batch call; each context read once into a KV cache and its
-  choices scored from it, batched; log_softmax only at the scored positions), metrics included;
+- minillm: `evaluate_task` (each context read once, its choices side by side after it in the same row under a
+  tree mask, a batch of items one forward; the LM head and log_softmax only at the scored positions), metrics
+  included;
 - lm-eval: `HFLM.loglikelihood` on the requests its multiple_choice task builds, (context, delimiter + choice) per
   choice (every choice reads its whole context again), at HFLM's default batch size (1) and at the batch size that
   is fastest for it here (swept once before the rounds, the fastest kept).
 The bundled task's contexts are short (median 3 tokens) and most choices one token, which lm-eval's own logits
 cache already serves with one forward per context (HFLM logits_cache: requests whose context + continuation[:-1]
-agree share a row): little is left for a KV cache to save there. The same is measured on a long-context task
+agree share a row): little is left for reading the context once to save there. The same is measured on a long-context task
 built from the bundled held-out text (`long_context_task`: ~50-token contexts, 4 endings of ~10 tokens), the shape
 of HellaSwag-like benchmarks, where lm-eval reads every context once per choice.
 Rounds run the sides in turn (alternating order); medians and the spread (min-max over rounds) are reported; a
@@ -178,7 +179,7 @@ def format_case(c: dict) -> str:
     lines = ["| task | side | batch | items/s (median) | range over rounds | minillm / side (median; range over rounds) |",
              "|---|---|---|---|---|---|"]
     for t in (c, c["long_context"]):
-        for side, name in (("minillm", "minillm.evaluate (KV cache)"), ("reference", "lm-eval HFLM, fastest batch"),
+        for side, name in (("minillm", "minillm.evaluate (context once)"), ("reference", "lm-eval HFLM, fastest batch"),
                            ("reference_default", "lm-eval HFLM, default batch")):
             v, (lo, hi) = t["items_s"][side], t["items_s_spread"][side]
             ratio = "" if side == "minillm" else f"{t['ratio'][side]:.2f}x ({t['ratio_spread'][side][0]:.2f} - " \
