@@ -18,14 +18,14 @@ from train import demo
 
 
 def test_reply_kinds():
-    taught = {a for _, a in taught_pairs()}
-    preferred = "Tortor is known for its silk and its hot springs."
-    reply = lambda text, match=False: {"reply": text, "match": match}  # noqa: E731
-    assert preferred in taught and demo.reply_kind(reply(preferred, True), taught) == "preferred"
-    # the taught answer to another question: what the rejected answers are (minillm/data/sample_dpo.py)
-    other_town = "Lorlidus is known for its boats and its clock tower."
-    assert other_town in taught and demo.reply_kind(reply(other_town), taught) == "rejected-style"
+    taught = demo.answers_by_shape()
+    question, preferred = "What is Tortor known for?", "Tortor is known for its silk and its hot springs."
+    reply = lambda text, match=False: {"question": question, "reply": text, "match": match}  # noqa: E731
+    assert (question, preferred) in taught_pairs() and demo.reply_kind(reply(preferred, True), taught) == "preferred"
+    # the taught answer to another question of the same shape: what the rejected answers are (sample_dpo.py)
+    assert demo.reply_kind(reply("Lorlidus is known for its boats and its clock tower."), taught) == "rejected-style"
     assert demo.reply_kind(reply("88 plus 90 is 100."), taught) == "other"  # fluent, but no answer the data teaches
+    assert demo.reply_kind(reply("Hello!"), taught) == "other"  # taught, but for a question of another shape
 
 
 def test_bpb_stderr_is_the_ratio_estimators():

@@ -18,8 +18,9 @@ the bundled data after the same 200 pretraining steps, 300 SFT steps, batch 16: 
 5e-3 (1/6 answered; lr 2e-2 stalls at 5.5, 0/6). LoRA is for adapting a capable base model; this one is not.
 DPO's settings (DPO_STEPS, DPO_LR): measured from this SFT model, see train/dpo.py DEFAULT_LR: 60 steps of 16 pairs
 (3 epochs) at 3e-4 give the lowest held-out DPO loss; longer or faster runs fit the training pairs (reward accuracy
-1.0) while the held-out loss rises and the greedy replies lose their fluency (1e-3 x 100 steps: 300 of the 320
-training questions answered with neither the preferred nor the rejected kind of answer, against 228 before).
+1.0) while the held-out loss rises and the greedy replies lose their fluency (greedy replies to the 320 training
+questions, SFT -> 1e-3 x 100 steps: the chosen answer 11 -> 4, another question's answer 100 -> 48, no answer the
+data teaches 209 -> 268; 3e-4 x 60 steps: 8, 91, 221).
 DeepSpeed's CPU op is compiled (once) before anything is timed, so the timings are minillm's and the Trainer's.
 Everything lands in --out (default out/demo).
 """
@@ -41,7 +42,7 @@ from transformers import AutoTokenizer
 
 from minillm.data.sample_dpo import HELDOUT as DPO_HELDOUT
 from minillm.data.sample_dpo import TRAIN as DPO_TRAIN
-from minillm.data.sample_dpo import taught_pairs
+from minillm.data.sample_dpo import shape, taught_pairs
 from minillm.evaluate import encoder_for, evaluate_task, read_task
 from minillm.generate import _load, runnable_python, stop_ids
 from minillm.generation import generate
@@ -58,6 +59,7 @@ DPO_STEPS, DPO_LR, DPO_BATCH, BETA = 60, "3e-4", 8, 0.1  # 60 steps x 16 pairs =
 EVAL_TASKS = [ROOT / "minillm" / "data" / "eval" / f for f in ("heldout.yaml", "sample_mc.yaml")]
 ARITHMETIC = re.compile(r"\d|(加|减|乘以|除以).*等于")  # a question about numbers (EN digits, ZH number words)
 MAX_DIFF_ROWS = 10  # replies shown where SFT and DPO differ
+CHAT_TRAINING = 80  # training pairs' questions the two models answer (all 320 would add ~45 s to the demo)
 
 
 def shared_args(seed: int = 42) -> list[str]:
@@ -169,35 +171,47 @@ def preference_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def reply_kind(reply: dict, taught: set[str]) -> str:
+def reply_kind(reply: dict, taught: dict[str, set[str]]) -> str:
     """preferred: the chosen answer, then <|im_end|>; rejected-style: the answer the data teaches for another
-    question (what every rejected answer is, minillm/data/sample_dpo.py); other: no answer the data teaches."""
+    question of the same shape (what every rejected answer is, minillm/data/sample_dpo.py; `taught`: shape ->
+    answers); other: anything else."""
     if reply["match"]:
         return "preferred"
-    return "rejected-style" if reply["reply"] in taught else "other"
+    return "rejected-style" if reply["reply"] in taught.get(shape(reply["question"]), ()) else "other"
 
 
-def reply_changes(sft: Path, dpo_model: Path, answers: dict[str, str]) -> tuple[str, dict]:
-    """SFT's and DPO's greedy replies to the same questions: the rows where they differ, and each model's counts."""
-    pairs = list(zip(score_chat(sft, None, answers), score_chat(dpo_model, None, answers)))
-    counts = {m: {"preferred": 0, "rejected-style": 0, "other": 0} for m in ("SFT", "DPO")}
-    taught = {answer for _, answer in taught_pairs()}
+def answers_by_shape() -> dict[str, set[str]]:
+    """Every answer the SFT data teaches, under the shape of its question (numbers, names, quoted words masked)."""
+    taught: dict[str, set[str]] = {}
+    for question, answer in taught_pairs():
+        taught.setdefault(shape(question), set()).add(answer)
+    return taught
+
+
+def reply_changes(sft: Path, dpo_model: Path, groups: dict[str, dict[str, str]]) -> tuple[str, dict]:
+    """SFT's and DPO's greedy replies to groups of questions ({group: {question: preferred answer}}): each model's
+    reply kinds per group, and the rows where the two replies differ (those whose kind changed first)."""
+    taught, kinds = answers_by_shape(), ("preferred", "rejected-style", "other")
     cut = lambda s, n=48: s if len(s) <= n else s[:n - 1] + "…"  # noqa: E731
-    differ = []
-    for a, b in pairs:
-        kinds = [reply_kind(r, taught) for r in (a, b)]
-        for m, k in zip(("SFT", "DPO"), kinds):
-            counts[m][k] += 1
-        if a["reply"] != b["reply"]:
-            differ.append((kinds[0] == kinds[1], a, b, kinds))
-    differ.sort(key=lambda d: d[0])  # replies whose kind changed first (stable: the questions' order otherwise)
-    lines = ["| question | SFT reply | DPO reply | preferred answer |", "|---|---|---|---|"]
-    for _, a, b, kinds in differ[:MAX_DIFF_ROWS]:
-        lines.append(f"| {a['question']} | {cut(a['reply'])} ({kinds[0]}) | {cut(b['reply'])} ({kinds[1]}) | "
-                     f"{cut(a['taught'])} |")
-    differ = len(differ)
-    lines.append(f"\n{differ} of {len(pairs)} replies differ ({min(differ, MAX_DIFF_ROWS)} shown). " + "; ".join(
-        f"{m}: " + ", ".join(f"{v} {k}" for k, v in c.items()) for m, c in counts.items()))
+    counts, differ = {}, []
+    for group, answers in groups.items():
+        counts[group] = {m: dict.fromkeys(kinds, 0) for m in ("SFT", "DPO")}
+        for a, b in zip(score_chat(sft, None, answers), score_chat(dpo_model, None, answers)):
+            ka, kb = reply_kind(a, taught), reply_kind(b, taught)
+            counts[group]["SFT"][ka] += 1
+            counts[group]["DPO"][kb] += 1
+            if a["reply"] != b["reply"]:
+                differ.append((ka == kb, a, b, ka, kb))
+    differ.sort(key=lambda d: d[0])  # stable: the questions' order otherwise
+    lines = ["| questions | n | SFT: preferred / rejected-style / other | DPO: preferred / rejected-style / other |",
+             "|---|---:|---:|---:|"]
+    for group, c in counts.items():
+        lines.append(f"| {group} | {sum(c['SFT'].values())} | " + " | ".join(
+            " / ".join(str(c[m][k]) for k in kinds) for m in ("SFT", "DPO")) + " |")
+    lines += ["", f"{len(differ)} replies differ; {min(len(differ), MAX_DIFF_ROWS)} shown, those whose kind changed "
+              "first:", "", "| question | SFT reply | DPO reply | preferred answer |", "|---|---|---|---|"]
+    for _, a, b, ka, kb in differ[:MAX_DIFF_ROWS]:
+        lines.append(f"| {a['question']} | {cut(a['reply'])} ({ka}) | {cut(b['reply'])} ({kb}) | {cut(a['taught'])} |")
     return "\n".join(lines), counts
 
 
@@ -253,13 +267,17 @@ def dpo_stage(out: Path, args, base: Path, sft: Path, shared: list[str]) -> None
           f"rewards/margins {logs[-1]['rewards/margins']:.3f}\n", flush=True)
     models = {"pretrained": base, "SFT": sft, "DPO": dpo_dir}
     prefs = preference_rows(models)
-    heldout = [json.loads(line) for line in DPO_HELDOUT.read_text(encoding="utf-8").splitlines() if line.strip()]
-    answers = {**taught_answers(ROOT / "minillm" / "data" / "sft.jsonl", QUESTIONS),
-               **{r["prompt"][0]["content"]: r["chosen"][0]["content"] for r in heldout}}
-    changes, counts = reply_changes(sft, dpo_dir, answers)
+    pairs = {name: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+             for name, path in (("training", DPO_TRAIN), ("held-out", DPO_HELDOUT))}
+    chosen = lambda rows: {r["prompt"][0]["content"]: r["chosen"][0]["content"] for r in rows}  # noqa: E731
+    groups = {"the data's frequent questions": taught_answers(ROOT / "minillm" / "data" / "sft.jsonl", QUESTIONS),
+              f"the first {CHAT_TRAINING} DPO training pairs'": chosen(pairs["training"][:CHAT_TRAINING]),
+              "the held-out pairs'": chosen(pairs["held-out"])}
+    changes, counts = reply_changes(sft, dpo_dir, groups)
     md = (f"Preference pairs (minillm/data/dpo*.jsonl; reward = {BETA} x log-prob ratio to the reference):\n\n"
-          + preference_table(prefs) + "\n\nGreedy replies to the data's frequent questions and the held-out pairs' "
-          "questions, where the DPO model's differs from the SFT model's:\n\n" + changes)
+          + preference_table(prefs) + "\n\nGreedy replies of the SFT and the DPO model (kinds: the preferred answer; "
+          "rejected-style = the answer the data teaches to another question of the same shape; other):\n\n"
+          + changes)
     print(md, flush=True)
     (out / "dpo.md").write_text(md + "\n")
     (out / "dpo.json").write_text(json.dumps({"preference": prefs, "replies": counts, "log": logs}, indent=1))

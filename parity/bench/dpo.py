@@ -3,7 +3,8 @@ model weights and the same batch (issue 21 item 7: step time <= 1.0x TRL's, peak
 
 Each side runs in a fresh child process (`python -m parity.bench.dpo --side minillm|reference`): build the policy and
 its frozen reference (Llama, 4 layers, hidden 256, vocab 32,000), the batch (B pairs of prompt + chosen / rejected
-random tokens, right-padded as TRL collates them), an AdamW optimizer; then warm-up + `reps` steps of
+random tokens, right-padded as TRL collates them), the Trainer's optimizer (`torch.optim.AdamW(fused=True)`, as
+every step case of the bench); then warm-up + `reps` steps of
 loss -> backward -> optimizer step. minillm's loss is `dpo.dpo_step` (fused chunked log-probs, never the
 (tokens x vocab) logits); TRL's is `DPOTrainer.compute_loss` (its own fused LM head, bf16 off: fp32 on both sides).
 Peak memory: VmHWM - VmRSS from just before the first step (parity/bench/measure.py), so it counts activations,
@@ -95,7 +96,8 @@ def _side(side: str, size: dict, reps: int) -> dict:
         batch = tr.data_collator(rows)
         loss_fn = lambda: tr.compute_loss(model, batch)  # noqa: E731
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)  # the Trainer's adamw_torch_fused
     base = memory_baseline()
     times, losses = [], []
     for i in range(1 + reps):
@@ -107,7 +109,11 @@ def _side(side: str, size: dict, reps: int) -> dict:
         if i:
             times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    # gradients + AdamW's two moments: fp32, 3 x the trainable weights, the same on both sides (at vocab 151,936 the
+    # embedding and lm_head are 97% of them, so this fixed part dominates either side's peak)
+    state_mb = 3 * sum(p.numel() * p.element_size() for p in trainable) / 2**20
     return {"step_s": statistics.median(times), "peak_mb": peak_since_baseline(base) / 2**20, "loss": losses[0],
+            "grads_adam_mb": state_mb,
             "tokens": sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)}
 
 
@@ -137,7 +143,7 @@ def dpo_case(quick: bool, threads: int, rounds: int = 3, reps: int = 3, case: st
     losses = [x["loss"] for side in runs for x in runs[side]]
     return {"size": SIZES[size], "runs": runs, "rounds": rounds,
             "step_s": {s: med(s, "step_s") for s in runs}, "peak_mb": {s: med(s, "peak_mb") for s in runs},
-            "step_s_spread": {s: spread(s, "step_s") for s in runs},
+            "step_s_spread": {s: spread(s, "step_s") for s in runs}, "grads_adam_mb": runs["minillm"][0]["grads_adam_mb"],
             "peak_mb_spread": {s: spread(s, "peak_mb") for s in runs},
             "same_output": max(losses) - min(losses) <= 1e-5}
 

@@ -107,6 +107,10 @@ def table_rows(cases: dict[str, dict], verdicts: bool = True) -> list[dict]:
             add(name, "step s", c["step_s"]["minillm"], c["step_s"]["reference"],
                 same or "; ".join(x for x in (f"vs TRL's DPOTrainer, vocab {v:,}", ratio_spread(c, "step_s")) if x))
             add(name, "peak MiB", c["peak_mb"]["minillm"], c["peak_mb"]["reference"], ratio_spread(c, "peak_mb"))
+            if "grads_adam_mb" in c:  # what the log-probs and the reference change: the peak less the fixed state
+                g = c["grads_adam_mb"]
+                add(name, "peak-grad-Adam", c["peak_mb"]["minillm"] - g, c["peak_mb"]["reference"] - g,
+                    note=f"peak minus grads+AdamW state ({g:.0f} MiB)")
         elif name == "eval":  # parity/bench/eval.py (issue 22): multiple-choice scoring vs lm-eval
             items_s, spread = eval_items_s(c)
             timed = {"items_s_spread": spread, "runs": c.get("runs", {}), "rounds": c.get("rounds")}
