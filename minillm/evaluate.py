@@ -367,7 +367,10 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
         out[i] = [next(scored) for _ in items[i][1]]
         progress(1)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    tail = lambda i: sum(len(k) - 1 for k in items[i][1])  # choice tokens after the context  # noqa: E731
+    # a choice written twice is scored once: lm-eval gives both the same number (one request, one logits row), so
+    # argmax picks the first, which differing last bits from two places in a row could turn round
+    uniq = {i: [list(k) for k in dict.fromkeys(map(tuple, items[i][1]))] for i in fits}
+    tail = lambda i: sum(len(k) - 1 for k in uniq[i])  # choice tokens after the context  # noqa: E731
     fits.sort(key=lambda i: -(len(items[i][0]) + tail(i)))  # similar row lengths batched: little padding
     for b in range(0, len(fits), batch_size):
         idx = fits[b:b + batch_size]
@@ -375,7 +378,7 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
         T, K = max(n), max(tail(i) for i in idx) + 1  # row length; positions that need logits (the last K)
         ids, seg, pos = [], [], []
         for i, n_i in zip(idx, n):
-            ctx, conts = items[i]
+            ctx, conts = items[i][0], uniq[i]
             ids.append([0] * (T - n_i) + ctx + [t for k in conts for t in k[:-1]])
             seg.append([-1] * (T - n_i) + [0] * len(ctx) + [j + 1 for j, k in enumerate(conts) for _ in k[:-1]])
             pos.append([0] * (T - n_i) + list(range(len(ctx))) + [len(ctx) + t for k in conts for t in range(len(k) - 1)])
@@ -390,7 +393,7 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
         row0, c = 0, 0
         for i in idx:
             ctx_end, start = row0, row0 + 1  # logp rows: the context's last token, then the choices' tokens
-            for k in items[i][1]:
+            for k in uniq[i]:
                 at += [ctx_end, *range(start, start + len(k) - 1)]
                 target += k
                 choice += [c] * len(k)
@@ -404,7 +407,8 @@ def score_choices(model, items: list[tuple[list[int], list[list[int]]]], max_len
         res = list(zip(ll.tolist(), (missed == 0).tolist()))
         c = 0
         for i in idx:
-            out[i], c = res[c:c + len(items[i][1])], c + len(items[i][1])
+            scores = dict(zip(map(tuple, uniq[i]), res[c:c + len(uniq[i])]))
+            out[i], c = [scores[tuple(k)] for k in items[i][1]], c + len(uniq[i])
         progress(len(idx))
     return out  # type: ignore[return-value]
 

@@ -81,6 +81,12 @@ def test_context_once_path_equals_whole_rows(model, items, batch_size):
             assert abs(ll - ll2) <= 1e-6 * max(1.0, abs(ll2)) and greedy == greedy2
 
 
+def test_a_choice_written_twice_scores_the_same(model):
+    """lm-eval scores a repeated request once (one logits row): equal log-likelihoods, argmax on the first."""
+    (a, b, c, d), = score_choices(model, [([5, 6, 7], [[8, 9], [10], [8, 9], [10]])], 40)
+    assert a == c and b == d
+
+
 def write(tmp_path: Path, yaml_text: str, rows: list[dict]) -> Path:
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     path = tmp_path / "t.yaml"

@@ -107,8 +107,8 @@ def long_context_task(d: Path, n: int) -> Path:
     docs = [w for w in docs if len(w) >= 24][:n]
     endings = [" ".join(w[-8:]) for w in docs]
     rows = []
-    for i, words in enumerate(docs):
-        choices = [endings[i]] + rng.sample(endings[:i] + endings[i + 1:], 3)
+    for i, words in enumerate(docs):  # distinct choices: a tie decides acc by the last bits of the sums
+        choices = [endings[i]] + rng.sample(sorted(set(endings) - {endings[i]}), 3)
         rng.shuffle(choices)
         rows.append({"question": " ".join(words[:-8]), "choices": choices, "answer": choices.index(endings[i])})
     (d / "long.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
