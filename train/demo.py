@@ -59,7 +59,9 @@ DPO_STEPS, DPO_LR, DPO_BATCH, BETA = 60, "3e-4", 8, 0.1  # 60 steps x 16 pairs =
 EVAL_TASKS = [ROOT / "minillm" / "data" / "eval" / f for f in ("heldout.yaml", "sample_mc.yaml")]
 ARITHMETIC = re.compile(r"\d|(加|减|乘以|除以).*等于")  # a question about numbers (EN digits, ZH number words)
 MAX_DIFF_ROWS = 10  # replies shown where SFT and DPO differ
-CHAT_TRAINING = 80  # training pairs' questions the two models answer (all 320 would add ~45 s to the demo)
+# The pairs' questions the two models answer in the reply table: greedy replies cost ~0.3 s each on 2 busy cores
+# (all 368 pairs' questions, twice, would add ~3.5 min to the demo).
+CHAT_TRAINING, CHAT_HELDOUT = 40, 24
 
 
 def shared_args(seed: int = 42) -> list[str]:
@@ -255,9 +257,10 @@ def chat_hint(model: Path, adapter: Path | None) -> str:
     return f"{runnable_python()} -m minillm.generate --model {model}" + (f" --adapter {adapter}" if adapter else "")
 
 
-def dpo_stage(out: Path, args, base: Path, sft: Path, shared: list[str]) -> None:
+def dpo_stage(out: Path, args, base: Path, sft: Path, shared: list[str]) -> dict[str, float]:
     """Stages 4 and 5: DPO of the SFT model, its preference and reply tables (dpo.md), the evaluation table of the
-    three models (eval.md); every figure also in dpo.json / eval.json."""
+    three models (eval.md); every figure also in dpo.json / eval.json. Returns the two stages' seconds."""
+    t0 = time.perf_counter()
     dpo_dir = out / "dpo-full-minillm"
     print(f"\n== 4/5 DPO of {sft} on the bundled preference pairs, ZeRO-2 on {args.nproc} ranks", flush=True)
     wall = launch("dpo.py", args.nproc, "torchrun", [*dpo_args(sft, dpo_dir), *shared], out / "dpo-full-minillm.log")
@@ -272,7 +275,7 @@ def dpo_stage(out: Path, args, base: Path, sft: Path, shared: list[str]) -> None
     chosen = lambda rows: {r["prompt"][0]["content"]: r["chosen"][0]["content"] for r in rows}  # noqa: E731
     groups = {"the data's frequent questions": taught_answers(ROOT / "minillm" / "data" / "sft.jsonl", QUESTIONS),
               f"the first {CHAT_TRAINING} DPO training pairs'": chosen(pairs["training"][:CHAT_TRAINING]),
-              "the held-out pairs'": chosen(pairs["held-out"])}
+              f"the first {CHAT_HELDOUT} held-out pairs'": chosen(pairs["held-out"][:CHAT_HELDOUT])}
     changes, counts = reply_changes(sft, dpo_dir, groups)
     md = (f"Preference pairs (minillm/data/dpo*.jsonl; reward = {BETA} x log-prob ratio to the reference):\n\n"
           + preference_table(prefs) + "\n\nGreedy replies of the SFT and the DPO model (kinds: the preferred answer; "
@@ -282,11 +285,14 @@ def dpo_stage(out: Path, args, base: Path, sft: Path, shared: list[str]) -> None
     (out / "dpo.md").write_text(md + "\n")
     (out / "dpo.json").write_text(json.dumps({"preference": prefs, "replies": counts, "log": logs}, indent=1))
 
-    print("\n== 5/5 evaluation of the three models on the bundled tasks (minillm/data/eval)", flush=True)
+    t1 = time.perf_counter()
+    print(f"(stage 4: {t1 - t0:.0f} s)\n\n== 5/5 evaluation of the three models on the bundled tasks (minillm/data/eval)",
+          flush=True)
     evaluated, metrics = evaluation(models)
     print(evaluated, flush=True)
     (out / "eval.md").write_text(evaluated + "\n")
     (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+    return {"dpo": t1 - t0, "evaluation": time.perf_counter() - t1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps({"stages": [pre]}, indent=1))  # compare.py's layout
     plot([pre], out / "compare.png")
+    stage_s = {"pretrain": time.perf_counter() - t0}
     print("\n".join(md.splitlines()[:10]))
     print(f"(per-step table: {out / 'compare.md'}, plot: {out / 'compare.png'})\n", flush=True)
 
@@ -326,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                    *shared], out / f"sft-{args.sft}-minillm.log")
     losses = [e["loss"] for e in json.loads((sft / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     print(f"SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps ({wall:.0f} s)\n", flush=True)
+    stage_s["sft"] = wall
 
     model, adapter = (base, sft) if args.sft == "lora" else (sft, None)
     chat = chat_hint(model, adapter)
@@ -335,15 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     print(scored)
     (out / "chat.md").write_text(scored + "\n")
     (out / "chat.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    stage_s["chat"] = time.perf_counter() - t0 - sum(stage_s.values())
     if args.dpo:
-        dpo_stage(out, args, base, model, shared)
+        stage_s.update(dpo_stage(out, args, base, model, shared))
     took = time.perf_counter() - t0
     once = f" (+ {compile_s:.0f} s compiling DeepSpeed's op, once)" if compile_s else ""
     export = (f"{runnable_python()} -m minillm.export --model {model}" + (f" --adapter {adapter}" if adapter else "")
               + f" --outfile {out / 'chat.gguf'}")
-    print(f"\ndemo done in {took:.0f} s{once}"
+    print(f"\ndemo done in {took:.0f} s{once} (" + ", ".join(f"{k} {v:.0f} s" for k, v in stage_s.items()) + ")"
           + f"; everything is in {out}. Chat yourself: {chat}\nRun it elsewhere (llama.cpp, Ollama): {export}")
-    (out / "timing.json").write_text(json.dumps({"demo_s": took, "compile_s": compile_s,
+    (out / "timing.json").write_text(json.dumps({"demo_s": took, "compile_s": compile_s, "stage_s": stage_s,
                                                  "load_1min": os.getloadavg()[0]}))
     return 0 if pre["passed"] else 1
 
