@@ -16,6 +16,10 @@ What is unusual here: lm-eval runs context + choice through the model once per c
 context once: an item is one row, its context followed by all its choices side by side, a mask letting each choice
 see only the context and itself (a tree of continuations), so a batch of items is one forward pass.
 
+Bits per byte during training (train/trainer.py) is nanochat's: `HeldOutBits` sums the nats of the target tokens
+and their UTF-8 bytes (`token_bytes`), special tokens out of both; on a document read as one rolling window it is
+the number this file's loglikelihood_rolling gives.
+
 Tasks come from lm-eval task YAML (`read_task`), the subset a local task needs; see SUPPORTED_KEYS. Templates
 support the `{{ field }}` form only (plain text around it); anything else in braces is refused by name.
 """
