@@ -6,6 +6,8 @@
 - A non-finite loss, gradient norm or weight stops the run (train/safety.py's Diverged) before anything of that
   step is saved; checkpoints and the final model are staged and renamed, so a failed save leaves no half-written
   checkpoint-N and the previous model loadable.
+- Evaluation adds eval_perplexity and eval_bpb (bits per byte, nanochat's: minillm.evaluate.HeldOutBits) to the
+  eval loss, in the logs and on loss.png, whichever --impl.
 - Every torch.load is weights-only, DeepSpeed's resume included (train/safety.py says what it may unpickle).
 - `teardown()` ends the process group explicitly: gloo's threads torn down at interpreter exit
   occasionally crash a finished run ("terminate called without an active exception").
@@ -109,9 +111,10 @@ class Trainer(transformers.Trainer):
         if self._bits is None or model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        # the logits the eval loss came from; gathered over ranks as the loss is, dropping the rows repeated to
-        # even out the last batches
-        self._bits.add(self.gather_function(self._bits.per_row(outputs["logits"], inputs["labels"])))
+        if getattr(outputs, "logits", None) is not None:  # (--use_liger_kernel skips them: no BPB then)
+            # the logits the eval loss came from; gathered over ranks as the loss is, dropping the rows repeated
+            # to even out the last batches
+            self._bits.add(self.gather_function(self._bits.per_row(outputs.logits, inputs["labels"])))
         return (loss, outputs) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
