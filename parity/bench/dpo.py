@@ -14,8 +14,11 @@ The first step's losses must agree (same_output).
 
     python -m parity.bench.dpo [--quick] [--case dpo_v152k]     # one case alone, its table
 
-Measured (2 busy shared cores, 2 threads, 3 rounds x 3 steps, vocab 32,000, 4 pairs x ~450 tokens): step 3.06 s vs
-6.32 s, ratio 0.48 (round pairs 0.22-0.65); peak 653 MiB vs 2,568 MiB, ratio 0.25 (0.25-0.26); same loss.
+Measured 2026-12-06 (2 shared cores, load 3.1 -> 2.0, 2 threads, 3 rounds x 3 steps, `python -m parity.bench --only
+dpo`, 554 s): `dpo` (vocab 32,000, 4 pairs x ~480 tokens) step 3.22 s vs 7.34 s, ratio 0.44 (worst-best round pairs
+0.45-0.30), peak 635 vs 2,549 MiB, 0.25 (0.25-0.24); `dpo_v152k` step 7.7 s vs 19.2 s, 0.40 (0.87-0.30), peak 2,022 vs
+2,861 MiB, 0.71 (0.71-0.70): the gradients and AdamW moments of its 161M weights (97% embedding and lm_head) are
+1,845 MiB of both peaks; the rest is 177 vs 1,015 MiB (0.17). Same first loss on both sides in every round.
 """
 
 from __future__ import annotations
