@@ -52,7 +52,8 @@ from train.args import DataTrainingArguments, ModelArguments, TrainingArguments,
 from train.models import build_model, load_tokenizer, tokenizer_dir
 from train.peft_methods import PeftArguments, add_peft, settings
 from train import safety
-from train.run import check_resume, find_resume_checkpoint, run_record, setup_logging
+from train.run import (ProcessGroupTimeout, check_resume, find_resume_checkpoint, reporting_lost_ranks, run_record,
+                       setup_logging)
 from train.trainer import Trainer, train_and_save
 
 logger = logging.getLogger("minillm.train")
@@ -179,24 +180,6 @@ class DPOTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def check_dpo_resume(training_args, checkpoint: str | None, record: dict) -> None:
-    """A resume must continue the same DPO objective: the checkpoint's recorded DPO settings (beta, loss types,
-    label smoothing, truncation, precomputed reference) against this run's (train.run.check_resume compares the
-    rest of the record)."""
-    if not checkpoint:
-        return
-    try:
-        old = safety.read_run_record(checkpoint) or safety.read_run_record(str(Path(checkpoint).parent))
-    except ValueError as e:
-        fail(str(e))
-    if old is not None and old.get("dpo") != record["dpo"]:
-        change = f"dpo: {json.dumps(old.get('dpo'))} -> {json.dumps(record['dpo'])}"
-        if not training_args.allow_changed_resume:
-            fail(f"resuming {checkpoint} would continue a different run: {change}. Pass --allow_changed_resume to "
-                 "continue it anyway, or --overwrite_output_dir to start afresh")
-        logger.warning(f"--allow_changed_resume: the resumed run differs from {checkpoint}'s: {change}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PeftArguments, DPOArguments, TrainingArguments))
     parser.set_defaults(output_dir="out/dpo", use_cpu=not torch.cuda.is_available(), logging_steps=10,
@@ -222,7 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     data_args.train_files = data_args.train_files or [str(SAMPLE_DPO)]
     record = run_record("dpo.py", model_args, data_args, {"max_length": cfg.max_length}, peft_args)
     record["dpo"] = {k: v for k, v in asdict(dpo_args).items() if k != "max_length"}
-    check_dpo_resume(training_args, checkpoint, record)
     check_resume(training_args, checkpoint, record)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args)
@@ -249,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer = DPOTrainer(model=model, args=training_args, train_dataset=tokenized, dpo_config=cfg,
                              ref_model=ref_model, base_model_path=model_args.model_name_or_path, run_record=record,
                              data_collator=collator)
-    train_and_save(trainer, checkpoint, tokenizer, len(tokenized))
+    trainer.add_callback(ProcessGroupTimeout())  # DeepSpeed's own process groups get --ddp_timeout too
+    with reporting_lost_ranks(training_args):
+        train_and_save(trainer, checkpoint, tokenizer, len(tokenized))
 
 
 def hf_trainer(model, rows, tokenizer, model_args, peft_args, dpo_args, training_args, record):

@@ -173,7 +173,8 @@ def check_writable(flag: str, path: str | os.PathLike) -> str | None:
 
 RUN_RECORD = "run.json"
 # Keys of the record whose change makes a resume train a different thing than the checkpoint did.
-MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "peft", "packing", "validation_split")
+MUST_MATCH = ("script", "impl", "model", "data", "sequence_length", "lora", "peft", "packing", "validation_split",
+              "dpo")  # dpo.py's objective: beta, loss types, label smoothing, truncation, precomputed reference
 # The batch of a run (train/run.py batch_record): the last must match on resume, the others may trade against it.
 BATCH = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size")
 
