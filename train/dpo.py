@@ -51,7 +51,6 @@ from minillm.peft import method_of
 from train.args import DataTrainingArguments, ModelArguments, TrainingArguments, fail
 from train.models import build_model, load_tokenizer, tokenizer_dir
 from train.peft_methods import PeftArguments, add_peft, settings
-from train import safety
 from train.run import (ProcessGroupTimeout, check_resume, find_resume_checkpoint, reporting_lost_ranks, run_record,
                        setup_logging)
 from train.trainer import Trainer, train_and_save
