@@ -449,7 +449,7 @@ def mc_chance(task: Task, raw: list[tuple[str, list[str], int]] | None = None) -
     return sum(1 / len(c) for _, c, _ in raw) / len(raw)
 
 
-def evaluate_task(model, enc: Encoder, task: Task, batch_size: int = 16, use_cache: bool = True,
+def evaluate_task(model, enc: Encoder, task: Task, batch_size: int = 16, context_once: bool = True,
                   progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
     """Score every item of `task`: {"metrics": {name: (value, stderr, chance)}, "items": [...per item...]}."""
     vocab = model.config.vocab_size
@@ -460,7 +460,7 @@ def evaluate_task(model, enc: Encoder, task: Task, batch_size: int = 16, use_cac
         for i, ((ctx, choices, _), p) in enumerate(zip(raw, pairs)):
             check_continuations(task, i, ctx, choices, [cont for _, cont in p], enc.max_length)
         items = [(p[0][0], [cont for _, cont in p]) for p in pairs]
-        if use_cache:
+        if context_once:
             scores = score_choices(model, items, enc.max_length, batch_size, progress)
         else:  # lm-eval's way: context + choice, once per choice
             flat = iter(score_rows(model, [pc for p in pairs for pc in p], enc.max_length, batch_size, progress))

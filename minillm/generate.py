@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from minillm.generation import TextStream, check_generation_args, generate
 from minillm.infra.files import model_fingerprint
 from minillm.model import CausalLM
-from minillm.peft import METHODS, load_adapter, merge_and_unload, method_in, method_of
+from minillm.peft import METHODS, load_adapter, merge_and_unload, method_of
 from minillm.sft import chatml_prompt_ids
 
 ADAPTER_KINDS = {peft_type: method.title for peft_type, method in METHODS.items()}  # "LoRA adapter", ...
@@ -100,27 +100,28 @@ def base_mismatch(model_dir: str | Path, adapter: str | Path) -> str | None:
             f"replies will be gibberish. Load it on its base: --model {base} --adapter {adapter}")
 
 
-def _load(model_dir: str, adapter: str | None):
-    """(model, tokenizer) for the chat. An adapter of any type is loaded with minillm.peft.load_adapter; a method
-    that merges (LoRA, (IA)^3) is folded into the weights (a plain CausalLM, as fast as the base); prompt and prefix
-    tuning stay wrappers whose forward fills generate's KV cache with the virtual tokens; Houlsby adapters stay in
-    the model as applied."""
+def load_chat(model_dir: str, adapter: str | None):
+    """(model, tokenizer, the adapter's method or None) for the chat. An adapter of any type is loaded with
+    minillm.peft.load_adapter; a method that merges (LoRA, (IA)^3) is folded into the weights (a plain CausalLM, as
+    fast as the base); prompt and prefix tuning stay wrappers whose forward fills generate's KV cache with the
+    virtual tokens; Houlsby adapters stay in the model as applied."""
     if adapter:  # before loading the model: a wrong directory is a one-line error at once
         hint = model_instead_of_adapter(adapter)
         if hint:
             raise ValueError(hint)
-    model = CausalLM.from_pretrained(model_dir)
+    model, method = CausalLM.from_pretrained(model_dir), None
     if adapter:
         if warning := base_mismatch(model_dir, adapter):
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         model = load_adapter(model, adapter)  # maybe a wrapper: always its return value
-        if method_of(model).can_merge:
+        method = method_of(model)
+        if method.can_merge:
             model = merge_and_unload(model)
     dirs = [Path(adapter)] if adapter else []
     tok_dir = next((d for d in dirs + [Path(model_dir)] if (d / "tokenizer.json").exists()), None)
     if tok_dir is None:
         raise FileNotFoundError(f"no tokenizer.json in {model_dir}" + (f" or {adapter}" if adapter else ""))
-    return model.eval(), Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    return model.eval(), Tokenizer.from_file(str(tok_dir / "tokenizer.json")), method
 
 
 def stop_ids(model, tok) -> list[int]:
@@ -223,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.raw and any(not p for p in args.prompt):
         raise fail("--prompt '' with --raw: an empty prompt gives the model nothing to continue")
     try:
-        model, tok = _load(args.model, args.adapter)
+        model, tok, method = load_chat(args.model, args.adapter)
     except (OSError, ValueError) as e:  # the loaders' errors name the file and what is wrong with it
         raise fail(str(e)) from None
-    if args.adapter:  # say what is answering: a wrong directory would otherwise only show as odd replies
-        kind = ADAPTER_KINDS[method_in(args.adapter).peft_type]
+    if method is not None:  # say what is answering: a wrong directory would otherwise only show as odd replies
+        kind = ADAPTER_KINDS[method.peft_type]
         how = "merged into the weights" if method_of(model) is None else "applied"
         print(f"loaded {args.model} with the {kind} {args.adapter} ({how})", file=sys.stderr, flush=True)
     sampling = dict(do_sample=sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -124,13 +124,14 @@ def compare(model_dir: Path, task_paths: list[Path]) -> dict[str, list[float]]:
     ref, lm = lm_eval_run(model_dir, task_paths[0].parent, names)
     model = CausalLM.from_pretrained(model_dir).eval()
     enc = encoder_for(model_dir, lm.max_length)
-    d: dict[str, list[float]] = {k: [] for k in ("tokens", "ll", "ll_nocache", "greedy", "acc", "rolling", "ppl", "abs")}
+    keys = ("tokens", "ll", "ll_per_choice", "greedy", "acc", "rolling", "ppl", "abs")
+    d: dict[str, list[float]] = {k: [] for k in keys}
     for path in task_paths:
         task = read_task(path)
         samples = sorted(ref["samples"][task.name], key=lambda s: s["doc_id"])
         metrics = ref["results"][task.name]
-        for use_cache, key in ((True, "ll"), (False, "ll_nocache")):
-            ours = evaluate_task(model, enc, task, batch_size=8, use_cache=use_cache)
+        for context_once, key in ((True, "ll"), (False, "ll_per_choice")):
+            ours = evaluate_task(model, enc, task, batch_size=8, context_once=context_once)
             if task.output_type == "multiple_choice":
                 for s, item in zip(samples, ours["items"], strict=True):
                     theirs = [r for r in s["filtered_resps"]]
@@ -162,7 +163,7 @@ def compare(model_dir: Path, task_paths: list[Path]) -> dict[str, list[float]]:
 def rows(budget: float = 1.0) -> list[Row]:
     specs = [("eval tokens (_encode_pair, rolling windows)", "tokens", "eval_tokens"),
              ("eval mc loglikelihood (context once, rel)", "ll", "eval_ll"),
-             ("eval mc loglikelihood (lm-eval's path, rel)", "ll_nocache", "eval_ll"),
+             ("eval mc loglikelihood (lm-eval's path, rel)", "ll_per_choice", "eval_ll"),
              ("eval is_greedy", "greedy", "eval_metric"),
              ("eval acc / acc_norm", "acc", "eval_metric"),
              ("eval rolling loglikelihood (rel)", "rolling", "eval_rolling"),

@@ -31,7 +31,7 @@ class FakeTok:
 def _chat(monkeypatch, capsys, lines, replies):
     """Run the interactive chat on typed `lines` (an exception instance is raised at that point) with `replies`
     standing for the model (an exception instance is raised instead of replying)."""
-    monkeypatch.setattr(mg, "_load", lambda model, adapter: (object(), FakeTok()))
+    monkeypatch.setattr(mg, "load_chat", lambda model, adapter: (object(), FakeTok(), None))
     typed, answers, seen = iter(lines), iter(replies), []
 
     def fake_input(prompt=""):

@@ -123,7 +123,7 @@ def test_an_adapter_on_another_base_is_warned_about(tmp_path, capsys):
 
     import torch
     from minillm import CausalLM, ModelConfig
-    from minillm.generate import _load, base_mismatch
+    from minillm.generate import base_mismatch, load_chat
     from minillm.peft import LoraConfig, apply, save_adapter
     from train.finetune import BASE_RECORD, record_base
 
@@ -147,9 +147,9 @@ def test_an_adapter_on_another_base_is_warned_about(tmp_path, capsys):
     said = base_mismatch(bases["other"], adapter)
     assert said and f"trained on {bases['base']}" in said and "different weights" in said, said
     if tok.exists():
-        _load(str(bases["other"]), str(adapter))
+        load_chat(str(bases["other"]), str(adapter))
         assert "warning: the adapter" in capsys.readouterr().err
-        _load(str(bases["base"]), str(adapter))
+        load_chat(str(bases["base"]), str(adapter))
         assert "warning" not in capsys.readouterr().err
     (adapter / BASE_RECORD).unlink()  # peft's own adapters record nothing: nothing to say
     assert base_mismatch(bases["other"], adapter) is None

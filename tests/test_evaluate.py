@@ -114,8 +114,8 @@ def test_metrics_on_a_task(tmp_path, model):
     assert out["metrics"]["acc_bytes"][0] == sum(by) / 3
     assert out["metrics"]["acc"][2] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)  # chance
     assert out["items"][0]["context"] == "Q: which?"
-    nocache = evaluate_task(model, ENC, task, batch_size=2, use_cache=False)
-    assert [i["is_greedy"] for i in nocache["items"]] == [i["is_greedy"] for i in out["items"]]
+    per_choice = evaluate_task(model, ENC, task, batch_size=2, context_once=False)
+    assert [i["is_greedy"] for i in per_choice["items"]] == [i["is_greedy"] for i in out["items"]]
 
 
 def test_rolling_metrics(tmp_path, model):

@@ -126,7 +126,7 @@ def test_text_stream_releases_only_whole_characters():
 
 
 def test_streamed_reply_is_the_decoded_reply(model_dir):
-    model, tok = mg._load(str(model_dir), None)
+    model, tok, _ = mg.load_chat(str(model_dir), None)
     msgs = [{"role": "user", "content": "What is gradient descent?"}]
     pieces: list[str] = []
     text = mg.reply(model, tok, msgs, 20, pieces.append)

@@ -44,7 +44,7 @@ from minillm.data.sample_dpo import HELDOUT as DPO_HELDOUT
 from minillm.data.sample_dpo import TRAIN as DPO_TRAIN
 from minillm.data.sample_dpo import shape, taught_pairs
 from minillm.evaluate import encoder_for, evaluate_task, read_task
-from minillm.generate import _load, runnable_python, stop_ids
+from minillm.generate import load_chat, runnable_python, stop_ids
 from minillm.generation import generate
 from minillm.model import CausalLM
 from minillm.sft import DEFAULT_SYSTEM_PROMPT, chatml_prompt_ids
@@ -99,7 +99,7 @@ def taught_answers(path: Path, questions: list[str]) -> dict[str, str]:
 
 def score_chat(model_dir: Path, adapter: Path | None, answers: dict[str, str]) -> list[dict]:
     """Greedy replies (the chat CLI's defaults) to each question; match = the taught answer, then <|im_end|>."""
-    model, tok = _load(str(model_dir), str(adapter) if adapter else None)
+    model, tok, _ = load_chat(str(model_dir), str(adapter) if adapter else None)
     im_end, stops = tok.token_to_id("<|im_end|>"), stop_ids(model, tok)
     rows = []
     with torch.no_grad():

@@ -5,10 +5,11 @@
     python train/evaluate.py --model out/pretrain --validation_files held_out.jsonl --output_dir out/eval
 
 --impl minillm (default) scores with minillm.evaluate (each multiple-choice context read once, its choices side
-by side after it in the same row); --impl hf runs lm-evaluation-harness 0.4's own `hf` model on the same files, offline. Both print one
-table (metric, value, standard error, chance level) and write OUTPUT_DIR/results.json with every item's
-log-likelihood. A --validation_files jsonl ({"text": ...} per line) is read as an lm-eval loglikelihood_rolling
-task (word/byte perplexity, bits per byte); its YAML is written next to results.json so lm-eval can run it too.
+by side after it in the same row; --per_choice reads context + choice once per choice, as lm-eval does);
+--impl hf runs lm-evaluation-harness 0.4's own `hf` model on the same files, offline. Both print one table
+(metric, value, standard error, chance level) and write OUTPUT_DIR/results.json with every item's log-likelihood.
+A --validation_files jsonl ({"text": ...} per line) is read as an lm-eval loglikelihood_rolling task (word/byte
+perplexity, bits per byte); its YAML is written next to results.json so lm-eval can run it too.
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def run_minillm(args, tasks: list[Path]) -> dict:
     out = {}
     for path in tasks:
         task = read_task(path)
-        total = len(task.docs) if task.output_type == "multiple_choice" and not args.no_cache else None
+        total = len(task.docs) if task.output_type == "multiple_choice" and not args.per_choice else None
         with tqdm(total=total, desc=task.name, unit=" items" if total else " rows", file=sys.stderr) as bar:
-            out[task.name] = evaluate_task(model, enc, task, args.batch_size, not args.no_cache, bar.update)
+            out[task.name] = evaluate_task(model, enc, task, args.batch_size, not args.per_choice, bar.update)
     return out
 
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--impl", choices=("minillm", "hf"), default="minillm")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--max_length", type=int, help="context length (default: the model's max_position_embeddings)")
-    ap.add_argument("--no_cache", action="store_true", help="minillm: score each choice with its whole context, as "
+    ap.add_argument("--per_choice", action="store_true", help="minillm: score each choice with its whole context, as "
                     "lm-eval does (slower; the same results)")
     args = ap.parse_args(argv)
     if not args.tasks and not args.validation_files:
