@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from minillm.generate import runnable_python
+from minillm.infra import corpus
 from train.compare_dpo import DPO_FLAGS, dpo_plot, dpo_table, with_margins
 from train.ops import build_ops, pin_op_build_env
 
@@ -84,7 +86,6 @@ def launch(script: str, nproc: int, launcher: str, args: list[str], log: Path) -
     cmd += [str(ROOT / "train" / script), *args]
     env = pin_op_build_env({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     env.setdefault("HF_HUB_OFFLINE", "1")
-    from minillm.generate import runnable_python
     print("$ " + " ".join([runnable_python(), *cmd[1:]]), flush=True)
     t0 = time.perf_counter()
     total = args[args.index("--max_steps") + 1] if "--max_steps" in args else "?"
@@ -225,8 +226,6 @@ def methods_table(methods: dict[str, dict], lrs: dict[str, str]) -> str:
 def split_sft(out: Path) -> tuple[Path, Path]:
     """The bundled SFT file as train (all but the last HELDOUT conversations) and held-out. Rewritten only when
     the content changed, so the preprocessed-data cache (keyed by path, size and mtime) is reused."""
-    from minillm.infra import corpus
-
     lines = Path(corpus.SAMPLE_SFT).read_text().splitlines(keepends=True)
     paths = (out / "sft-train.jsonl", out / "sft-heldout.jsonl")
     for path, part in zip(paths, (lines[:-HELDOUT], lines[-HELDOUT:])):

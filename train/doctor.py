@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 from minillm.evaluate import encoder_for, evaluate_task, read_task
+from minillm.generate import runnable_python
 from minillm.model import CausalLM
 
 REFERENCE = Path(__file__).resolve().parent / "reference_curves.json"
@@ -229,7 +230,6 @@ def end_of_run_warning(run_dir: str | Path, reference_path: Path = REFERENCE) ->
                      "docstring): it will not answer the taught questions; full SFT (no --peft) does.")
     if stage == "sft" and (cause := undertrained_base(record, reference)):
         lines.append(f"  Likely cause: {cause}")
-    from minillm.generate import runnable_python
     lines.append(f"  The chat will not answer the taught questions yet. Diagnosis: {runnable_python()} train/doctor.py "
                  f"{run_dir}")
     return "\n".join(lines)
