@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -27,17 +26,6 @@ from parity.bench.report import format_table, table_rows
 from parity.bench.targets import CASES, TARGETS
 from parity.bench.train import FLOP_FORMULA, OPTIMIZER, TRAIN_SIZES, child_main, profile, step_cases
 
-# Issue 22's `eval` case is parity/bench/eval.py (written alongside): listed once the file exists, and imported only
-# when the case runs: it loads lm-eval and transformers, which the minillm side's child processes (python -m
-# parity.bench --child, this module) must never import (their memory would not be minillm's alone).
-HAS_EVAL = importlib.util.find_spec("parity.bench.eval") is not None
-
-
-def available_cases() -> list[str]:
-    """targets.CASES, less `eval` while parity/bench/eval.py is not there."""
-    return [c for c in CASES if c != "eval" or HAS_EVAL]
-
-
 def machine_info(threads: int) -> dict:
     cpu = "unknown"
     try:
@@ -56,13 +44,11 @@ def machine_info(threads: int) -> dict:
 
 
 def _select(only: list[str] | None) -> list[str]:
-    cases = available_cases()
     if not only:
-        return cases
-    chosen = [c for c in cases if any(c == o or c.startswith(o) for o in only)]
+        return list(CASES)
+    chosen = [c for c in CASES if any(c == o or c.startswith(o) for o in only)]
     if not chosen:
-        missing = " (eval: parity/bench/eval.py is not there yet)" if "eval" in only and not HAS_EVAL else ""
-        raise SystemExit(f"--only {only}: no such case{missing}; cases are {', '.join(cases)}")
+        raise SystemExit(f"--only {only}: no such case; cases are {', '.join(CASES)}")
     return chosen
 
 
@@ -129,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             cases[name] = dpo_case(args.quick, args.threads, case=name)
             print(f"{name} done ({time.perf_counter() - t0:.0f}s)", flush=True)
     if "eval" in names:
-        from parity.bench.eval import eval_case  # here, not at the top: see HAS_EVAL
+        # imported here, not at the top: it loads lm-eval and transformers, which the minillm side's child
+        # processes (python -m parity.bench --child, this module) must never import (their memory would not be
+        # minillm's alone)
+        from parity.bench.eval import eval_case
         t0 = time.perf_counter()
         cases["eval"] = eval_case(args.quick, args.threads)
         print(f"eval done ({time.perf_counter() - t0:.0f}s)", flush=True)
