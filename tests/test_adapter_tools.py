@@ -1,4 +1,4 @@
-"""The user-facing tools with every adapter type: the chat CLI's loader (minillm.generate._load) and
+"""The user-facing tools with every adapter type: the chat CLI's loader (minillm.generate.load_chat) and
 `python -m parity.checkpoint BASE --adapter DIR`, on prompt tuning, prefix tuning (with and without
 prefix_projection), LoRA on embed_tokens and Houlsby adapters.
 
@@ -89,7 +89,7 @@ def _greedy_ids(model, tok, n: int = 12) -> list[int]:
 # ---- the chat CLI's loader --------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_chat_loader_reply_equals_the_adapted_model(dirs, kind):
-    model, tok = mg._load(str(dirs["base"]), str(dirs[kind]))
+    model, tok, _ = mg.load_chat(str(dirs["base"]), str(dirs[kind]))
     if kind == "lora-embed":  # merged: a plain model again, its embedding table updated
         assert type(model).__name__ == "CausalLM" and not any("lora" in n for n, _ in model.named_parameters())
     elif kind != "houlsby":
@@ -107,7 +107,7 @@ def test_chat_loader_reply_equals_the_adapted_model(dirs, kind):
 def test_chat_cli_with_a_prefix_adapter(dirs, capsys):
     assert mg.main(["--model", str(dirs["base"]), "--adapter", str(dirs["prefix"]), "--prompt", "hi",
                     "--max_new_tokens", "6"]) == 0
-    model, tok = mg._load(str(dirs["base"]), str(dirs["prefix"]))
+    model, tok, _ = mg.load_chat(str(dirs["base"]), str(dirs["prefix"]))
     assert capsys.readouterr().out == f"user: hi\nassistant: {mg.reply(model, tok, MESSAGES, 6)}\n"
 
 
@@ -180,7 +180,7 @@ def test_parity_checkpoint_rows_that_stop_at_eos(dirs, kind):
     """Both rows stop at eos, at different steps (eos ids taken from the adapted model's own run without eos):
     the stopping rule on both sides (for prompt/prefix: applied to peft_greedy's tokens afterwards) agrees."""
     import re
-    model, _ = mg._load(str(dirs["base"]), str(dirs[kind]))
+    model, _, _ = mg.load_chat(str(dirs["base"]), str(dirs[kind]))
     ids, mask = pc.prompt_batch(4096, [], 24, 0, 3)  # the batch compare builds without text prompts
     free = model.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     eos = [int(free[0, ids.shape[1] + 1]), int(free[1, ids.shape[1] + 4])]
