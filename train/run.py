@@ -260,8 +260,6 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
                  f"it {'with the same --deepspeed config' if saved_by_deepspeed else 'without --deepspeed'} (its "
                  "optimizer and learning-rate schedule are stored in that form), or --overwrite_output_dir to "
                  "start afresh")
-        if saved_by_deepspeed:
-            check_zero_world_size(training_args, checkpoint)
         try:
             old = safety.read_run_record(checkpoint) or safety.read_run_record(os.path.dirname(checkpoint))
         except ValueError as e:
@@ -284,6 +282,8 @@ def check_resume(training_args: TrainingArguments, checkpoint: str | None, recor
         if changes and not training_args.allow_changed_resume:
             fail(f"resuming {checkpoint} would continue a different run: " + "; ".join(changes) +
                  ". Pass --allow_changed_resume to continue it anyway, or --overwrite_output_dir to start afresh")
+        if saved_by_deepspeed:  # after the run's own changes: a different run is the first thing to say
+            check_zero_world_size(training_args, checkpoint)
         for c in changes:
             logger.warning(f"--allow_changed_resume: the resumed run differs from {checkpoint}'s: {c}")
         record = {**record, "resumed_from": os.path.abspath(checkpoint), "changed_on_resume": changes}
