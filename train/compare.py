@@ -39,6 +39,7 @@ from minillm.generate import runnable_python
 from minillm.infra import corpus
 from train.compare_dpo import DPO_FLAGS, dpo_plot, dpo_table, with_margins
 from train.ops import build_ops, pin_op_build_env
+from train.plots import delta_panel
 
 TARGET = 1e-5  # max |Δ loss| per step between the two fp32 curves (the target)
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,19 +258,8 @@ def plot(stages: list[dict], path: Path, methods: dict[str, dict] | None = None)
         ax.legend(**outside)
         ax = axes[1][col]
         steps = st["runs"]["minillm"]["steps"]
-        nonzero = [(s, d) for s, d in zip(steps, st["delta"]) if d > 0]
-        zero = [s for s, d in zip(steps, st["delta"]) if d == 0]
-        if nonzero:
-            ax.semilogy(*zip(*nonzero), ".", label=f"|Δ loss| > 0 ({len(nonzero)} steps)")
-        else:
-            ax.set_yscale("log")
-        ax.axhline(TARGET, color="red", linestyle=":", label=f"target {TARGET:g}")
-        if zero:  # x in data units, y on the bottom edge of the axes
-            ax.scatter(zero, [0.03] * len(zero), marker="|", color="green", s=80,
-                       transform=ax.get_xaxis_transform(), label=f"Δ = 0, equal ({len(zero)} steps)")
-        ax.set_ylim(min([d for _, d in nonzero] + [TARGET * 1e-3]) / 3, TARGET * 10)
-        ax.set_xlim(min(steps) - 1, max(steps) + 1)
-        ax.set_title(f"{st['stage']}: max |Δ loss| = {st['max_delta']:.2g}; {len(zero)}/{len(steps)} steps equal")
+        equal = delta_panel(ax, steps, st["delta"], TARGET, "|Δ loss|")
+        ax.set_title(f"{st['stage']}: max |Δ loss| = {st['max_delta']:.2g}; {equal}/{len(steps)} steps equal")
         ax.set_xlabel("step")
         ax.set_ylabel("|Δ loss| (minillm vs hf)")
         ax.legend(**outside)

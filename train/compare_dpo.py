@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from minillm.data import DATA_DIR  # noqa: E402
+from train.plots import delta_panel  # noqa: E402
 
 # The trajectory check's settings (tests/test_dpo_train.py): batch 4 per rank, pairs cut at 128 tokens, lr 1e-3
 # (large enough that the margins move visibly in 20 steps), the bundled pairs, beta 0.1, sigmoid.
@@ -63,7 +64,7 @@ def dpo_table(stage: dict, target: float) -> str:
 
 def dpo_plot(stage: dict, path: Path, target: float) -> None:
     """Loss and reward margin per step (minillm solid, TRL dashed) on top, their |Δ| below on a log axis; a step
-    with Δ = 0 has no place on a log axis and is a tick on the bottom edge (as compare.plot draws them)."""
+    with Δ = 0 is a tick on the bottom edge (train/plots.py delta_panel, as compare.plot draws them)."""
     fig, axes = plt.subplots(2, 2, figsize=(13, 7), squeeze=False)
     steps = stage["runs"]["minillm"]["steps"]
     for col, (key, delta, name) in enumerate((("loss", "delta", "DPO loss"),
@@ -74,16 +75,7 @@ def dpo_plot(stage: dict, path: Path, target: float) -> None:
         top.set_title(f"{stage['stage']}: {name} (ZeRO-2)")
         top.set_xlabel("step")
         top.legend(fontsize=8)
-        nonzero = [(s, d) for s, d in zip(steps, stage[delta]) if d > 0]
-        zero = [s for s, d in zip(steps, stage[delta]) if d == 0]
-        if nonzero:
-            bottom.semilogy(*zip(*nonzero), ".", label=f"|Δ| > 0 ({len(nonzero)} steps)")
-        bottom.set_yscale("log")
-        bottom.axhline(target, color="red", linestyle=":", label=f"target {target:g}")
-        if zero:
-            bottom.scatter(zero, [0.03] * len(zero), marker="|", color="green", s=80,
-                           transform=bottom.get_xaxis_transform(), label=f"Δ = 0, equal ({len(zero)} steps)")
-        bottom.set_ylim(min([d for _, d in nonzero] + [target * 1e-3]) / 3, target * 10)
+        delta_panel(bottom, steps, stage[delta], target)
         bottom.set_title(f"|Δ {name}|: max {max(stage[delta]):.2g}")
         bottom.set_xlabel("step")
         bottom.legend(fontsize=8)

@@ -62,3 +62,24 @@ def save_loss_plot(history: list[dict], path: Path, smooth: int = 9) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     logger.info(f"Loss curve: {path}")
+
+
+def delta_panel(ax, steps: list[int], deltas: list[float], target: float, what: str = "|Δ|") -> int:
+    """|Δ| per step of two implementations' curves on a log axis, with the target as a line. A step with Δ = 0
+    (bit-identical) has no place on a log axis, so it is a tick on the bottom edge, counted in the legend.
+    Returns the number of equal steps."""
+    nonzero = [(s, d) for s, d in zip(steps, deltas) if d > 0]
+    zero = [s for s, d in zip(steps, deltas) if d == 0]
+    if nonzero:
+        ax.semilogy(*zip(*nonzero), ".", label=f"{what} > 0 ({len(nonzero)} steps)")
+    else:
+        ax.set_yscale("log")
+    ax.axhline(target, color="red", linestyle=":", label=f"target {target:g}")
+    if zero:  # x in data units, y on the bottom edge of the axes
+        ax.scatter(zero, [0.03] * len(zero), marker="|", color="green", s=80,
+                   transform=ax.get_xaxis_transform(), label=f"Δ = 0, equal ({len(zero)} steps)")
+    # every step in view: the equal ones at either end, and a |Δ| far above the target (a failing stage)
+    ax.set_xlim(min(steps) - 1, max(steps) + 1)
+    ax.set_ylim(min([d for _, d in nonzero] + [target * 1e-3]) / 3, max([d * 3 for _, d in nonzero] + [target * 10]))
+    return len(zero)
+
