@@ -63,6 +63,14 @@ def _checkpoints(out: str) -> list[str]:
     return [os.path.join(out, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]), reverse=True)]
 
 
+def _finished(out: str) -> list[str]:
+    """The checkpoint-N directories in `out` whose save finished (the Trainer writes trainer_state.json last),
+    newest first."""
+    if not os.path.isdir(out):
+        return []
+    return [c for c in _checkpoints(out) if os.path.isfile(os.path.join(c, safety.TRAINER_STATE))]
+
+
 def _in_the_way(out: str) -> list[str]:
     """What in `out` is not a run's own: neither minillm's run record nor a staging entry."""
     return [name for name in sorted(os.listdir(out)) if not (
@@ -157,8 +165,7 @@ def reporting_lost_ranks(training_args: TrainingArguments):
         who = f"rank {1 - me}" if ranks == 2 else "another rank"
         what = ("stopped (its connection was reset: killed or crashed)" if found["died"] else
                 f"did not answer within --ddp_timeout {training_args.ddp_timeout} s (hung or stopped)")
-        done = next((c for c in _checkpoints(training_args.output_dir)
-                     if os.path.isfile(os.path.join(c, safety.TRAINER_STATE))), None)
+        done = next(iter(_finished(training_args.output_dir)), None)
         fail(f"rank {me} of {ranks}: {who} {what}; gloo: {found['what']}. "
              + (f"The same command resumes from {done}, the last complete checkpoint" if done else
                 "No checkpoint was completed: the same command starts afresh"))
@@ -167,9 +174,7 @@ def reporting_lost_ranks(training_args: TrainingArguments):
 def last_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint-N whose save finished (trainer_state.json) and whose weights are all finite: the one
     a diverged run may call "the last good checkpoint"."""
-    for c in _checkpoints(output_dir) if os.path.isdir(output_dir) else []:
-        if not os.path.isfile(os.path.join(c, safety.TRAINER_STATE)):
-            continue
+    for c in _finished(output_dir):
         try:
             weights = [read_safetensors_file(f) for f in sorted(Path(c).glob("*.safetensors"))]
         except (OSError, ValueError):
