@@ -249,8 +249,9 @@ def setup_note(record: dict | None, stage: str) -> str | None:
 
 
 def heldout_bpb(run_dir: Path) -> float | None:
-    """Bits per byte of the run's final model on the bundled held-out text, measured as train/reference_curves.py
-    measures the band; None without a final full model and its tokenizer (an adapter run, a run stopped early)."""
+    """Bits per byte of the run's final model on the bundled held-out text (train/reference_curves.py measures the
+    band with this same function); None without a final full model and its tokenizer (an adapter run, a run
+    stopped early)."""
     if not all((run_dir / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
         return None
     model = CausalLM.from_pretrained(run_dir).eval()

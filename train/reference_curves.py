@@ -17,27 +17,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from minillm.evaluate import encoder_for, evaluate_task, read_task
-from minillm.model import CausalLM
-
 from train.compare import ROOT, launch
+from train.doctor import HELDOUT, heldout_bpb
 from train.ops import build_ops
 from train.demo import pretrain_args, sft_args, shared_args
 
 OUT = ROOT / "train" / "reference_curves.json"
-HELDOUT = ROOT / "minillm" / "data" / "eval" / "heldout.yaml"
 
 
 def losses(run_dir: Path) -> list[float]:
     state = json.loads((run_dir / "trainer_state.json").read_text())
     return [e["loss"] for e in state["log_history"] if "loss" in e]
-
-
-def heldout_bpb(model_dir: Path) -> float:
-    """Bits per byte of a saved model on the bundled held-out text: what `make doctor` compares with the band."""
-    model = CausalLM.from_pretrained(model_dir).eval()
-    enc = encoder_for(model_dir, model.config.max_position_embeddings)
-    return evaluate_task(model, enc, read_task(HELDOUT))["metrics"]["bits_per_byte"][0]
 
 
 def main(argv: list[str] | None = None) -> int:
