@@ -14,11 +14,16 @@ The first step's losses must agree (same_output).
 
     python -m parity.bench.dpo [--quick] [--case dpo_v152k]     # one case alone, its table
 
-Measured 2026-12-06 (2 shared cores, load 3.1 -> 2.0, 2 threads, 3 rounds x 3 steps, `python -m parity.bench --only
-dpo`, 554 s): `dpo` (vocab 32,000, 4 pairs x ~480 tokens) step 3.22 s vs 7.34 s, ratio 0.44 (worst-best round pairs
-0.45-0.30), peak 635 vs 2,549 MiB, 0.25 (0.25-0.24); `dpo_v152k` step 7.7 s vs 19.2 s, 0.40 (0.87-0.30), peak 2,022 vs
-2,861 MiB, 0.71 (0.71-0.70): the gradients and AdamW moments of its 161M weights (97% embedding and lm_head) are
-1,845 MiB of both peaks; the rest is 177 vs 1,015 MiB (0.17). Same first loss on both sides in every round.
+Measured 2026-12-06 (2 shared cores, 2 threads, 3 rounds x 3 steps): `dpo` (vocab 32,000, 4 pairs x ~480 tokens;
+load 3.1 -> 2.0, `python -m parity.bench --only dpo`, 554 s with the old dpo_v152k) step 3.22 s vs 7.34 s, ratio 0.44
+(worst-best round pairs 0.45-0.30), peak 635 vs 2,549 MiB, 0.25 (0.25-0.24). `dpo_v152k` at 4 pairs x 128 + <= 398
+tokens (4,096 tokens a policy forward; `python -m parity.bench.dpo --case dpo_v152k --rounds 3`, load 0.5 -> 3.3,
+3.3-4.7 during the run from another job holding one core, 1,710 s): step 60.4 s vs 84.9 s, 0.71 (0.85-0.50), peak
+2,557 vs 6,469 MiB, 0.40 (0.41-0.39). The gradients and AdamW moments of its 161M weights (97% embedding and lm_head)
+are 1,845 MiB of both peaks; the rest is 711 vs 4,624 MiB (0.15). At the case's earlier size, 2 pairs of 64 + <= 192
+tokens (~1,000 tokens), the peak ratio was 0.71 (2,022 vs 2,861 MiB, 0.70-0.71) because that fixed state dominated
+both peaks (the rest was 177 vs 1,015 MiB, 0.17); its step ratio was 0.40 (0.87-0.30, 7.7 s vs 19.2 s, load 3.1 -> 2.0).
+Same first loss on both sides in every round.
 """
 
 from __future__ import annotations
@@ -32,12 +37,17 @@ import sys
 import time
 
 # "full": the `dpo` case (Llama, vocab 32,000); "v152k": the `dpo_v152k` case, Qwen2-shaped at Qwen's vocabulary
-# 151,936 (hidden 512, 2 layers, as parity/bench/train.py's train_v152k), 2 pairs of 64 + <= 192 tokens: TRL's
-# (tokens x vocab) fp32 logits are ~0.6 GiB per forward there; each has a toy "quick" counterpart (--quick).
+# 151,936 (hidden 512, 2 layers, as parity/bench/train.py's train_v152k), 4 pairs of a 128-token prompt and
+# completions of 398, 390, 382, 374 tokens (chosen; rejected 4 fewer, as _setup builds them): the concatenated policy
+# forward holds 2*4*128 + 1,544 + 1,528 = 4,096 real tokens, train_v152k's 4 x 1,024 (padded: 8 rows x 526 = 4,208
+# positions). 4 pairs and prompt 128 with completion 384 would give 3,984; completion 398 is the one that gives
+# exactly 4,096. TRL's (tokens x vocab) fp32 logits are ~2.4 GiB per forward there. An earlier size, 2 pairs of
+# 64 + <= 192 tokens (~1,000 tokens), was dominated by the fixed gradients + AdamW state (see the docstring).
+# Each has a toy "quick" counterpart (--quick).
 SIZES = {"full": dict(vocab=32000, hidden=256, layers=4, heads=4, inter=688, pairs=4, prompt=64, completion=192),
          "quick": dict(vocab=4096, hidden=64, layers=2, heads=4, inter=176, pairs=2, prompt=16, completion=48),
-         "v152k": dict(vocab=151936, hidden=512, layers=2, heads=8, kv_heads=2, inter=1408, pairs=2, prompt=64,
-                       completion=192, model_type="qwen2"),
+         "v152k": dict(vocab=151936, hidden=512, layers=2, heads=8, kv_heads=2, inter=1408, pairs=4, prompt=128,
+                       completion=398, model_type="qwen2"),
          "v152k_quick": dict(vocab=151936, hidden=32, layers=1, heads=2, kv_heads=1, inter=64, pairs=2, prompt=16,
                              completion=48, model_type="qwen2")}
 CASE_SIZES = {"dpo": "full", "dpo_v152k": "v152k"}  # the bench's case name -> its size (quick: + "_quick")
