@@ -66,3 +66,12 @@ def test_preference_table_rows():
            "margin DPO": -0.125}
     md = demo.preference_table([row])
     assert md.splitlines()[2] == "| held-out pairs | 48 | 0.38 | 0.75 | 0.71 | 0.69 | 0.52 | +0.284 | -0.125 |"
+
+
+def test_kind_changes_put_rejected_style_to_preferred_first():
+    pairs = [("rejected-style", "other"), ("rejected-style", "other"), ("other", "other"), ("preferred", "other"),
+             ("rejected-style", "preferred"), ("preferred", "preferred")]
+    changes = demo.kind_changes(pairs)
+    assert list(changes.items()) == [("rejected-style -> preferred", 1), ("rejected-style -> other", 2),
+                                     ("preferred -> other", 1)]  # unchanged kinds are not changes
+    assert demo.kind_changes([("other", "other")]) == {}
