@@ -18,9 +18,9 @@ the bundled data after the same 200 pretraining steps, 300 SFT steps, batch 16: 
 5e-3 (1/6 answered; lr 2e-2 stalls at 5.5, 0/6). LoRA is for adapting a capable base model; this one is not.
 DPO's settings (DPO_STEPS, DPO_LR): measured from this SFT model, see train/dpo.py DEFAULT_LR: 60 steps of 16 pairs
 (3 epochs) at 3e-4 give the lowest held-out DPO loss; longer or faster runs fit the training pairs (reward accuracy
-1.0) while the held-out loss rises and the greedy replies lose their fluency (greedy replies to the 320 training
-questions, SFT -> 1e-3 x 100 steps: the chosen answer 11 -> 4, another question's answer 100 -> 48, no answer the
-data teaches 209 -> 268; 3e-4 x 60 steps: 8, 91, 221).
+1.0) while the held-out loss rises and the greedy replies lose their fluency. At this size DPO does not turn the
+SFT model's rejected-style replies into the preferred answers (1 of 58 here): train/dpo_sweep.py measures why
+(longer SFT, on-policy pairs, a larger model; README "Preference training").
 DeepSpeed's CPU op is compiled (once) before anything is timed, so the timings are minillm's and the Trainer's.
 Everything lands in --out (default out/demo).
 """
