@@ -33,3 +33,10 @@ def test_row_counts_kinds_and_changes():
                       kinds("preferred", "preferred", "other", "other"))
     assert r["before"] == [1, 2, 1] and r["after"] == [2, 0, 2]
     assert r["changes"] == {"rejected-style -> preferred": 1, "rejected-style -> other": 1}
+
+
+def test_with_flags_replaces_values_and_keeps_the_original():
+    args = ["--learning_rate", "3e-4", "--max_steps", "60", "--beta", "0.1"]
+    assert dpo_sweep.with_flags(args, learning_rate="1e-4", max_steps="85") == [
+        "--learning_rate", "1e-4", "--max_steps", "85", "--beta", "0.1"]
+    assert args[1] == "3e-4"  # a copy: the demo's own argument lists stay as they are

@@ -60,6 +60,8 @@ DPO_STEPS, DPO_LR, DPO_BATCH, BETA = 60, "3e-4", 8, 0.1  # 60 steps x 16 pairs =
 EVAL_TASKS = [ROOT / "minillm" / "data" / "eval" / f for f in ("heldout.yaml", "sample_mc.yaml")]
 ARITHMETIC = re.compile(r"\d|(加|减|乘以|除以).*等于")  # a question about numbers (EN digits, ZH number words)
 MAX_DIFF_ROWS = 10  # replies shown where SFT and DPO differ
+KINDS = ("preferred", "rejected-style", "other")  # a greedy reply's kind (reply_kind)
+WANTED = ("rejected-style", "preferred")  # the kind change DPO is for: listed first
 
 
 def shared_args(seed: int = 42) -> list[str]:
@@ -95,6 +97,17 @@ def taught_answers(path: Path, questions: list[str]) -> dict[str, str]:
     return {q: max(c, key=c.get) for q, c in counts.items() if c}
 
 
+def question_ids(tok, question: str) -> torch.Tensor:
+    """(1, T) prompt ids of one question as the chat CLI sends it (its default system prompt, ChatML)."""
+    return torch.tensor([chatml_prompt_ids(tok, [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                                 {"role": "user", "content": question}])])
+
+
+def chosen_answers(rows: list[dict]) -> dict[str, str]:
+    """{question: chosen answer} of single-turn preference rows."""
+    return {r["prompt"][0]["content"]: r["chosen"][0]["content"] for r in rows}
+
+
 def score_chat(model_dir: Path, adapter: Path | None, answers: dict[str, str]) -> list[dict]:
     """Greedy replies (the chat CLI's defaults) to each question; match = the taught answer, then <|im_end|>."""
     model, tok, _ = load_chat(str(model_dir), str(adapter) if adapter else None)
@@ -102,8 +115,7 @@ def score_chat(model_dir: Path, adapter: Path | None, answers: dict[str, str]) -
     rows = []
     with torch.no_grad():
         for q, taught in answers.items():
-            ids = torch.tensor([chatml_prompt_ids(tok, [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
-                                                        {"role": "user", "content": q}])])
+            ids = question_ids(tok, q)
             new = generate(model, ids, max_new_tokens=64, eos_token_id=stops)[0, ids.shape[1]:].tolist()
             stopped = im_end in new
             text = tok.decode(new[:new.index(im_end)] if stopped else new).strip()
@@ -190,41 +202,41 @@ def answers_by_shape() -> dict[str, set[str]]:
 
 def kind_changes(pairs: list[tuple[str, str]]) -> dict[str, int]:
     """{"SFT kind -> DPO kind": count} over (SFT kind, DPO kind) pairs whose kind changed: rejected-style ->
-    preferred (what DPO is for) first, then the most frequent."""
-    changed = Counter(f"{a} -> {b}" for a, b in pairs if a != b)
-    return dict(sorted(changed.items(), key=lambda kv: (kv[0] != "rejected-style -> preferred", -kv[1], kv[0])))
+    preferred (WANTED, what DPO is for) first, then the most frequent."""
+    changed = Counter((a, b) for a, b in pairs if a != b)
+    order = sorted(changed.items(), key=lambda kv: (kv[0] != WANTED, -kv[1], kv[0]))
+    return {f"{a} -> {b}": n for (a, b), n in order}
 
 
-def reply_changes(sft: Path, dpo_model: Path, groups: dict[str, dict[str, str]]) -> tuple[str, dict]:
+def reply_changes(sft: Path, dpo_model: Path, groups: dict[str, dict[str, str]]) -> tuple[str, dict, dict]:
     """SFT's and DPO's greedy replies to groups of questions ({group: {question: preferred answer}}): each model's
-    reply kinds per group, and the rows where the two replies differ (those whose kind changed first)."""
-    taught, kinds = answers_by_shape(), ("preferred", "rejected-style", "other")
+    reply kinds per group and their changes, and the rows where the two replies differ (a rejected-style reply
+    become the preferred one first, then the other kind changes). Returns (markdown, counts, kind changes)."""
+    taught = answers_by_shape()
     cut = lambda s, n=48: s if len(s) <= n else s[:n - 1] + "…"  # noqa: E731
     counts, differ = {}, []
     for group, answers in groups.items():
-        counts[group] = {m: dict.fromkeys(kinds, 0) for m in ("SFT", "DPO")}
+        counts[group] = {m: dict.fromkeys(KINDS, 0) for m in ("SFT", "DPO")}
         for a, b in zip(score_chat(sft, None, answers), score_chat(dpo_model, None, answers)):
             ka, kb = reply_kind(a, taught), reply_kind(b, taught)
             counts[group]["SFT"][ka] += 1
             counts[group]["DPO"][kb] += 1
             if a["reply"] != b["reply"]:
-                differ.append((ka == kb, a, b, ka, kb))
-    # what the issue asks DPO for first (a rejected-style reply become the preferred one), then other kind changes
-    differ.sort(key=lambda d: (d[3:] != ("rejected-style", "preferred"), d[0]))  # stable: the questions' order
-    changed = kind_changes([(ka, kb) for _, _, _, ka, kb in differ])
+                differ.append((a, b, ka, kb))
+    differ.sort(key=lambda d: (d[2:] != WANTED, d[2] == d[3]))  # stable: the questions' order otherwise
+    changed = kind_changes([(ka, kb) for _, _, ka, kb in differ])
     lines = ["| questions | n | SFT: preferred / rejected-style / other | DPO: preferred / rejected-style / other |",
              "|---|---:|---:|---:|"]
     for group, c in counts.items():
         lines.append(f"| {group} | {sum(c['SFT'].values())} | " + " | ".join(
-            " / ".join(str(c[m][k]) for k in kinds) for m in ("SFT", "DPO")) + " |")
-    counts["kind changes, SFT -> DPO"] = changed
+            " / ".join(str(c[m][k]) for k in KINDS) for m in ("SFT", "DPO")) + " |")
     lines += ["", "Kind changes, SFT -> DPO: " + (", ".join(f"{k} {n}" for k, n in changed.items()) or "none"),
               "", f"{len(differ)} replies differ; {min(len(differ), MAX_DIFF_ROWS)} shown, rejected-style -> preferred "
               "first, then the other kind changes:", "", "| question | SFT reply | DPO reply | preferred answer |",
               "|---|---|---|---|"]
-    for _, a, b, ka, kb in differ[:MAX_DIFF_ROWS]:
+    for a, b, ka, kb in differ[:MAX_DIFF_ROWS]:
         lines.append(f"| {a['question']} | {cut(a['reply'])} ({ka}) | {cut(b['reply'])} ({kb}) | {cut(a['taught'])} |")
-    return "\n".join(lines), counts
+    return "\n".join(lines), counts, changed
 
 
 def bpb_stderr(items: list[dict]) -> float:
@@ -282,18 +294,18 @@ def dpo_stage(out: Path, args, base: Path, sft: Path, shared: list[str]) -> dict
     prefs = preference_rows(models)
     pairs = {name: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
              for name, path in (("training", DPO_TRAIN), ("held-out", DPO_HELDOUT))}
-    chosen = lambda rows: {r["prompt"][0]["content"]: r["chosen"][0]["content"] for r in rows}  # noqa: E731
     groups = {"the data's frequent questions": taught_answers(ROOT / "minillm" / "data" / "sft.jsonl", QUESTIONS),
-              "the DPO training pairs'": chosen(pairs["training"]),  # all: ~3 s a model for the 320
-              "the held-out pairs'": chosen(pairs["held-out"])}
-    changes, counts = reply_changes(sft, dpo_dir, groups)
+              "the DPO training pairs'": chosen_answers(pairs["training"]),  # all: ~3 s a model for the 320
+              "the held-out pairs'": chosen_answers(pairs["held-out"])}
+    changes, counts, changed = reply_changes(sft, dpo_dir, groups)
     md = (f"Preference pairs (minillm/data/dpo*.jsonl; reward = {BETA} x log-prob ratio to the reference):\n\n"
           + preference_table(prefs) + "\n\nGreedy replies of the SFT and the DPO model (kinds: the preferred answer; "
           "rejected-style = the answer the data teaches to another question of the same shape; other):\n\n"
           + changes)
     print(md, flush=True)
     (out / "dpo.md").write_text(md + "\n")
-    (out / "dpo.json").write_text(json.dumps({"preference": prefs, "replies": counts, "log": logs}, indent=1))
+    (out / "dpo.json").write_text(json.dumps({"preference": prefs, "replies": counts, "kind_changes": changed,
+                                                  "log": logs}, indent=1))
 
     t1 = time.perf_counter()
     print(f"(stage 4: {t1 - t0:.0f} s)\n\n== 5/5 evaluation of the three models on the bundled tasks (minillm/data/eval)",

@@ -30,12 +30,11 @@ import torch
 
 from minillm.generate import load_chat, stop_ids
 from minillm.generation import generate
-from minillm.sft import DEFAULT_SYSTEM_PROMPT, chatml_prompt_ids
 from train.compare import launch
-from train.demo import (DPO_TRAIN, answers_by_shape, dpo_args, kind_changes, pretrain_args, reply_kind, score_chat,
-                        sft_args, shared_args)
+from train.demo import (DPO_BATCH, DPO_STEPS, DPO_TRAIN, KINDS, answers_by_shape, chosen_answers, dpo_args,
+                        kind_changes, pretrain_args, question_ids, reply_kind, score_chat, sft_args, shared_args)
 
-KINDS = ("preferred", "rejected-style", "other")
+NPROC = 2  # ranks, as the demo
 # (what the table calls it, pairs, learning rate, extra train/dpo.py flags, rounds); "sft": continued SFT instead
 RUNS = [("DPO, bundled pairs", "bundled", "1e-4", [], 1),
         ("DPO, bundled pairs", "bundled", "3e-4", [], 1),
@@ -54,15 +53,14 @@ SAMPLES, MAX_NEW = 8, 64
 def replies(model_dir: Path, rows: list[dict]) -> list[dict]:
     """Greedy replies to the pairs' questions, each with its kind."""
     taught = answers_by_shape()
-    out = score_chat(model_dir, None, {r["prompt"][0]["content"]: r["chosen"][0]["content"] for r in rows})
+    out = score_chat(model_dir, None, chosen_answers(rows))
     return [{**o, "kind": reply_kind(o, taught)} for o in out]
 
 
 def sampled_wrong(model, tok, question: str, chosen: str, gen: torch.Generator) -> set[str]:
     """The distinct finished replies other than `chosen` among SAMPLES samples at temperature 1."""
     im_end, stops = tok.token_to_id("<|im_end|>"), stop_ids(model, tok)
-    ids = torch.tensor([chatml_prompt_ids(tok, [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
-                                                {"role": "user", "content": question}])])
+    ids = question_ids(tok, question)
     with torch.no_grad():
         new = generate(model, ids.repeat(SAMPLES, 1), max_new_tokens=MAX_NEW, eos_token_id=stops, do_sample=True,
                        temperature=1.0, generator=gen)[:, ids.shape[1]:].tolist()
@@ -88,6 +86,14 @@ def pairs_for(kind: str, model_dir: Path, rows: list[dict], before: list[dict]) 
     return out
 
 
+def with_flags(args: list[str], **values: str) -> list[str]:
+    """`args` with the value after each --NAME replaced (with_flags(args, learning_rate="1e-4"))."""
+    args = list(args)
+    for name, value in values.items():
+        args[args.index(f"--{name}") + 1] = value
+    return args
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -99,20 +105,17 @@ def train(kind: str, lr: str, extra: list[str], start: Path, rows: list[dict], b
     if kind == "sft":
         convs = [{"conversations": [{"from": "human", "value": r["prompt"][0]["content"]},
                                     {"from": "assistant", "value": r["chosen"][0]["content"]}]} for r in rows]
-        args = sft_args("full", start, 60)
-        args[args.index("--learning_rate") + 1] = lr
-        args[args.index("--warmup_steps") + 1] = "0"  # as the DPO runs
+        args = with_flags(sft_args("full", start, DPO_STEPS), learning_rate=lr, warmup_steps="0")  # as the DPO runs
         args += ["--train_files", str(write_jsonl(out.with_suffix(".jsonl"), convs))]
-        launch("finetune.py", 2, "torchrun", [*args, "--output_dir", str(out), "--overwrite_output_dir",
-                                              *shared_args()], out.with_suffix(".log"))
+        launch("finetune.py", NPROC, "torchrun", [*args, "--output_dir", str(out), "--overwrite_output_dir",
+                                                      *shared_args()], out.with_suffix(".log"))
         return out
     pairs = pairs_for(kind, start, rows, before)
-    args = dpo_args(start, out)
-    args[args.index("--learning_rate") + 1] = lr
-    args[args.index("--train_files") + 1] = str(write_jsonl(out.with_suffix(".jsonl"), pairs))
+    args = with_flags(dpo_args(start, out), learning_rate=lr,
+                      train_files=str(write_jsonl(out.with_suffix(".jsonl"), pairs)))
     if kind == "samples":  # one epoch of its (more) pairs
-        args[args.index("--max_steps") + 1] = str(-(-len(pairs) // 16))
-    launch("dpo.py", 2, "torchrun", [*args, *extra, *shared_args()], out.with_suffix(".log"))
+        args = with_flags(args, max_steps=str(-(-len(pairs) // (DPO_BATCH * NPROC))))
+    launch("dpo.py", NPROC, "torchrun", [*args, *extra, *shared_args()], out.with_suffix(".log"))
     return out
 
 
@@ -146,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(args.base).resolve()
     if args.pretrain:
         base = out / f"pretrain-{args.pretrain}"
-        pre = pretrain_args(args.pretrain_steps)
-        pre[pre.index("--config_name") + 1], pre[pre.index("--learning_rate") + 1] = args.pretrain, args.pretrain_lr
+        pre = with_flags(pretrain_args(args.pretrain_steps), config_name=args.pretrain, learning_rate=args.pretrain_lr)
         if not finished(base, args.pretrain_steps):
-            launch("pretrain.py", 2, "torchrun", ["--impl", "minillm", *pre, "--output_dir", str(base),
-                                                  "--overwrite_output_dir", *shared_args()], base.with_suffix(".log"))
+            launch("pretrain.py", NPROC, "torchrun", ["--impl", "minillm", *pre, "--output_dir", str(base),
+                                                      "--overwrite_output_dir", *shared_args()],
+                   base.with_suffix(".log"))
     if not (base / "config.json").is_file():
         raise SystemExit(f"dpo_sweep.py: error: --base {base} holds no model (config.json): run `make demo` first")
     rows = [json.loads(line) for line in DPO_TRAIN.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -158,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for steps in args.sft_steps:
         sft = out / f"sft-{steps}"
-        sft_flags = sft_args("full", base, steps)
-        sft_flags[sft_flags.index("--learning_rate") + 1] = args.sft_lr
+        sft_flags = with_flags(sft_args("full", base, steps), learning_rate=args.sft_lr)
         if not finished(sft, steps):
-            launch("finetune.py", 2, "torchrun", [*sft_flags, "--output_dir", str(sft), "--overwrite_output_dir",
-                                                  *shared_args()], out / f"sft-{steps}.log")
+            launch("finetune.py", NPROC, "torchrun", [*sft_flags, "--output_dir", str(sft),
+                                                      "--overwrite_output_dir", *shared_args()],
+                   out / f"sft-{steps}.log")
         first = replies(sft, rows)
         for name, kind, lr, extra, rounds in runs:
             start, before = sft, first
